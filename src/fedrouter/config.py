@@ -1,0 +1,136 @@
+"""The experiment config: one pydantic model, from defaults, a TOML file and command-line overrides.
+
+Unknown keys are errors (a typo must not silently fall back to a default). `load_config` turns every
+validation problem into one `FedrouterError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedrouter.core.data import SCENARIOS
+from fedrouter.core.train import DEFAULT_TEMPLATE
+from fedrouter.errors import FedrouterError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSection(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "v_proj"]  # ["all-linear"] targets every linear layer
+
+
+class Config(_Strict):
+    # what to run
+    method: str = "fedit"
+    scenario: str = "dual"
+    seed: int = 0
+    engine: Literal["inprocess"] = "inprocess"
+    # federation (paper defaults: 8 clients, 25 rounds, 10 local steps, batch 16)
+    n_clients: int = Field(8, gt=0)
+    rounds: int = Field(25, gt=0)
+    client_fraction: float = Field(1.0, gt=0, le=1)
+    local_steps: int = Field(10, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-3, gt=0)  # tuned for the tiny base; ~2e-4 suits billion-parameter models
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine over rounds ends at lr * min_lr_ratio
+    weight_decay: float = Field(0.0, ge=0)
+    method_options: dict[str, Any] = {}  # knobs of one method (e.g. fedprox's mu); the method checks them
+    # model
+    model: str = "tiny"  # "tiny" (embedded, built once and cached), a Hugging Face id, or a local path
+    cache_dir: str | None = None  # default: $FEDROUTER_CACHE or ~/.cache/fedrouter
+    lora: LoraSection = LoraSection()
+    max_seq_len: int = Field(128, gt=8)
+    max_new_tokens: int = Field(24, gt=0)
+    prompt_template: str = DEFAULT_TEMPLATE
+    threads: int | None = Field(None, gt=0)  # torch CPU threads; None keeps torch's default
+    # data
+    data: str = "synthetic"  # "synthetic" or a folder holding train.jsonl and test.jsonl
+    task_field: str = "task"  # where the task label sits in JSONL rows ("category" in flan8)
+    tasks: list[str] | None = None  # a subset of the data's tasks; None = all
+    train_per_client: int = Field(600, gt=0)
+    test_per_client: int = Field(300, gt=0)
+    general_test_per_task: int = Field(50, gt=0)
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    # evaluation
+    eval_every: int = Field(0, ge=0)  # also evaluate own test sets every N rounds (0: only at the end)
+    eval_batch_size: int = Field(64, gt=0)
+
+    @field_validator("scenario")
+    @classmethod
+    def _known_scenario(cls, v: str) -> str:
+        if v not in SCENARIOS:
+            raise ValueError(f"unknown scenario {v!r}; choose one of: {', '.join(SCENARIOS)}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from fedrouter.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_slot(cls, v: str) -> str:
+        if "{instruction}" not in v:
+            raise ValueError("must contain '{instruction}'")
+        return v
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"config: unknown key {where!r}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"config: {where}: {msg}"
+
+
+def _set_dotted(target: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = target.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise FedrouterError(f"config: {dotted!r}: {k!r} is not a section")
+        target = node
+    target[keys[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it (numbers, booleans, lists), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then `overrides` (dotted keys such as ``lora.r``)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FedrouterError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FedrouterError(f"cannot read config file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise FedrouterError(f"config file {path}: invalid TOML ({exc})") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise FedrouterError(_one_line(err)) from None

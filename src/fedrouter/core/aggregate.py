@@ -1,0 +1,27 @@
+"""Weighted averaging of adapter state dicts: the one FedAvg step every averaging method calls."""
+
+from __future__ import annotations
+
+import torch
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """sum_k w_k * state_k / sum_k w_k, key by key. All states must share keys and shapes."""
+    if not states or len(states) != len(weights):
+        raise ValueError("need one weight per state and at least one state")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    keys = set(states[0])
+    for s in states[1:]:
+        if set(s) != keys:
+            raise ValueError("states to average have different keys")
+    out = {}
+    for key in states[0]:
+        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for state, w in zip(states, weights):
+            if state[key].shape != acc.shape:
+                raise ValueError(f"tensor {key} has different shapes across states")
+            acc += state[key].to(torch.float64) * (w / total)
+        out[key] = acc.to(states[0][key].dtype)
+    return out

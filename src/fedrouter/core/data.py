@@ -1,0 +1,203 @@
+"""Tasks, examples and scenarios: which client holds which tasks, and how many examples of each.
+
+An example is a dict ``{"instruction": str, "output": str, "task": str}``. Data comes from the embedded
+synthetic benchmark (`fedrouter.core.synthetic`) or from JSONL files in that schema, where the task label
+may sit in another field (``category`` in flan8).
+
+Scenarios spread tasks over clients:
+- ``single``: client i holds task ``i mod T`` (8 clients, 4 tasks: two clients per task);
+- ``dual``: client i holds tasks ``i mod T`` and ``(i+1) mod T``, half and half;
+- ``all``: every client holds every task in equal parts;
+- ``dirichlet``: client i's task mixture is drawn from Dir(alpha) (small alpha: skewed clients).
+Each client's test set follows its own task mixture (personalization); the generalization test set holds
+every task (test-time generalization).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedrouter.core import synthetic
+from fedrouter.errors import FedrouterError
+
+log = logging.getLogger(__name__)
+
+SCENARIOS = ("single", "dual", "all", "dirichlet")
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    tasks: list[str]  # the tasks this client holds, in scenario order
+    train: list[dict]
+    test: list[dict]
+
+
+@dataclass
+class FederatedData:
+    tasks: list[str]
+    clients: list[ClientData]
+    general_test: list[dict] = field(default_factory=list)  # every task: test-time generalization
+
+
+def task_shares(scenario: str, tasks: list[str], n_clients: int, seed: int = 0, alpha: float = 0.5) -> list[dict[str, float]]:
+    """Per client, the share of its data that each of its tasks takes (shares sum to 1)."""
+    n_tasks = len(tasks)
+    if scenario == "single":
+        return [{tasks[i % n_tasks]: 1.0} for i in range(n_clients)]
+    if scenario == "dual":
+        if n_tasks < 2:
+            raise FedrouterError("scenario 'dual' needs at least 2 tasks")
+        return [{tasks[i % n_tasks]: 0.5, tasks[(i + 1) % n_tasks]: 0.5} for i in range(n_clients)]
+    if scenario == "all":
+        return [{t: 1.0 / n_tasks for t in tasks} for _ in range(n_clients)]
+    if scenario == "dirichlet":
+        rng = np.random.default_rng(seed)
+        shares = rng.dirichlet([alpha] * n_tasks, size=n_clients)
+        return [{t: float(s) for t, s in zip(tasks, row) if s > 0} for row in shares]
+    raise FedrouterError(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
+
+
+def split_count(total: int, shares: dict[str, float]) -> dict[str, int]:
+    """Split `total` examples over tasks by `shares`, exactly (largest remainder), dropping zero counts."""
+    raw = {t: total * s for t, s in shares.items()}
+    counts = {t: int(v) for t, v in raw.items()}
+    leftover = total - sum(counts.values())
+    for t in sorted(raw, key=lambda t: raw[t] - counts[t], reverse=True)[:leftover]:
+        counts[t] += 1
+    return {t: c for t, c in counts.items() if c > 0}
+
+
+def load_jsonl(path: Path, task_field: str = "task") -> list[dict]:
+    """Examples from a JSONL file; a bad line is reported with its file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedrouterError(f"data file not found: {path}")
+    examples = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise FedrouterError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise FedrouterError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                for key in ("instruction", "output", task_field):
+                    if not isinstance(row.get(key), str):
+                        problem = "missing" if key not in row else "not a string"
+                        raise FedrouterError(f"{path}:{lineno}: field {key!r} is {problem}")
+                examples.append({"instruction": row["instruction"], "output": row["output"], "task": row[task_field]})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FedrouterError(f"cannot read data file {path}: {exc}") from None
+    if not examples:
+        raise FedrouterError(f"data file {path} holds no examples")
+    return examples
+
+
+class _Pools:
+    """Per (task, split) example pools that clients draw disjoint slices from."""
+
+    def __init__(self, source: str, task_field: str, seed: int):
+        self.source, self.seed = source, seed
+        self._next = {}  # (task, split) -> next unused index
+        if source == SYNTHETIC:
+            self.tasks = list(synthetic.TASKS)
+            self._pool = {}
+        else:
+            train_path, test_path = _resolve_files(Path(source))
+            self._pool = {}
+            for split, path in (("train", train_path), ("test", test_path)):
+                for ex in load_jsonl(path, task_field):
+                    self._pool.setdefault((ex["task"], split), []).append(ex)
+            for key in self._pool:
+                random.Random(f"{seed}:{key}").shuffle(self._pool[key])
+            self.tasks = sorted({t for t, _ in self._pool})
+            for t in self.tasks:
+                if (t, "test") not in self._pool or (t, "train") not in self._pool:
+                    raise FedrouterError(f"task {t!r} needs examples in both train and test data")
+
+    def available(self, task: str, split: str) -> int:
+        return len(self._pool[(task, split)]) if self.source != SYNTHETIC else 10**9
+
+    def take(self, task: str, split: str, n: int) -> list[dict]:
+        start = self._next.get((task, split), 0)
+        self._next[(task, split)] = start + n
+        if self.source == SYNTHETIC:
+            # One long seeded stream per (task, split): slices never repeat across clients.
+            return synthetic.generate_examples(task, start + n, seed=f"{self.seed}:{split}")[start:]
+        return self._pool[(task, split)][start : start + n]
+
+
+def _resolve_files(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        train, test = path / "train.jsonl", path / "test.jsonl"
+        for f in (train, test):
+            if not f.is_file():
+                raise FedrouterError(f"data directory {path} has no {f.name} (expected train.jsonl and test.jsonl)")
+        return train, test
+    raise FedrouterError(f"data path not found or not a directory: {path} (expected a folder with train.jsonl and test.jsonl)")
+
+
+def build_federated_data(
+    source: str,
+    scenario: str,
+    n_clients: int,
+    train_per_client: int,
+    test_per_client: int,
+    general_test_per_task: int,
+    seed: int = 0,
+    task_field: str = "task",
+    tasks: list[str] | None = None,
+    dirichlet_alpha: float = 0.5,
+) -> FederatedData:
+    """Partition `source` ("synthetic" or a folder with train.jsonl/test.jsonl) over clients by `scenario`.
+
+    Clients sharing a task get disjoint examples of it. When a JSONL pool is too small for the requested
+    sizes, every client's count for that task is scaled down alike, and a warning says so.
+    """
+    pools = _Pools(source, task_field, seed)
+    all_tasks = pools.tasks
+    if tasks:
+        unknown = sorted(set(tasks) - set(all_tasks))
+        if unknown:
+            raise FedrouterError(f"unknown task(s) {', '.join(unknown)}; the data has: {', '.join(all_tasks)}")
+        all_tasks = [t for t in all_tasks if t in tasks]
+    shares = task_shares(scenario, all_tasks, n_clients, seed, dirichlet_alpha)
+
+    per_split = {}
+    for split, per_client in (("train", train_per_client), ("test", test_per_client)):
+        wanted = [split_count(per_client, s) for s in shares]
+        for task in all_tasks:
+            demand = sum(w.get(task, 0) for w in wanted)
+            have = pools.available(task, split)
+            if demand > have:
+                log.warning("task %s: %d %s examples wanted, %d available; scaling down", task, demand, split, have)
+                for w in wanted:
+                    if task in w:
+                        w[task] = max(1, w[task] * have // demand)
+        per_split[split] = wanted
+
+    clients = []
+    for cid in range(n_clients):
+        train = [ex for t, n in per_split["train"][cid].items() for ex in pools.take(t, "train", n)]
+        test = [ex for t, n in per_split["test"][cid].items() for ex in pools.take(t, "test", n)]
+        random.Random(f"{seed}:client{cid}").shuffle(train)
+        clients.append(ClientData(cid, list(shares[cid]), train, test))
+
+    general = []
+    for task in all_tasks:
+        if source == SYNTHETIC:
+            general += synthetic.generate_examples(task, general_test_per_task, seed=f"{seed}:general")
+        else:  # may overlap client test sets: it is a separate evaluation, not a held-out split
+            general += pools._pool[(task, "test")][:general_test_per_task]
+    return FederatedData(all_tasks, clients, general)

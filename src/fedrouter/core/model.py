@@ -1,0 +1,239 @@
+"""Base models and LoRA adapters.
+
+`load_base` is the one path for every model: the embedded tiny base ("tiny") is built once -- a local
+byte-level BPE tokenizer, a small Llama from a config, a short full-parameter pretraining on generic text --
+saved as an ordinary Hugging Face model directory in the cache, and from then on loaded exactly like any
+hub id or local checkpoint (`AutoModelForCausalLM` + `AutoTokenizer`).
+
+LoRA comes from peft. Adapter state travels as a plain dict of float32 tensors keyed by peft's own
+state-dict names, which is also what `PeftModel.save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fedrouter.errors import FedrouterError
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+# Bump when the pretraining corpus or procedure changes, so stale caches are not reused.
+_TINY_RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TinyBaseSpec:
+    """Shape and pretraining recipe of the embedded tiny base; its hash names the cache entry."""
+
+    vocab_size: int = 768
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    max_positions: int = 256
+    pretrain_steps: int = 800
+    pretrain_batch: int = 16
+    pretrain_seq_len: int = 64
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+
+    def cache_key(self) -> str:
+        payload = json.dumps({**asdict(self), "recipe": _TINY_RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEDROUTER_CACHE", Path.home() / ".cache" / "fedrouter"))
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte encodes: no unknown tokens
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _pretrain_batches(token_stream: list[int], spec: TinyBaseSpec, generator: torch.Generator):
+    data = torch.tensor(token_stream, dtype=torch.long)
+    n_windows = len(data) - spec.pretrain_seq_len - 1
+    while True:
+        starts = torch.randint(0, n_windows, (spec.pretrain_batch,), generator=generator)
+        yield torch.stack([data[s : s + spec.pretrain_seq_len] for s in starts.tolist()])
+
+
+def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) -> None:
+    """Tokenizer + Llama from config + deterministic full-parameter pretraining, saved to `out_dir`."""
+    from tqdm import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedrouter.core.synthetic import pretraining_corpus
+
+    corpus = pretraining_corpus(n_documents=20000, seed=spec.seed)
+    tokenizer = _train_tokenizer(corpus, spec.vocab_size)
+    stream: list[int] = []
+    for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]:
+        stream += [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01)
+    warmup = max(1, spec.pretrain_steps // 20)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, spec.pretrain_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    batches = _pretrain_batches(stream, spec, torch.Generator().manual_seed(spec.seed))
+    bar = tqdm(range(spec.pretrain_steps), desc="pretraining tiny base", disable=None if progress else True, leave=False)
+    for _ in bar:
+        batch = next(batches)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "fedrouter_tiny_spec.json").write_text(
+        json.dumps({**asdict(spec), "recipe": _TINY_RECIPE_VERSION, "final_loss": loss.item()}, indent=2)
+    )
+
+
+def ensure_tiny_base(spec: TinyBaseSpec | None = None, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Path of the cached tiny base for `spec`, building it first if absent (atomically: temp dir + rename)."""
+    spec = spec or TinyBaseSpec()
+    cache_dir = Path(cache_dir or default_cache_dir())
+    target = cache_dir / f"tiny-{spec.cache_key()}"
+    if (target / "config.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("building the tiny base model in %s (once)", target)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
+    try:
+        # Same seed, same result, whatever the surrounding process did with the global RNGs.
+        state = torch.random.get_rng_state(), random.getstate()
+        build_tiny_base(spec, tmp, progress=progress)
+        torch.random.set_rng_state(state[0])
+        random.setstate(state[1])
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base(name: str, cache_dir: Path | None = None, tiny_spec: TinyBaseSpec | None = None, progress: bool = True):
+    """(model, tokenizer) for "tiny", a Hugging Face hub id, or a local model directory. Frozen, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(ensure_tiny_base(tiny_spec, cache_dir, progress)) if name == TINY else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise FedrouterError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # most causal LMs ship without one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+def attach_lora(model, settings: LoraSettings, adapter_name: str = "default"):
+    """Wrap `model` in a peft LoRA model with one adapter; the base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as exc:
+        raise FedrouterError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
+
+
+def get_adapter_state(peft_model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """A detached float32 copy of one adapter's LoRA weights, keyed by peft's state-dict names."""
+    params = adapter_parameters(peft_model, adapter_name)
+    return {k: v.detach().to(torch.float32).clone() for k, v in params.items()}
+
+
+def set_adapter_state(peft_model, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Load LoRA weights into the named adapter in place; every key must exist and match in shape."""
+    expected = adapter_parameters(peft_model, adapter_name)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            param = expected[key]
+            if param.shape != tensor.shape:
+                raise ValueError(f"adapter tensor {key}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+            param.copy_(tensor)
+
+
+def adapter_parameters(peft_model, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
+    """The live LoRA parameters of one adapter, keyed as peft's `get_peft_model_state_dict` keys them."""
+    marker = f".{adapter_name}."
+    out = {}
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name and marker in name:
+            out[name.replace(marker, ".")] = param
+    return out

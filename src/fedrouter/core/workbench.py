@@ -1,0 +1,103 @@
+"""One frozen base model with one LoRA slot, shared by every client that lives in this process.
+
+Clients differ only in the adapter weights loaded into the slot and in their data, so 8 or 64 simulated
+clients cost one base model of memory. `ClientWorkbench` is a client's view: its encoded data, its own
+seeded batch stream, and train/evaluate calls that take adapter weights in and give adapter weights back.
+Nothing here knows about federation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedrouter.core.data import ClientData
+from fedrouter.core.generate import generate
+from fedrouter.core.metrics import score_predictions
+from fedrouter.core.model import LoraSettings, adapter_parameters, attach_lora, get_adapter_state, set_adapter_state
+from fedrouter.core.train import TrainStats, batch_stream, encode_examples, round_lr, train_steps
+
+Adapter = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    total_rounds: int = 25
+    max_seq_len: int = 128
+    max_new_tokens: int = 24
+    eval_batch_size: int = 64
+    prompt_template: str = "{instruction}\nanswer :"
+
+
+class SharedModel:
+    """The base model wrapped by peft with a single adapter slot, plus what every client needs of it."""
+
+    def __init__(self, base_model, tokenizer, lora: LoraSettings, settings: TrainSettings, seed: int = 0):
+        torch.manual_seed(seed)  # LoRA A's initialisation: the run's initial adapter
+        self.model = attach_lora(base_model, lora)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.params = list(adapter_parameters(self.model).values())
+        self.initial_adapter: Adapter = get_adapter_state(self.model)
+
+    def encode(self, examples: list[dict]):
+        s = self.settings
+        return encode_examples(self.tokenizer, examples, s.prompt_template, s.max_seq_len)
+
+    def load(self, adapter: Adapter) -> None:
+        set_adapter_state(self.model, adapter)
+
+    def adapter(self) -> Adapter:
+        return get_adapter_state(self.model)
+
+    def predict(self, encoded, adapter: Adapter | None) -> list[str]:
+        """Greedy answers for encoded examples under `adapter`; None means the untrained base."""
+        s = self.settings
+        prompts = [e.prompt_ids for e in encoded]
+        if adapter is None:
+            with self.model.disable_adapter():
+                return generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
+        self.load(adapter)
+        return generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
+
+
+class ClientWorkbench:
+    """A client's data (encoded once) and its train/evaluate calls on the shared model."""
+
+    def __init__(self, shared: SharedModel, data: ClientData, general_test: list[dict], seed: int, general_encoded=None):
+        self.shared = shared
+        self.client_id = data.client_id
+        self.tasks = data.tasks
+        self.train_examples = shared.encode(data.train)
+        self.splits = {"test": (data.test, shared.encode(data.test))}
+        self.splits["general"] = (general_test, general_encoded if general_encoded is not None else shared.encode(general_test))
+        # The client's own batch order: seeded per client, continued across rounds (epochs, not restarts).
+        self._generator = torch.Generator().manual_seed(seed * 100_003 + data.client_id)
+        self._stream = batch_stream(self.train_examples, shared.settings.batch_size, shared.tokenizer.pad_token_id, self._generator)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_examples)
+
+    def train(self, adapter: Adapter, round_idx: int, steps: int | None = None, regularizer=None) -> tuple[Adapter, TrainStats]:
+        """Start from `adapter`, run the round's local steps at the round's learning rate, return the result."""
+        s = self.shared.settings
+        self.shared.load(adapter)
+        lr = round_lr(s.lr, round_idx, s.total_rounds, s.min_lr_ratio)
+        stats = train_steps(
+            self.shared.model, self.shared.params, self._stream, steps or s.local_steps, lr, s.weight_decay,
+            regularizer=regularizer,
+        )
+        return self.shared.adapter(), stats
+
+    def evaluate(self, adapter: Adapter | None, split: str = "test") -> dict:
+        """Per-task ROUGE/exact-match report on `split` ("test": own tasks; "general": every task)."""
+        examples, encoded = self.splits[split]
+        predictions = self.shared.predict(encoded, adapter)
+        return score_predictions(predictions, [e["output"] for e in examples], [e["task"] for e in examples])

@@ -1,0 +1,199 @@
+"""One experiment, end to end: config -> data -> model -> method -> engine -> evaluation -> run directory.
+
+A run directory holds `config.json` (resolved), `metrics.jsonl` (one line per round), `adapters/<name>/`
+(PEFT format), `per_client.csv` and, written last and atomically, `results.json`. A run that fails leaves
+`FAILED` with the reason and no `results.json`, so it never looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from fedrouter.config import Config
+from fedrouter.core.data import build_federated_data
+from fedrouter.core.metrics import merge_per_task
+from fedrouter.core.model import LoraSettings, load_base
+from fedrouter.core.workbench import ClientWorkbench, SharedModel, TrainSettings
+from fedrouter.engines.inprocess import InProcessTransport
+from fedrouter.engines.loop import Traffic, evaluate_clients, run_rounds
+from fedrouter.errors import FedrouterError
+from fedrouter.methods import load_method
+from fedrouter.methods.base import ClientContext, MethodSetup
+
+RESULTS = "results.json"
+
+
+def default_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.method}-{cfg.scenario}-seed{cfg.seed}-{stamp}"
+
+
+def _claim_run_dir(path: Path) -> Path:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FedrouterError(f"run directory {path} already exists and is not empty; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedrouterError(f"cannot create run directory {path}: {exc.strerror}") from None
+    return path
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _client_row(cid: int, tasks: list[str], report: dict) -> dict:
+    return {"client": cid, "tasks": tasks, "n_test": report["n"], "rouge1": report["rouge1"],
+            "rougeL": report["rougeL"], "exact_match": report["exact_match"]}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def build_world(cfg: Config, progress: bool = True):
+    """Data, the shared model, one workbench per client, and the method's two parts."""
+    data = build_federated_data(
+        cfg.data, cfg.scenario, cfg.n_clients, cfg.train_per_client, cfg.test_per_client,
+        cfg.general_test_per_task, seed=cfg.seed, task_field=cfg.task_field, tasks=cfg.tasks,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+    )
+    base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None, progress=progress)
+    settings = TrainSettings(
+        local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay, total_rounds=cfg.rounds, max_seq_len=cfg.max_seq_len,
+        max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size, prompt_template=cfg.prompt_template,
+    )
+    lora = LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.target_modules))
+    shared = SharedModel(base, tokenizer, lora, settings, seed=cfg.seed)
+    general_encoded = shared.encode(data.general_test)  # the same for every client: encode once
+    contexts = {
+        c.client_id: ClientContext(c.client_id, ClientWorkbench(shared, c, data.general_test, cfg.seed, general_encoded))
+        for c in data.clients
+    }
+    server_cls, client_cls = load_method(cfg.method)
+    setup = MethodSetup(cfg.seed, cfg.rounds, dict(cfg.method_options))
+    server = server_cls(setup, shared.initial_adapter, sorted(contexts))
+    client = client_cls(setup)
+    return data, shared, contexts, server, client
+
+
+def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = True) -> dict:
+    """Run `cfg` and write its run directory; returns the results dict (also in results.json)."""
+    start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
+    # Everything that can fail on bad input (data, model) is checked before the run directory exists.
+    data, shared, contexts, server, client = build_world(cfg, progress)
+    _claim_run_dir(run_dir)
+    try:
+        results = _run(cfg, run_dir, data, shared, contexts, server, client, progress)
+    except BaseException as exc:
+        (run_dir / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
+        raise
+    results["wall_s"] = time.perf_counter() - start
+    results["run_dir"] = str(run_dir)
+    write_json_atomic(run_dir / RESULTS, results)
+    return results
+
+
+def _run(cfg, run_dir, data, shared, contexts, server, client, progress) -> dict:
+    write_json_atomic(run_dir / "config.json", cfg.model_dump())
+    transport = InProcessTransport(client, contexts, progress)
+    traffic = Traffic()
+    ids = sorted(contexts)
+    tasks_of = {cid: ctx.workbench.tasks for cid, ctx in contexts.items()}
+
+    base_reports = evaluate_clients(server, transport, Traffic(), ids, "test", base=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_file = metrics_path.open("w")
+
+    def on_round(record: dict) -> None:
+        if cfg.eval_every and (record["round"] % cfg.eval_every == 0 or record["round"] == cfg.rounds):
+            reports = evaluate_clients(server, transport, traffic, ids, "test")
+            record["rouge1"] = _mean(r["rouge1"] for r in reports.values())
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    try:
+        run_rounds(server, transport, traffic, ids, cfg.rounds, cfg.client_fraction, cfg.seed, on_round, progress)
+    finally:
+        metrics_file.close()
+
+    test_reports = evaluate_clients(server, transport, traffic, ids, "test")
+    general_reports = evaluate_clients(server, transport, traffic, ids, "general")
+    per_client = [_client_row(cid, tasks_of[cid], test_reports[cid]) for cid in ids]
+    for row, cid in zip(per_client, ids):
+        row["n_train"] = contexts[cid].workbench.n_train
+        row["base_rouge1"] = base_reports[cid]["rouge1"]
+        row["general_rouge1"] = general_reports[cid]["rouge1"]
+
+    saved = save_adapters(run_dir, shared, server, client, contexts)
+    results = {
+        "method": cfg.method,
+        "scenario": cfg.scenario,
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "tasks": data.tasks,
+        "rouge1": _mean(r["rouge1"] for r in per_client),
+        "base_rouge1": _mean(r["rouge1"] for r in base_reports.values()),
+        "rougeL": _mean(r["rougeL"] for r in per_client),
+        "exact_match": _mean(r["exact_match"] for r in per_client),
+        "per_client": per_client,
+        "per_task": merge_per_task([test_reports[cid]["per_task"] for cid in ids]),
+        "base_per_task": merge_per_task([base_reports[cid]["per_task"] for cid in ids]),
+        "generalization": {
+            "rouge1": _mean(r["rouge1"] for r in general_reports.values()),
+            "per_task": merge_per_task([general_reports[cid]["per_task"] for cid in ids]),
+        },
+        "bytes_up": traffic.up,
+        "bytes_down": traffic.down,
+        "adapters": saved,
+    }
+    _write_per_client_csv(run_dir / "per_client.csv", per_client)
+    return results
+
+
+def save_adapters(run_dir: Path, shared: SharedModel, server, client, contexts) -> list[str]:
+    """Every adapter the method keeps, in PEFT format under adapters/<name>/ (server's, then clients')."""
+    named = dict(server.adapters())
+    for cid, ctx in sorted(contexts.items()):
+        for name, adapter in client.adapters(ctx).items():
+            named[f"client{cid}-{name}"] = adapter
+    for name, adapter in named.items():
+        shared.load(adapter)
+        shared.model.save_pretrained(run_dir / "adapters" / name)
+    return sorted(named)
+
+
+def _write_per_client_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "tasks": "+".join(row["tasks"])})
+
+
+def format_summary(results: dict) -> str:
+    """A short table for the terminal: per client, then the means."""
+    lines = [f"{results['method']} | scenario {results['scenario']} | seed {results['seed']} | "
+             f"{results['wall_s']:.0f} s | up {results['bytes_up'] / 1e6:.2f} MB, down {results['bytes_down'] / 1e6:.2f} MB",
+             f"{'client':>6}  {'tasks':<28} {'base R1':>8} {'ROUGE-1':>8} {'ROUGE-L':>8} {'EM':>6} {'general':>8}"]
+    for row in results["per_client"]:
+        lines.append(f"{row['client']:>6}  {'+'.join(row['tasks'])[:28]:<28} {row['base_rouge1']:>8.3f} "
+                     f"{row['rouge1']:>8.3f} {row['rougeL']:>8.3f} {row['exact_match']:>6.3f} {row['general_rouge1']:>8.3f}")
+    lines.append(f"{'mean':>6}  {'':<28} {results['base_rouge1']:>8.3f} {results['rouge1']:>8.3f} "
+                 f"{results['rougeL']:>8.3f} {results['exact_match']:>6.3f} {results['generalization']['rouge1']:>8.3f}")
+    return "\n".join(lines)

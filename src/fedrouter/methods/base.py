@@ -1,0 +1,108 @@
+"""What a method is: a server part and a client part that exchange `Message`s. No engine in sight.
+
+A `Message` is plain data -- named float tensors plus a small JSON-able dict -- so it maps one-to-one onto
+Flower's ArrayRecord / ConfigRecord. Client-private state (a local adapter, private B matrices, local
+centroids) lives in `ClientContext.state`, which the engine keeps per client and never shows the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedrouter.core.workbench import Adapter, ClientWorkbench
+
+
+@dataclass
+class Message:
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors on the wire (float32, as Flower's ArrayRecord carries them)."""
+        return sum(t.numel() * 4 for t in self.arrays.values())
+
+
+@dataclass
+class ClientContext:
+    """What the engine hands a client part: its workbench (data + shared model) and private state."""
+
+    client_id: int
+    workbench: ClientWorkbench
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    """What both parts of a method are built from: the run's seed and rounds, and the method's options."""
+
+    seed: int
+    rounds: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class ServerPart:
+    """Decides what each client gets each round and folds their replies into the server state."""
+
+    def __init__(self, setup: MethodSetup, initial_adapter: Adapter, client_ids: list[int]):
+        self.setup = setup
+        self.client_ids = list(client_ids)
+
+    def configure_fit(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
+        raise NotImplementedError
+
+    def aggregate_fit(self, round_idx: int, replies: dict[int, Message]) -> dict[str, float]:
+        """Update the server state from the replies; return round metrics (JSON-able)."""
+        raise NotImplementedError
+
+    def configure_evaluate(self, client_ids: list[int]) -> dict[int, Message]:
+        """What each client needs to evaluate (by default nothing: the client holds its adapter)."""
+        return {cid: Message() for cid in client_ids}
+
+    def adapters(self) -> dict[str, Adapter]:
+        """The server-side adapters worth saving, by name."""
+        return {}
+
+
+class ClientPart:
+    """Trains on a client's data when asked, and evaluates with the adapter the method prescribes."""
+
+    def __init__(self, setup: MethodSetup):
+        self.setup = setup
+
+    def fit(self, msg: Message, ctx: ClientContext) -> Message:
+        raise NotImplementedError
+
+    def eval_adapter(self, msg: Message, ctx: ClientContext) -> Adapter:
+        """The adapter this client evaluates with."""
+        raise NotImplementedError
+
+    def evaluate(self, msg: Message, ctx: ClientContext) -> Message:
+        """Report on msg.config["split"]; with msg.config["base"] the untrained base is evaluated."""
+        split = msg.config.get("split", "test")
+        adapter = None if msg.config.get("base") else self.eval_adapter(msg, ctx)
+        return Message(config=ctx.workbench.evaluate(adapter, split))
+
+    def adapters(self, ctx: ClientContext) -> dict[str, Adapter]:
+        """The client-private adapters worth saving, by name."""
+        return {}
+
+
+def fit_reply(adapter: Adapter | None, stats, n_examples: int) -> Message:
+    """The usual reply of a training client: its adapter (if uploaded) and how it trained."""
+    return Message(
+        arrays=adapter or {},
+        config={"n_examples": n_examples, "loss": stats.loss, "tokens": stats.tokens, "train_s": stats.seconds},
+    )
+
+
+def mean_fit_metrics(replies: dict[int, Message]) -> dict[str, float]:
+    """Example-weighted training loss and summed tokens over a round's replies."""
+    n = sum(r.config["n_examples"] for r in replies.values())
+    return {
+        "train_loss": sum(r.config["loss"] * r.config["n_examples"] for r in replies.values()) / max(1, n),
+        "tokens": sum(r.config["tokens"] for r in replies.values()),
+        "clients": len(replies),
+    }
