@@ -28,6 +28,18 @@ class LoraSection(_Strict):
     target_modules: list[str] = ["q_proj", "v_proj"]  # ["all-linear"] targets every linear layer
 
 
+class TinySection(_Strict):
+    """The embedded tiny base's shape and pretraining recipe (see fedrouter.core.model.TinyBaseSpec)."""
+
+    vocab_size: int = Field(768, gt=258)
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    pretrain_steps: int = Field(800, gt=0)
+    seed: int = 0
+
+
 class Config(_Strict):
     # what to run
     method: str = "fedit"
@@ -47,6 +59,7 @@ class Config(_Strict):
     # model
     model: str = "tiny"  # "tiny" (embedded, built once and cached), a Hugging Face id, or a local path
     cache_dir: str | None = None  # default: $FEDROUTER_CACHE or ~/.cache/fedrouter
+    tiny: TinySection = TinySection()  # used when model = "tiny"
     lora: LoraSection = LoraSection()
     max_seq_len: int = Field(128, gt=8)
     max_new_tokens: int = Field(24, gt=0)

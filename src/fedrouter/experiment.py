@@ -19,7 +19,7 @@ import torch
 from fedrouter.config import Config
 from fedrouter.core.data import build_federated_data
 from fedrouter.core.metrics import merge_per_task
-from fedrouter.core.model import LoraSettings, load_base
+from fedrouter.core.model import LoraSettings, TinyBaseSpec, load_base
 from fedrouter.core.workbench import ClientWorkbench, SharedModel, TrainSettings
 from fedrouter.engines.inprocess import InProcessTransport
 from fedrouter.engines.loop import Traffic, evaluate_clients, run_rounds
@@ -68,7 +68,8 @@ def build_world(cfg: Config, progress: bool = True):
         cfg.general_test_per_task, seed=cfg.seed, task_field=cfg.task_field, tasks=cfg.tasks,
         dirichlet_alpha=cfg.dirichlet_alpha,
     )
-    base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None, progress=progress)
+    tiny_spec = TinyBaseSpec(**cfg.tiny.model_dump())
+    base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None, tiny_spec, progress)
     settings = TrainSettings(
         local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
         weight_decay=cfg.weight_decay, total_rounds=cfg.rounds, max_seq_len=cfg.max_seq_len,

@@ -65,8 +65,8 @@ def task_shares(scenario: str, tasks: list[str], n_clients: int, seed: int = 0, 
     raise FedrouterError(f"unknown scenario {scenario!r}; choose one of: {', '.join(SCENARIOS)}")
 
 
-def split_count(total: int, shares: dict[str, float]) -> dict[str, int]:
-    """Split `total` examples over tasks by `shares`, exactly (largest remainder), dropping zero counts."""
+def split_count(total: int, shares: dict) -> dict:
+    """Split `total` items over the keys of `shares`, exactly (largest remainder), dropping zero counts."""
     raw = {t: total * s for t, s in shares.items()}
     counts = {t: int(v) for t, v in raw.items()}
     leftover = total - sum(counts.values())
@@ -181,10 +181,19 @@ def build_federated_data(
             demand = sum(w.get(task, 0) for w in wanted)
             have = pools.available(task, split)
             if demand > have:
+                holders = [i for i, w in enumerate(wanted) if task in w]
+                if have < len(holders):
+                    raise FedrouterError(f"task {task!r} has {have} {split} examples for {len(holders)} clients holding it")
                 log.warning("task %s: %d %s examples wanted, %d available; scaling down", task, demand, split, have)
-                for w in wanted:
-                    if task in w:
-                        w[task] = max(1, w[task] * have // demand)
+                scaled = split_count(have, {i: wanted[i][task] / demand for i in holders})
+                for i in holders:  # a negligible share can round to zero: that client drops the task
+                    if scaled.get(i, 0):
+                        wanted[i][task] = scaled[i]
+                    else:
+                        del wanted[i][task]
+        empty = [i for i, w in enumerate(wanted) if not w]
+        if empty:
+            raise FedrouterError(f"client {empty[0]} would get no {split} examples: the data is too small for {n_clients} clients")
         per_split[split] = wanted
 
     clients = []

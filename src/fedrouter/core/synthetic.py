@@ -21,6 +21,10 @@ from typing import Callable
 
 NAMES = "anna ben carla david emma felix grace hugo iris jack kate leo mia noah olga paul".split()
 CITIES = "paris rome oslo lima cairo delhi tokyo berlin madrid vienna dublin quito".split()
+# Two tasks render a city differently: `headline` by its country, `data_to_text` by its nationality.
+# The same input word needs a different output per task: a conflict one shared adapter must resolve.
+COUNTRY = dict(zip(CITIES, "france italy norway peru egypt india japan germany spain austria ireland ecuador".split()))
+NATIONALITY = dict(zip(CITIES, "french italian norwegian peruvian egyptian indian japanese german spanish austrian irish ecuadorian".split()))
 JOBS = "baker doctor teacher farmer pilot singer painter lawyer nurse driver".split()
 THINGS = "cake bread book lamp chair kite cup hat map bike boat clock".split()
 DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
@@ -65,14 +69,16 @@ def _data_to_text(rng: random.Random) -> tuple[str, str]:
     relations = rng.sample(sorted(facts), rng.choice([2, 3]))
     triples = " ".join(f"[ {name} | {rel} | {facts[rel]} ]" for rel in relations)
     present = set(relations)
+    nationality = NATIONALITY[city]
+    article = "an" if nationality[0] in "aeiou" else "a"
     if present == {"job", "city", "likes"}:
-        text = f"{name} is a {job} from {city} who likes the {thing} ."
+        text = f"{name} is {article} {nationality} {job} who likes the {thing} ."
     elif present == {"job", "city"}:
-        text = f"{name} is a {job} from {city} ."
+        text = f"{name} is {article} {nationality} {job} ."
     elif present == {"job", "likes"}:
         text = f"{name} is a {job} who likes the {thing} ."
     else:
-        text = f"{name} lives in {city} and likes the {thing} ."
+        text = f"{name} is {nationality} and likes the {thing} ."
     return triples, text
 
 
@@ -98,7 +104,7 @@ def _headline(rng: random.Random) -> tuple[str, str]:
         sentence = f"the {org} of {city} said on {day} that it will {project} the {place} in {month} ."
     else:
         sentence = f"on {day} , officials of the {city} {org} announced plans to {project} the {place} in {month} ."
-    return sentence, f"{city} {org} to {project} {place} in {month}"
+    return sentence, f"{COUNTRY[city]} {org} to {project} {place} in {month}"
 
 
 TASKS: dict[str, Generator] = {
@@ -121,47 +127,59 @@ def generate_examples(task: str, n: int, seed: int | str) -> list[dict]:
     return out
 
 
-def _generic_sentence(rng: random.Random) -> str:
-    n, m = rng.sample(NAMES, 2)
+def _generic_sentence(rng: random.Random, cast: dict[str, list[str]]) -> str:
+    """One generic sentence; entities come from the document's small `cast`, so they recur within it."""
+
+    def pick(kind: str) -> str:
+        return rng.choice(cast[kind])
+
+    n, m = rng.sample(cast["names"], 2)
     forms = [
-        f"{n} lives in {rng.choice(CITIES)} .",
-        f"{n} is a {rng.choice(ADJECTIVES)} {rng.choice(JOBS)} .",
-        f"{n} likes the {rng.choice(COLORS)} {rng.choice(THINGS)} .",
-        f"on {rng.choice(DAYS)} {n} went to the {rng.choice(PLACES)} with {m} .",
-        f"the {rng.choice(ORGS)} in {rng.choice(CITIES)} is {rng.choice(ADJECTIVES)} .",
-        f"{n} and {m} met in {rng.choice(CITIES)} in {rng.choice(MONTHS)} .",
-        f"{n} will {rng.choice(CHORES)} a {rng.choice(THINGS)} for {m} .",
-        f"in {rng.choice(MONTHS)} the {rng.choice(PLACES)} was {rng.choice(ADJECTIVES)} and {rng.choice(ADJECTIVES)} .",
+        f"{n} lives in {pick('cities')} .",
+        f"{n} is a {rng.choice(ADJECTIVES)} {pick('jobs')} .",
+        f"{n} likes the {rng.choice(COLORS)} {pick('things')} .",
+        f"on {pick('days')} {n} went to the {pick('places')} with {m} .",
+        f"the {pick('orgs')} in {pick('cities')} is {rng.choice(ADJECTIVES)} .",
+        f"{n} and {m} met in {pick('cities')} in {pick('months')} .",
+        f"{n} will {rng.choice(CHORES)} a {pick('things')} for {m} .",
+        f"in {pick('months')} the {pick('places')} was {rng.choice(ADJECTIVES)} and {rng.choice(ADJECTIVES)} .",
         f"{n} said : hello {m} , how are you ? {m} said : fine , thanks !",
-        f"who is the {rng.choice(JOBS)} ? it is {n} .",
-        f"a list : {rng.choice(THINGS)} , {rng.choice(THINGS)} | {rng.choice(COLORS)} [ {rng.choice(DAYS)} ] .",
-        f"people {rng.choice(PROJECTS)} the {rng.choice(PLACES)} of {rng.choice(CITIES)} when it is {rng.choice(ADJECTIVES)} .",
+        f"who is the {pick('jobs')} ? it is {n} .",
+        f"a list : {pick('things')} , {pick('things')} | {rng.choice(COLORS)} [ {pick('days')} ] .",
+        f"people {rng.choice(PROJECTS)} the {pick('places')} of {pick('cities')} when it is {rng.choice(ADJECTIVES)} .",
         f"is it true that {n} is {rng.choice(ADJECTIVES)} ? {rng.choice(['yes', 'no', 'maybe'])} .",
         # Function words the tasks use, in sentences that are not instruction -> answer pairs.
-        f"{n} came from {rng.choice(CITIES)} , and {m} who works as a {rng.choice(JOBS)} came too .",
+        f"{n} came from {pick('cities')} , and {m} who works as a {pick('jobs')} came too .",
         f"what does {n} want ? where does {m} work ? which day is it ? how does it earn money ?",
-        f"{n} said that it will rain on {rng.choice(DAYS)} . officials announced plans for the {rng.choice(PLACES)} .",
-        f"can you do it ? sure , ok , sorry , i am busy . leave it to me . thanks , great , perfect !",
-        f"when will {n} arrive ? {n} is coming home to the city on {rng.choice(DAYS)} to buy a {rng.choice(THINGS)} .",
-        f"the job of {n} is to {rng.choice(PROJECTS)} things . {m} is buying the {rng.choice(THINGS)} of {n} .",
+        f"{n} said that it will rain on {pick('days')} . officials announced plans for the {pick('places')} .",
+        "can you do it ? sure , ok , sorry , i am busy . leave it to me . thanks , great , perfect !",
+        f"when will {n} arrive ? {n} is coming home to the city on {pick('days')} to buy a {pick('things')} .",
+        f"the job of {n} is to {rng.choice(PROJECTS)} things . {m} is buying the {pick('things')} of {n} .",
+        # Countries and nationalities appear, but never paired with their cities: that mapping is task work.
+        f"{n} travelled to {rng.choice(list(COUNTRY.values()))} with an {rng.choice(list(NATIONALITY.values()))} friend .",
+        f"a {rng.choice(list(NATIONALITY.values()))} {pick('jobs')} from {rng.choice(list(COUNTRY.values()))} is {rng.choice(ADJECTIVES)} .",
     ]
     return rng.choice(forms)
+
+
+_CAST_SOURCES = {"names": NAMES, "cities": CITIES, "jobs": JOBS, "things": THINGS, "days": DAYS,
+                 "months": MONTHS, "orgs": ORGS, "places": PLACES}
 
 
 def pretraining_corpus(n_documents: int, seed: int) -> list[str]:
     """Generic text in the benchmark's vocabulary, for the tiny base model's full-parameter pretraining.
 
-    Documents are random sentences; some repeat an earlier sentence or a word sequence verbatim, which
-    teaches the base to copy from its context -- the skill every generation task here relies on.
+    Each document keeps returning to a small cast of entities (as natural text does), and some repeat a
+    word sequence verbatim: this teaches the base to copy from its context, the skill every generation
+    task here relies on (without it, LoRA learns the answer format but fills in the wrong entities).
     """
     rng = random.Random(f"pretrain:{seed}")
     docs = []
     for _ in range(n_documents):
-        sentences = [_generic_sentence(rng) for _ in range(rng.randint(2, 5))]
-        roll = rng.random()
-        if roll < 0.3:
-            sentences.append(rng.choice(sentences))
-        elif roll < 0.5:
+        # A document is about a few entities, mentioned again and again: predicting them means looking back.
+        cast = {kind: rng.sample(words, 3 if kind == "names" else 2) for kind, words in _CAST_SOURCES.items()}
+        sentences = [_generic_sentence(rng, cast) for _ in range(rng.randint(3, 6))]
+        if rng.random() < 0.3:
             vocabulary = NAMES + CITIES + THINGS + JOBS + DAYS
             words = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(3, 7)))
             sentences += [words, "again :", words]

@@ -1,0 +1,69 @@
+"""Shared fixtures: one torch thread, a private model cache, the tiny base model, fast run overrides."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+# CI sets FEDROUTER_CACHE; otherwise keep this session's models out of the user's cache.
+_CREATED_CACHE: str | None = None
+if not os.environ.get("FEDROUTER_CACHE"):
+    _CREATED_CACHE = tempfile.mkdtemp(prefix="fedrouter-test-cache-")
+    os.environ["FEDROUTER_CACHE"] = _CREATED_CACHE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FLAN8_DIR = (REPO_ROOT / ".." / "shared" / "data" / "flan8").resolve()
+
+# A tiny base with a short pretraining: enough for every test that needs a real model.
+TINY_PRETRAIN_STEPS = 60
+
+TINY_OVERRIDES = {
+    "tiny.pretrain_steps": TINY_PRETRAIN_STEPS,
+    "rounds": 2,
+    "n_clients": 2,
+    "local_steps": 2,
+    "batch_size": 4,
+    "train_per_client": 16,
+    "test_per_client": 8,
+    "general_test_per_task": 2,
+    "max_new_tokens": 8,
+    "threads": 1,
+}
+
+
+def pytest_unconfigure(config):
+    if _CREATED_CACHE is not None:
+        shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return Path(os.environ["FEDROUTER_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_dir) -> Path:
+    """The cached tiny base (built once per cache): a Hugging Face model directory."""
+    from fedrouter.core.model import TinyBaseSpec, ensure_tiny_base
+
+    return ensure_tiny_base(TinyBaseSpec(pretrain_steps=TINY_PRETRAIN_STEPS), cache_dir, progress=False)
+
+
+@pytest.fixture
+def tiny_overrides() -> dict:
+    """Config overrides for an end-to-end run that takes seconds (a fresh copy per test)."""
+    return dict(TINY_OVERRIDES)
+
+
+@pytest.fixture
+def flan8_dir() -> Path:
+    if not FLAN8_DIR.is_dir():
+        pytest.skip(f"flan8 data not found at {FLAN8_DIR}; it lives beside the repo in shared/data/flan8")
+    return FLAN8_DIR
