@@ -23,9 +23,11 @@ FLAN8_DIR = (REPO_ROOT / ".." / "shared" / "data" / "flan8").resolve()
 
 # A tiny base with a short pretraining: enough for every test that needs a real model.
 TINY_PRETRAIN_STEPS = 60
+TINY_PRETRAIN_DOCUMENTS = 3000
 
 TINY_OVERRIDES = {
     "tiny.pretrain_steps": TINY_PRETRAIN_STEPS,
+    "tiny.pretrain_documents": TINY_PRETRAIN_DOCUMENTS,
     "rounds": 2,
     "n_clients": 2,
     "local_steps": 2,
@@ -53,7 +55,7 @@ def tiny_model_dir(cache_dir) -> Path:
     """The cached tiny base (built once per cache): a Hugging Face model directory."""
     from fedrouter.core.model import TinyBaseSpec, ensure_tiny_base
 
-    return ensure_tiny_base(TinyBaseSpec(pretrain_steps=TINY_PRETRAIN_STEPS), cache_dir, progress=False)
+    return ensure_tiny_base(TinyBaseSpec(pretrain_steps=TINY_PRETRAIN_STEPS, pretrain_documents=TINY_PRETRAIN_DOCUMENTS), cache_dir, progress=False)
 
 
 @pytest.fixture

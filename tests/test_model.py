@@ -177,3 +177,22 @@ def test_training_changes_only_lora_parameters(lora_model):
     assert changed <= lora_names
     assert any("lora_B" in n for n in changed)
     assert not model.training  # back in eval mode
+
+
+def test_tiny_base_build_is_deterministic(tmp_path):
+    """Same spec, two builds in two caches: identical tokenizer and identical weights."""
+    from safetensors.torch import load_file
+
+    from fedrouter.core.model import TinyBaseSpec, ensure_tiny_base
+
+    small = dict(hidden_size=32, intermediate_size=64, num_heads=2, pretrain_documents=300)
+    spec = TinyBaseSpec(pretrain_steps=3, **small)
+    first = ensure_tiny_base(spec, tmp_path / "a", progress=False)
+    second = ensure_tiny_base(spec, tmp_path / "b", progress=False)
+    assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # a different recipe is a different cache entry, not a silent reuse
+    assert ensure_tiny_base(TinyBaseSpec(pretrain_steps=4, **small), tmp_path / "a", progress=False) != first

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny"
 # Bump when the pretraining corpus or procedure changes, so stale caches are not reused.
-_TINY_RECIPE_VERSION = 3
+_TINY_RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class TinyBaseSpec:
     num_layers: int = 2
     num_heads: int = 4
     max_positions: int = 256
-    pretrain_steps: int = 800
+    pretrain_steps: int = 1500
+    pretrain_documents: int = 20000  # generic documents, and as many copy drills
     pretrain_batch: int = 16
     pretrain_seq_len: int = 64
     pretrain_lr: float = 3e-3
@@ -75,12 +76,23 @@ def _train_tokenizer(corpus: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def _pretrain_batches(token_stream: list[int], spec: TinyBaseSpec, generator: torch.Generator):
-    data = torch.tensor(token_stream, dtype=torch.long)
-    n_windows = len(data) - spec.pretrain_seq_len - 1
+def _token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def _pretrain_batches(streams: list[torch.Tensor], spec: TinyBaseSpec, generator: torch.Generator):
+    """Random windows of `pretrain_seq_len` tokens, an equal share of each batch from each stream."""
+    rows_per_stream = [spec.pretrain_batch // len(streams)] * len(streams)
+    rows_per_stream[0] += spec.pretrain_batch - sum(rows_per_stream)
     while True:
-        starts = torch.randint(0, n_windows, (spec.pretrain_batch,), generator=generator)
-        yield torch.stack([data[s : s + spec.pretrain_seq_len] for s in starts.tolist()])
+        windows = []
+        for data, rows in zip(streams, rows_per_stream):
+            starts = torch.randint(0, len(data) - spec.pretrain_seq_len - 1, (rows,), generator=generator)
+            windows += [data[s : s + spec.pretrain_seq_len] for s in starts.tolist()]
+        yield torch.stack(windows)
 
 
 def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) -> None:
@@ -88,13 +100,12 @@ def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) ->
     from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedrouter.core.synthetic import pretraining_corpus
+    from fedrouter.core.synthetic import copy_drills, pretraining_corpus
 
-    corpus = pretraining_corpus(n_documents=20000, seed=spec.seed)
-    tokenizer = _train_tokenizer(corpus, spec.vocab_size)
-    stream: list[int] = []
-    for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]:
-        stream += [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    corpus = pretraining_corpus(n_documents=spec.pretrain_documents, seed=spec.seed)
+    drills = copy_drills(spec.pretrain_documents, seed=spec.seed)
+    tokenizer = _train_tokenizer(corpus + drills, spec.vocab_size)
+    streams = [_token_stream(tokenizer, corpus), _token_stream(tokenizer, drills)]
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -121,7 +132,7 @@ def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) ->
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, spec.pretrain_steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    batches = _pretrain_batches(stream, spec, torch.Generator().manual_seed(spec.seed))
+    batches = _pretrain_batches(streams, spec, torch.Generator().manual_seed(spec.seed))
     bar = tqdm(range(spec.pretrain_steps), desc="pretraining tiny base", disable=None if progress else True, leave=False)
     for _ in bar:
         batch = next(batches)
@@ -188,7 +199,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("all-linear",)
 
 
 def attach_lora(model, settings: LoraSettings, adapter_name: str = "default"):

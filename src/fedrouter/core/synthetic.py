@@ -27,6 +27,9 @@ COUNTRY = dict(zip(CITIES, "france italy norway peru egypt india japan germany s
 NATIONALITY = dict(zip(CITIES, "french italian norwegian peruvian egyptian indian japanese german spanish austrian irish ecuadorian".split()))
 JOBS = "baker doctor teacher farmer pilot singer painter lawyer nurse driver".split()
 THINGS = "cake bread book lamp chair kite cup hat map bike boat clock".split()
+# `summarize` abstracts a thing to its kind (as SAMSum summaries do) while `data_to_text` copies it:
+# a second conflict on the same input words.
+KIND = dict(zip(THINGS, "food food paper furniture furniture toy dish clothes paper vehicle vehicle furniture".split()))
 DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
 MONTHS = "march april may june july august".split()
 ORGS = "council team club company school bank museum hospital".split()
@@ -50,14 +53,9 @@ def _paraphrase(rng: random.Random) -> tuple[str, str]:
     attr = rng.choice(sorted(phrasings))
     name = rng.choice(NAMES)
     first, second = rng.sample(phrasings[attr], 2)
+    # Duplicates ask the same thing about the same person in other words; the others ask about someone else.
     duplicate = rng.random() < 0.5
-    other_name, other_attr = name, attr
-    if not duplicate:
-        if rng.random() < 0.5:
-            other_name = rng.choice([n for n in NAMES if n != name])
-        else:
-            other_attr = rng.choice([a for a in sorted(phrasings) if a != attr])
-            second = rng.choice(phrasings[other_attr])
+    other_name = name if duplicate else rng.choice([n for n in NAMES if n != name])
     q1 = first.format(n=name)
     q2 = second.format(n=other_name)
     return f"q1 : {q1} q2 : {q2} duplicate ?", "yes" if duplicate else "no"
@@ -94,7 +92,7 @@ def _summarize(rng: random.Random) -> tuple[str, str]:
         lines.append(f"{helper} : {rng.choice(['i can do it', 'leave it to me'])} .")
         doer = helper
     lines.append(f"{asker} : {rng.choice(['thanks', 'great', 'perfect'])} !")
-    return " ".join(lines), f"{doer} will {chore} the {thing} on {day} ."
+    return " ".join(lines), f"{doer} will {chore} the {KIND[thing]} on {day} ."
 
 
 def _headline(rng: random.Random) -> tuple[str, str]:
@@ -185,3 +183,19 @@ def pretraining_corpus(n_documents: int, seed: int) -> list[str]:
             sentences += [words, "again :", words]
         docs.append(" ".join(sentences))
     return docs
+
+
+def copy_drills(n: int, seed: int) -> list[str]:
+    """Repeat-after-me lines (``w1 .. wk again : w1 .. wk``) over the benchmark's vocabulary.
+
+    Half of every pretraining batch comes from these: measured here, a 2-layer base pretrained on the
+    generic documents alone never learns to copy (about 5% of repeated tokens predicted after 1500
+    steps), while this mix reaches about 70% -- and the generation tasks need that skill.
+    """
+    rng = random.Random(f"copy:{seed}")
+    vocabulary = NAMES + CITIES + THINGS + JOBS + DAYS + MONTHS + ORGS + PLACES
+    lines = []
+    for _ in range(n):
+        words = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(3, 10)))
+        lines.append(f"{words} again : {words}")
+    return lines
