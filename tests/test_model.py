@@ -196,3 +196,14 @@ def test_tiny_base_build_is_deterministic(tmp_path):
         assert torch.equal(a[key], b[key]), key
     # a different recipe is a different cache entry, not a silent reuse
     assert ensure_tiny_base(TinyBaseSpec(pretrain_steps=4, **small), tmp_path / "a", progress=False) != first
+
+
+def test_adapter_fingerprint_tracks_exact_weights():
+    from fedrouter.core.workbench import adapter_fingerprint
+
+    a = {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.zeros(3, 2)}
+    same = {k: v.clone() for k, v in a.items()}
+    nudged = {**same, "x.lora_B.weight": torch.zeros(3, 2).index_fill_(0, torch.tensor([1]), 1e-7)}
+    assert adapter_fingerprint(a) == adapter_fingerprint(same)
+    assert adapter_fingerprint(a) != adapter_fingerprint(nudged)
+    assert adapter_fingerprint(None) == "base"

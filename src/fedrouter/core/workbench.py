@@ -8,6 +8,7 @@ Nothing here knows about federation.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ class SharedModel:
         self.settings = settings
         self.params = list(adapter_parameters(self.model).values())
         self.initial_adapter: Adapter = get_adapter_state(self.model)
+        # Greedy decoding is deterministic: the same examples under the same adapter (e.g. every FedIT
+        # client on the shared all-task set) are generated once. Keyed by example-list identity.
+        self._memo: dict[tuple[int, str], tuple[list, list[str]]] = {}
 
     def encode(self, examples: list[dict]):
         s = self.settings
@@ -56,15 +60,33 @@ class SharedModel:
     def adapter(self) -> Adapter:
         return get_adapter_state(self.model)
 
-    def predict(self, encoded, adapter: Adapter | None) -> list[str]:
+    def predict(self, encoded: list, adapter: Adapter | None) -> list[str]:
         """Greedy answers for encoded examples under `adapter`; None means the untrained base."""
-        s = self.settings
-        prompts = [e.prompt_ids for e in encoded]
-        if adapter is None:
-            with self.model.disable_adapter():
-                return generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
-        self.load(adapter)
-        return generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
+        key = (id(encoded), adapter_fingerprint(adapter))
+        if key not in self._memo or self._memo[key][0] is not encoded:  # ids are reused after GC
+            if len(self._memo) > 64:
+                self._memo.clear()
+            s = self.settings
+            prompts = [e.prompt_ids for e in encoded]
+            if adapter is None:
+                with self.model.disable_adapter():
+                    out = generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
+            else:
+                self.load(adapter)
+                out = generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
+            self._memo[key] = (encoded, out)  # holding `encoded` keeps its id from being reused
+        return list(self._memo[key][1])
+
+
+def adapter_fingerprint(adapter: Adapter | None) -> str:
+    """A digest of an adapter's exact weights ("base" for no adapter)."""
+    if adapter is None:
+        return "base"
+    digest = hashlib.sha1()
+    for name in sorted(adapter):
+        digest.update(name.encode())
+        digest.update(adapter[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class ClientWorkbench:
