@@ -46,7 +46,7 @@ class TinyBaseSpec:
     pretrain_steps: int = 1500
     pretrain_documents: int = 20000  # generic documents, and as many copy drills
     pretrain_batch: int = 16
-    pretrain_seq_len: int = 64
+    pretrain_seq_len: int = 48
     pretrain_lr: float = 3e-3
     seed: int = 0
 
@@ -199,7 +199,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("all-linear",)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
 
 def attach_lora(model, settings: LoraSettings, adapter_name: str = "default"):
