@@ -29,16 +29,18 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="data, batch order and LoRA initialisation")
     ap.add_argument("--json", help="write the matrix here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_base("tiny")
+    torch.manual_seed(args.seed)
     model = attach_lora(model, LoraSettings(target_modules=tuple(args.targets.split(","))))
     params = list(adapter_parameters(model).values())
     init = get_adapter_state(model)
     tasks = list(synthetic.TASKS)
-    train = {t: encode_examples(tok, synthetic.generate_examples(t, 2000, seed="design-train")) for t in tasks}
-    test = {t: synthetic.generate_examples(t, args.test_per_task, seed="design-test") for t in tasks}
+    train = {t: encode_examples(tok, synthetic.generate_examples(t, 2000, seed=f"design-train-{args.seed}")) for t in tasks}
+    test = {t: synthetic.generate_examples(t, args.test_per_task, seed=f"design-test-{args.seed}") for t in tasks}
     test_enc = {t: encode_examples(tok, test[t]) for t in tasks}
 
     def evaluate():
@@ -50,7 +52,7 @@ def main():
 
     def train_on(examples, steps):
         set_adapter_state(model, init)
-        stream = batch_stream(examples, args.batch, tok.pad_token_id, torch.Generator().manual_seed(0))
+        stream = batch_stream(examples, args.batch, tok.pad_token_id, torch.Generator().manual_seed(args.seed))
         return train_steps(model, params, stream, steps, args.lr)
 
     t0 = time.time()

@@ -25,7 +25,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -41,12 +41,16 @@ def main():
                                                                torch.Generator().manual_seed(cfg.seed * 100_003)))]
 
     def federated() -> float:
-        workbench._generator.manual_seed(cfg.seed * 100_003)  # replay the same stream each trial
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches())
+        # Replay the client's stream from its start, so both sides see the same batches each trial.
+        workbench._generator = torch.Generator().manual_seed(cfg.seed * 100_003)
+        workbench._stream = batch_stream(workbench.train_examples, cfg.batch_size, pad, workbench._generator)
         start = time.perf_counter()
-        run_rounds(server, InProcessTransport(client, contexts, False), Traffic(), [0], args.rounds, 1.0,
-                   cfg.seed, progress=False)
-        return tokens / (time.perf_counter() - start)
+        history = run_rounds(server, InProcessTransport(client, contexts, False), Traffic(), [0], args.rounds,
+                             1.0, cfg.seed, progress=False)
+        elapsed = time.perf_counter() - start
+        tokens = sum(r["tokens"] for r in history)
+        assert tokens == sum(int(b["attention_mask"].sum()) for b in batches()), "batches differ from the bare loop's"
+        return tokens / elapsed
 
     def bare() -> float:
         data = batches()
