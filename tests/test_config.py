@@ -12,7 +12,11 @@ def test_defaults_are_valid():
     assert cfg.n_clients == 8 and cfg.rounds == 25 and cfg.local_steps == 10 and cfg.batch_size == 16
     assert cfg.data == "synthetic" and cfg.model == "tiny"
     assert cfg.lora.r == 8 and cfg.lora.target_modules == ["q_proj", "v_proj"]
-    assert cfg.tiny.pretrain_steps == 800
+    # the config's [tiny] defaults are the tiny base's own defaults (one recipe, not two)
+    from fedrouter.core.model import TinyBaseSpec
+
+    spec = TinyBaseSpec()
+    assert all(getattr(cfg.tiny, k) == getattr(spec, k) for k in cfg.tiny.model_dump())
 
 
 def test_overrides_applied_including_dotted():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -237,6 +238,10 @@ def run(args) -> int:
     from fedrouter.core.model import default_cache_dir
 
     start = time.perf_counter()
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     # cheap checks first: nothing is loaded or embedded on bad input
     k_min = _parse_int(args.k_min, "--k-min", 2)
     k_max = _parse_int(args.k_max, "--k-max", k_min)

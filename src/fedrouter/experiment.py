@@ -22,7 +22,7 @@ from fedrouter.core.metrics import merge_per_task
 from fedrouter.core.model import LoraSettings, TinyBaseSpec, load_base
 from fedrouter.core.workbench import ClientWorkbench, SharedModel, TrainSettings
 from fedrouter.engines.inprocess import InProcessTransport
-from fedrouter.engines.loop import Traffic, evaluate_clients, run_rounds
+from fedrouter.engines.loop import Traffic, evaluate_clients, run_rounds, run_setup
 from fedrouter.errors import FedrouterError
 from fedrouter.methods import load_method
 from fedrouter.methods.base import ClientContext, MethodSetup
@@ -128,6 +128,7 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress) -> dict
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
 
+    setup_report = run_setup(server, transport, traffic, ids)
     try:
         run_rounds(server, transport, traffic, ids, cfg.rounds, cfg.client_fraction, cfg.seed, on_round, progress)
     finally:
@@ -162,6 +163,8 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress) -> dict
         "bytes_up": traffic.up,
         "bytes_down": traffic.down,
         "adapters": saved,
+        **setup_report,
+        **server.report({"test": test_reports, "general": general_reports}),
     }
     _write_per_client_csv(run_dir / "per_client.csv", per_client)
     return results

@@ -176,18 +176,33 @@ def local_then_global(
 
     centroids, labels, chosen, local_curves = {}, {}, {}, {}
     for c in clients:
-        x = _as_2d(client_embeddings[c])
-        k = per_client[c]
-        if k == AUTO:
-            k, local_curves[c] = choose_k(x, k_range, seed)
-        centroids[c], labels[c] = kmeans(x, k, seed)
+        centroids[c], labels[c], curve = cluster_local(client_embeddings[c], per_client[c], seed, k_range)
         chosen[c] = len(centroids[c])
-
+        if curve is not None:
+            local_curves[c] = curve
     stacked = np.concatenate([centroids[c] for c in clients])
-    global_curve = None
-    k = n_global
-    if k == AUTO:
-        k, global_curve = choose_k(stacked, k_range, seed)
-    global_centroids, _ = kmeans(stacked, k, seed)
+    global_centroids, global_curve = cluster_global(stacked, n_global, seed, k_range)
     mapping = {c: nearest(centroids[c], global_centroids) for c in clients}
     return Clustering(centroids, labels, global_centroids, mapping, chosen, len(global_centroids), local_curves, global_curve)
+
+
+def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(2, 13)):
+    """A client's step: K-Means on its embeddings -> (centroids, labels, silhouette curve or None)."""
+    _check_k(n_local, "n_local")
+    x = _as_2d(x)
+    curve = None
+    if n_local == AUTO:
+        n_local, curve = choose_k(x, list(k_range), seed)
+    centroids, labels = kmeans(x, n_local, seed)
+    return centroids, labels, curve
+
+
+def cluster_global(local_centroids, n_global: int | Auto, seed: int = 0, k_range=range(2, 13)):
+    """The server's step: K-Means over every client's local centroids -> (global centroids, curve or None)."""
+    _check_k(n_global, "n_global")
+    x = _as_2d(local_centroids)
+    curve = None
+    if n_global == AUTO:
+        n_global, curve = choose_k(x, list(k_range), seed)
+    centroids, _ = kmeans(x, n_global, seed)
+    return centroids, curve

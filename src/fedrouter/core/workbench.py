@@ -96,30 +96,61 @@ class ClientWorkbench:
         self.shared = shared
         self.client_id = data.client_id
         self.tasks = data.tasks
+        self.train_data = data.train
         self.train_examples = shared.encode(data.train)
         self.splits = {"test": (data.test, shared.encode(data.test))}
         self.splits["general"] = (general_test, general_encoded if general_encoded is not None else shared.encode(general_test))
         # The client's own batch order: seeded per client, continued across rounds (epochs, not restarts).
         self._generator = torch.Generator().manual_seed(seed * 100_003 + data.client_id)
         self._stream = batch_stream(self.train_examples, shared.settings.batch_size, shared.tokenizer.pad_token_id, self._generator)
+        self._subset_streams: dict = {}  # name -> batch stream over a subset (e.g. one local cluster)
+        self.seed = seed
 
     @property
     def n_train(self) -> int:
         return len(self.train_examples)
 
-    def train(self, adapter: Adapter, round_idx: int, steps: int | None = None, regularizer=None) -> tuple[Adapter, TrainStats]:
-        """Start from `adapter`, run the round's local steps at the round's learning rate, return the result."""
+    def train(self, adapter: Adapter, round_idx: int, steps: int | None = None, regularizer=None,
+              subset: tuple[str, list[int]] | None = None) -> tuple[Adapter, TrainStats]:
+        """Start from `adapter`, run the round's local steps at the round's learning rate, return the result.
+
+        `subset` = (name, example indices) trains on those examples only, from a stream of their own that
+        continues across rounds (FedRouter trains one local cluster at a time).
+        """
         s = self.shared.settings
         self.shared.load(adapter)
         lr = round_lr(s.lr, round_idx, s.total_rounds, s.min_lr_ratio)
+        stream = self._stream if subset is None else self._subset_stream(*subset)
         stats = train_steps(
-            self.shared.model, self.shared.params, self._stream, steps or s.local_steps, lr, s.weight_decay,
+            self.shared.model, self.shared.params, stream, steps or s.local_steps, lr, s.weight_decay,
             regularizer=regularizer,
         )
         return self.shared.adapter(), stats
+
+    def _subset_stream(self, name: str, indices: list[int]):
+        if name not in self._subset_streams:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.client_id * 1_009 + len(self._subset_streams) + 1)
+            examples = [self.train_examples[i] for i in indices]
+            self._subset_streams[name] = batch_stream(examples, self.shared.settings.batch_size, self.shared.tokenizer.pad_token_id, generator)
+        return self._subset_streams[name]
 
     def evaluate(self, adapter: Adapter | None, split: str = "test") -> dict:
         """Per-task ROUGE/exact-match report on `split` ("test": own tasks; "general": every task)."""
         examples, encoded = self.splits[split]
         predictions = self.shared.predict(encoded, adapter)
+        return score_predictions(predictions, [e["output"] for e in examples], [e["task"] for e in examples])
+
+    def evaluate_routed(self, adapters: dict[str, Adapter], assignment: list[str], split: str = "test") -> dict:
+        """Like `evaluate`, but example i is answered by adapters[assignment[i]] (a router's choice).
+
+        Examples routed to the same adapter are generated together.
+        """
+        examples, encoded = self.splits[split]
+        if len(assignment) != len(encoded):
+            raise ValueError("the assignment must name one adapter per example")
+        predictions = [""] * len(encoded)
+        for name in sorted(set(assignment)):
+            rows = [i for i, a in enumerate(assignment) if a == name]
+            for i, text in zip(rows, self.shared.predict([encoded[i] for i in rows], adapters[name])):
+                predictions[i] = text
         return score_predictions(predictions, [e["output"] for e in examples], [e["task"] for e in examples])

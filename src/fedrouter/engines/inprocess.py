@@ -21,6 +21,9 @@ class InProcessTransport:
         items = tqdm(messages.items(), desc=desc, leave=False, disable=None if self.progress else True)
         return {cid: handler(msg, self.contexts[cid]) for cid, msg in items}
 
+    def setup(self, messages):
+        return self._deliver(messages, self.client_part.setup, "clients setting up")
+
     def fit(self, messages):
         return self._deliver(messages, self.client_part.fit, "clients training")
 

@@ -15,6 +15,8 @@ from fedrouter.methods.base import Message, ServerPart
 
 
 class Transport(Protocol):
+    def setup(self, messages: dict[int, Message]) -> dict[int, Message]: ...
+
     def fit(self, messages: dict[int, Message]) -> dict[int, Message]: ...
 
     def evaluate(self, messages: dict[int, Message]) -> dict[int, Message]: ...
@@ -38,6 +40,16 @@ def sample_clients(client_ids: list[int], fraction: float, rng: random.Random) -
         return list(client_ids)
     k = max(1, round(fraction * len(client_ids)))
     return sorted(rng.sample(list(client_ids), k))
+
+
+def run_setup(server: ServerPart, transport: Transport, traffic: Traffic, client_ids: list[int]) -> dict:
+    """The method's one-time exchange before training, if it has one."""
+    messages = server.configure_setup(client_ids)
+    if not messages:
+        return {}
+    replies = transport.setup(messages)
+    traffic.count(messages, replies)
+    return server.aggregate_setup(replies)
 
 
 def run_rounds(

@@ -1,17 +1,21 @@
-"""Federated methods, each one module with a `Server` (server part) and a `Client` (client part)."""
+"""Federated methods, each one module with a server part and a client part (variants share a module)."""
 
 from __future__ import annotations
 
 import importlib
 
-# name -> module under fedrouter.methods
+# name -> (module under fedrouter.methods, server part class, client part class)
 METHODS = {
-    "fedit": "fedit",
-    "local": "local",
+    "fedit": ("fedit", "Server", "Client"),
+    "local": ("local", "Server", "Client"),
+    "fedrouter": ("fedrouter", "Server", "Client"),
+    "fedrouter-star": ("fedrouter", "StarServer", "Client"),
+    "fedrouter-oracle": ("fedrouter", "OracleServer", "Client"),
 }
 
 
 def load_method(name: str):
     """(ServerClass, ClientClass) of the method registered as `name`."""
-    module = importlib.import_module(f"fedrouter.methods.{METHODS[name]}")
-    return module.Server, module.Client
+    module_name, server, client = METHODS[name]
+    module = importlib.import_module(f"fedrouter.methods.{module_name}")
+    return getattr(module, server), getattr(module, client)

@@ -47,8 +47,15 @@ class ServerPart:
     """Decides what each client gets each round and folds their replies into the server state."""
 
     def __init__(self, setup: MethodSetup, initial_adapter: Adapter, client_ids: list[int]):
-        self.setup = setup
+        self.settings = setup
         self.client_ids = list(client_ids)
+
+    def configure_setup(self, client_ids: list[int]) -> dict[int, Message]:
+        """A one-time exchange before the first round (e.g. FedRouter's local centroids); none by default."""
+        return {}
+
+    def aggregate_setup(self, replies: dict[int, Message]) -> dict:
+        return {}
 
     def configure_fit(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         raise NotImplementedError
@@ -65,12 +72,19 @@ class ServerPart:
         """The server-side adapters worth saving, by name."""
         return {}
 
+    def report(self, evaluations: dict[str, dict[int, dict]]) -> dict:
+        """Extra keys for results.json, from the final evaluation replies by split and client."""
+        return {}
+
 
 class ClientPart:
     """Trains on a client's data when asked, and evaluates with the adapter the method prescribes."""
 
     def __init__(self, setup: MethodSetup):
-        self.setup = setup
+        self.settings = setup
+
+    def setup(self, msg: Message, ctx: ClientContext) -> Message:
+        return Message()
 
     def fit(self, msg: Message, ctx: ClientContext) -> Message:
         raise NotImplementedError

@@ -1,0 +1,254 @@
+"""FedRouter ("Task-Centric Personalized Federated Fine-Tuning of Language Models").
+
+Each client embeds its training instructions once, clusters them (local K-Means) and sends the local
+centroids once; the server clusters all of them (global K-Means) and keeps one LoRA adapter per global
+cluster. In round t a client trains on its local cluster ``t mod n_local``, starting from the adapter of
+the global cluster nearest that local centroid; the server averages the returned adapters per global
+cluster, weighted by examples (a cluster nobody trained keeps its adapter). At evaluation an embedding
+router sends each input to the adapter of its nearest global centroid (``global`` mode) or the nearest
+among the clusters this client's local centroids map to (``local`` mode); test-time generalization
+uses ``global``.
+
+Variants: ``fedrouter-star`` trains every local cluster's adapter every round (adapter-level budget);
+``fedrouter-oracle`` clusters by the true task labels and routes by them (an upper reference).
+
+Options (``method_options``): embedder ("base" = the base model's mean-pooled last hidden state,
+"minilm", or a Hugging Face encoder id/path), n_local and n_global (an int or "auto" = chosen by
+silhouette over k_min..k_max), router ("local" or "global", for the clients' own test sets).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from fedrouter.core.aggregate import weighted_average
+from fedrouter.core.cluster import adjusted_rand, cluster_global, cluster_local, clustering_accuracy, nearest, route
+from fedrouter.core.embed import embed_cached, resolve_embedder
+from fedrouter.core.model import default_cache_dir
+from fedrouter.errors import FedrouterError
+from fedrouter.methods.base import ClientPart, Message, ServerPart
+
+DEFAULTS = {"embedder": "base", "n_local": "auto", "n_global": "auto", "k_min": 2, "k_max": 8, "router": "local"}
+
+
+def parse_options(options: dict) -> dict:
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise FedrouterError(f"fedrouter: unknown method option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **options}
+    for key in ("n_local", "n_global"):
+        value = out[key]
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise FedrouterError(f"fedrouter: {key} must be a positive integer or 'auto', got {value!r}")
+    if out["router"] not in ("local", "global"):
+        raise FedrouterError(f"fedrouter: router must be 'local' or 'global', got {out['router']!r}")
+    return out
+
+
+def _pack(prefix: str, adapter: dict) -> dict:
+    return {f"{prefix}/{k}": v for k, v in adapter.items()}
+
+
+def _unpack(arrays: dict, prefix: str) -> dict:
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
+
+
+class Server(ServerPart):
+    train_all_local_clusters = False  # FedRouter: one local cluster per client per round (round robin)
+    oracle = False
+
+    def __init__(self, setup, initial_adapter, client_ids):
+        super().__init__(setup, initial_adapter, client_ids)
+        self.options = parse_options(setup.options)
+        self.initial_adapter = initial_adapter
+        self.cluster_adapters: dict[int, dict] = {}
+        self.global_centroids: np.ndarray | None = None
+        self.local_to_global: dict[int, list[int]] = {}
+        self.setup_info: dict[int, dict] = {}
+
+    # -- once: local centroids in, global clusters out ------------------------------------------------
+    def configure_setup(self, client_ids):
+        return {cid: Message(config={"oracle": self.oracle}) for cid in client_ids}
+
+    def aggregate_setup(self, replies):
+        clients = sorted(replies)
+        centroids = {cid: replies[cid].arrays["centroids"].numpy() for cid in clients}
+        self.setup_info = {cid: replies[cid].config for cid in clients}
+        if self.oracle:  # one global cluster per true task; its centroid is the mean of that task's local ones
+            tasks = sorted({t for cid in clients for t in replies[cid].config["local_tasks"]})
+            stacked = {t: [] for t in tasks}
+            for cid in clients:
+                for t, c in zip(replies[cid].config["local_tasks"], centroids[cid]):
+                    stacked[t].append(c)
+            self.global_centroids = np.stack([np.mean(stacked[t], axis=0) for t in tasks])
+            self.local_to_global = {cid: [tasks.index(t) for t in replies[cid].config["local_tasks"]] for cid in clients}
+            self.oracle_task_cluster = {t: g for g, t in enumerate(tasks)}
+            curve = None
+        else:
+            all_centroids = np.concatenate([centroids[cid] for cid in clients])
+            k_range = range(self.options["k_min"], self.options["k_max"] + 1)
+            self.global_centroids, curve = cluster_global(all_centroids, self.options["n_global"], self.settings.seed, k_range)
+            self.local_to_global = {cid: nearest(centroids[cid], self.global_centroids).tolist() for cid in clients}
+        self.cluster_adapters = {g: dict(self.initial_adapter) for g in range(len(self.global_centroids))}
+        self.global_silhouette = curve
+        return {}
+
+    # -- training rounds -----------------------------------------------------------------------------
+    def jobs(self, cid: int, round_idx: int) -> list[tuple[int, int]]:
+        """(local cluster, global cluster) pairs that client `cid` trains in `round_idx`."""
+        mapping = self.local_to_global[cid]
+        local = range(len(mapping)) if self.train_all_local_clusters else [round_idx % len(mapping)]
+        return [(l, mapping[l]) for l in local]
+
+    def configure_fit(self, round_idx, client_ids):
+        out = {}
+        for cid in client_ids:
+            jobs = self.jobs(cid, round_idx)
+            arrays = {}
+            for g in sorted({g for _, g in jobs}):
+                arrays.update(_pack(f"g{g}", self.cluster_adapters[g]))
+            out[cid] = Message(arrays, {"round": round_idx, "jobs": [list(j) for j in jobs]})
+        return out
+
+    def aggregate_fit(self, round_idx, replies):
+        updates: dict[int, list[tuple[dict, int]]] = {}
+        losses, tokens, examples = [], 0, 0
+        for reply in replies.values():
+            for j, ((_, g), n) in enumerate(zip(reply.config["jobs"], reply.config["job_examples"])):
+                updates.setdefault(g, []).append((_unpack(reply.arrays, f"j{j}"), n))
+            losses += [(l, n) for l, n in zip(reply.config["job_losses"], reply.config["job_examples"])]
+            tokens += reply.config["tokens"]
+            examples += reply.config["n_examples"]
+        for g, pairs in updates.items():
+            self.cluster_adapters[g] = weighted_average([a for a, _ in pairs], [n for _, n in pairs])
+        return {"train_loss": sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses)), "tokens": tokens,
+                "clients": len(replies), "clusters_updated": len(updates)}
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def configure_evaluate(self, client_ids):
+        arrays = {"centroids": torch.tensor(self.global_centroids, dtype=torch.float32)}
+        for g, adapter in self.cluster_adapters.items():
+            arrays.update(_pack(f"g{g}", adapter))
+        config = {"router": self.options["router"]}
+        if self.oracle:
+            config["task_cluster"] = self.oracle_task_cluster
+        return {cid: Message(dict(arrays), {**config, "allowed": sorted(set(self.local_to_global[cid]))})
+                for cid in client_ids}
+
+    def adapters(self):
+        return {f"cluster{g}": a for g, a in self.cluster_adapters.items()}
+
+    def report(self, evaluations):
+        """results.json's `clustering`: clustering and routing quality against the true tasks.
+
+        The true task labels are used here for reporting only; the algorithm never sees them (but in the
+        oracle variant).
+        """
+        info = self.setup_info
+        # A task's cluster: the global cluster most of its training examples were assigned to.
+        task_votes: dict[str, Counter] = {}
+        for cid, cfg in info.items():
+            for l, counts in enumerate(cfg["task_counts"]):
+                for task, n in counts.items():
+                    task_votes.setdefault(task, Counter())[self.local_to_global[cid][l]] += n
+        task_cluster = {t: votes.most_common(1)[0][0] for t, votes in task_votes.items()}
+        router = {}
+        for split, replies in evaluations.items():
+            hit = total = 0
+            for reply in replies.values():
+                for task, counts in reply.get("route_counts", {}).items():
+                    total += sum(counts.values())
+                    hit += counts.get(str(task_cluster.get(task)), 0)
+            router[split] = hit / total if total else float("nan")
+        return {"clustering": {
+            "n_global": len(self.global_centroids),
+            "n_local": {str(cid): cfg["n_local"] for cid, cfg in info.items()},
+            "local_accuracy": float(np.mean([cfg["local_accuracy"] for cfg in info.values()])),
+            "local_ari": float(np.mean([cfg["local_ari"] for cfg in info.values()])),
+            "per_client": {str(cid): {"accuracy": cfg["local_accuracy"], "ari": cfg["local_ari"]} for cid, cfg in info.items()},
+            "task_to_cluster": task_cluster,
+            "router_accuracy": {"own_test": router.get("test"), "generalization": router.get("general")},
+            "router_mode": {"own_test": self.options["router"], "generalization": "global"},
+            "local_to_global": {str(cid): m for cid, m in self.local_to_global.items()},
+            "silhouette": {"global": self.global_silhouette,
+                           "local": {str(cid): cfg["silhouette"] for cid, cfg in info.items() if cfg["silhouette"]}},
+        }}
+
+
+class Client(ClientPart):
+    def __init__(self, setup):
+        super().__init__(setup)
+        self.options = parse_options(setup.options)
+        self._embedder = None  # loaded once per process, shared by the clients living in it
+
+    def _embed(self, ctx, texts: list[str]) -> np.ndarray:
+        if self._embedder is None:
+            shared = ctx.workbench.shared
+            self._embedder = resolve_embedder(self.options["embedder"], shared.model, shared.tokenizer)
+        return embed_cached(self._embedder, texts, default_cache_dir())
+
+    def setup(self, msg, ctx):
+        wb = ctx.workbench
+        instructions = [e["instruction"] for e in wb.train_data]
+        tasks = [e["task"] for e in wb.train_data]
+        x = self._embed(ctx, instructions)
+        curve = None
+        if msg.config.get("oracle"):
+            local_tasks = sorted(set(tasks))
+            labels = np.array([local_tasks.index(t) for t in tasks])
+            centroids = np.stack([x[labels == l].mean(axis=0) for l in range(len(local_tasks))])
+        else:
+            local_tasks = None
+            k_range = range(self.options["k_min"], self.options["k_max"] + 1)
+            centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range)
+        ctx.state["local_labels"] = labels
+        task_counts = [dict(Counter(t for t, l in zip(tasks, labels) if l == k)) for k in range(len(centroids))]
+        config = {"n_local": len(centroids), "task_counts": task_counts, "silhouette": curve,
+                  "local_accuracy": clustering_accuracy(tasks, labels), "local_ari": adjusted_rand(tasks, labels)}
+        if local_tasks is not None:
+            config["local_tasks"] = local_tasks
+        return Message({"centroids": torch.tensor(centroids, dtype=torch.float32)}, config)
+
+    def fit(self, msg, ctx):
+        labels = ctx.state["local_labels"]
+        arrays, job_examples, job_losses, tokens = {}, [], [], 0
+        for j, (l, g) in enumerate(msg.config["jobs"]):
+            indices = np.flatnonzero(labels == l).tolist()
+            adapter, stats = ctx.workbench.train(_unpack(msg.arrays, f"g{g}"), msg.config["round"], subset=(f"local{l}", indices))
+            arrays.update(_pack(f"j{j}", adapter))
+            job_examples.append(len(indices))
+            job_losses.append(stats.loss)
+            tokens += stats.tokens
+        return Message(arrays, {"jobs": msg.config["jobs"], "job_examples": job_examples, "job_losses": job_losses,
+                                "n_examples": sum(job_examples), "tokens": tokens})
+
+    def evaluate(self, msg, ctx):
+        split = msg.config.get("split", "test")
+        if msg.config.get("base"):
+            return super().evaluate(msg, ctx)
+        examples, _ = ctx.workbench.splits[split]
+        centroids = msg.arrays["centroids"].numpy()
+        x = self._embed(ctx, [e["instruction"] for e in examples])
+        mode = "global" if split == "general" else msg.config.get("router", "local")
+        routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None)
+        if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
+            routes = np.array([msg.config["task_cluster"].get(e["task"], g) for e, g in zip(examples, routes)])
+        adapters = {str(g): _unpack(msg.arrays, f"g{g}") for g in sorted(set(routes.tolist()))}
+        report = ctx.workbench.evaluate_routed(adapters, [str(g) for g in routes], split)
+        counts: dict[str, Counter] = {}
+        for e, g in zip(examples, routes):
+            counts.setdefault(e["task"], Counter())[str(g)] += 1
+        report["route_counts"] = {t: dict(c) for t, c in counts.items()}
+        return Message(config=report)
+
+
+class StarServer(Server):
+    train_all_local_clusters = True
+
+
+class OracleServer(Server):
+    oracle = True

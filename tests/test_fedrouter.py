@@ -1,0 +1,99 @@
+"""FedRouter's server logic on hand-made messages: schedule, per-cluster averaging, oracle grouping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedrouter.errors import FedrouterError
+from fedrouter.methods.base import Message, MethodSetup
+from fedrouter.methods.fedrouter import OracleServer, Server, StarServer, _pack, _unpack, parse_options
+
+INIT = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
+
+
+def setup_reply(centroids, tasks_per_local=None, n_local=None):
+    cfg = {"n_local": n_local or len(centroids), "task_counts": [{} for _ in centroids], "silhouette": None,
+           "local_accuracy": 1.0, "local_ari": 1.0}
+    if tasks_per_local is not None:
+        cfg["local_tasks"] = tasks_per_local
+    return Message({"centroids": torch.tensor(centroids, dtype=torch.float32)}, cfg)
+
+
+def make_server(cls=Server, **options):
+    return cls(MethodSetup(seed=0, rounds=4, options={"n_global": 2, **options}), dict(INIT), [0, 1])
+
+
+def two_blob_server(cls=Server):
+    server = make_server(cls)
+    # client 0: local clusters near (0,0) and (10,10); client 1: near (10,10) and (0,0)
+    server.aggregate_setup({0: setup_reply([[0, 0], [10, 10]]), 1: setup_reply([[10.2, 10], [0.1, 0]])})
+    return server
+
+
+def test_global_clusters_join_the_same_blob_across_clients():
+    server = two_blob_server()
+    assert len(server.global_centroids) == 2
+    m0, m1 = server.local_to_global[0], server.local_to_global[1]
+    assert m0[0] == m1[1] and m0[1] == m1[0] and m0[0] != m0[1]
+    assert all(torch.equal(a["a"], INIT["a"]) for a in server.cluster_adapters.values())
+
+
+def test_round_robin_schedule_and_star_schedule():
+    server = two_blob_server()
+    assert server.jobs(0, 0) == [(0, server.local_to_global[0][0])]
+    assert server.jobs(0, 1) == [(1, server.local_to_global[0][1])]
+    assert server.jobs(0, 2) == server.jobs(0, 0)  # t mod n_local
+    star = two_blob_server(StarServer)
+    assert [l for l, _ in star.jobs(1, 3)] == [0, 1]
+
+
+def test_configure_fit_sends_only_the_adapters_of_the_scheduled_clusters():
+    server = two_blob_server()
+    msgs = server.configure_fit(0, [0])
+    g = server.local_to_global[0][0]
+    assert msgs[0].config["jobs"] == [[0, g]]
+    assert set(msgs[0].arrays) == {f"g{g}/a", f"g{g}/b"}
+
+
+def test_aggregate_averages_per_cluster_by_examples_and_keeps_untouched_clusters():
+    server = two_blob_server()
+    g0 = server.local_to_global[0][0]  # client 0 local 0 and client 1 local 1 share this cluster
+    other = 1 - g0
+    before_other = {k: v.clone() for k, v in server.cluster_adapters[other].items()}
+    upd0 = {"a": torch.full((2, 2), 1.0), "b": torch.full((2,), 1.0)}
+    upd1 = {"a": torch.full((2, 2), 4.0), "b": torch.full((2,), -2.0)}
+    replies = {
+        0: Message(_pack("j0", upd0), {"jobs": [[0, g0]], "job_examples": [10], "job_losses": [1.0], "n_examples": 10, "tokens": 5}),
+        1: Message(_pack("j0", upd1), {"jobs": [[1, g0]], "job_examples": [30], "job_losses": [3.0], "n_examples": 30, "tokens": 7}),
+    }
+    metrics = server.aggregate_fit(0, replies)
+    expected_a = (10 * 1.0 + 30 * 4.0) / 40
+    expected_b = (10 * 1.0 + 30 * -2.0) / 40
+    assert torch.allclose(server.cluster_adapters[g0]["a"], torch.full((2, 2), expected_a))
+    assert torch.allclose(server.cluster_adapters[g0]["b"], torch.full((2,), expected_b))
+    for k, v in before_other.items():
+        assert torch.equal(server.cluster_adapters[other][k], v)
+    assert metrics["train_loss"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+    assert metrics["clusters_updated"] == 1 and metrics["tokens"] == 12
+
+
+def test_oracle_groups_local_clusters_by_true_task():
+    server = make_server(OracleServer)
+    server.aggregate_setup({0: setup_reply([[0, 0], [2, 2]], ["a", "b"]), 1: setup_reply([[4, 4]], ["b"])})
+    assert server.local_to_global == {0: [0, 1], 1: [1]}
+    assert np.allclose(server.global_centroids, [[0, 0], [3, 3]])  # task b: mean of (2,2) and (4,4)
+    assert server.configure_evaluate([1])[1].config["task_cluster"] == {"a": 0, "b": 1}
+
+
+def test_pack_unpack_round_trip():
+    adapter = {"x.lora_A.weight": torch.ones(1), "y": torch.zeros(2)}
+    assert {k: v.tolist() for k, v in _unpack(_pack("g3", adapter), "g3").items()} == {k: v.tolist() for k, v in adapter.items()}
+    assert _unpack(_pack("g3", adapter), "g30") == {}
+
+
+@pytest.mark.parametrize("options", [{"n_local": 0}, {"n_global": "many"}, {"router": "nearest"}, {"typo": 1}])
+def test_bad_options_are_one_line_errors(options):
+    with pytest.raises(FedrouterError):
+        parse_options(options)
