@@ -57,6 +57,25 @@ class SharedModel:
     def load(self, adapter: Adapter) -> None:
         set_adapter_state(self.model, adapter)
 
+    def predict_mixed(self, encoded: list, adapters: dict[str, Adapter], assignment: list[str]) -> list[str]:
+        """Greedy answers where row i uses adapters[assignment[i]], all rows in the same generate calls.
+
+        The adapters are copied into extra peft adapter slots ("mix0", "mix1", ...; created once, never
+        trained) and peft's `adapter_names` picks one per row.
+        """
+        slots = {}
+        for i, (name, adapter) in enumerate(sorted(adapters.items())):
+            slot = f"mix{i}"
+            if slot not in self.model.peft_config:
+                self.model.add_adapter(slot, self.model.peft_config["default"])
+                self.model.set_adapter("default")  # keep training on the default slot
+            set_adapter_state(self.model, adapter, adapter_name=slot)
+            slots[name] = slot
+        s = self.settings
+        prompts = [e.prompt_ids for e in encoded]
+        return generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size,
+                        adapter_names=[slots[name] for name in assignment])
+
     def adapter(self) -> Adapter:
         return get_adapter_state(self.model)
 
@@ -137,20 +156,33 @@ class ClientWorkbench:
     def evaluate(self, adapter: Adapter | None, split: str = "test") -> dict:
         """Per-task ROUGE/exact-match report on `split` ("test": own tasks; "general": every task)."""
         examples, encoded = self.splits[split]
-        predictions = self.shared.predict(encoded, adapter)
-        return score_predictions(predictions, [e["output"] for e in examples], [e["task"] for e in examples])
+        return _score(examples, self.shared.predict(encoded, adapter))
 
-    def evaluate_routed(self, adapters: dict[str, Adapter], assignment: list[str], split: str = "test") -> dict:
-        """Like `evaluate`, but example i is answered by adapters[assignment[i]] (a router's choice).
+    def predict_routed(self, adapters: dict[str, Adapter], assignment: list[str], split: str = "test",
+                       mixed: bool = False) -> list[str]:
+        """Example i of `split` answered by adapters[assignment[i]] (a router's choice).
 
-        Examples routed to the same adapter are generated together.
+        Grouped (default): the examples routed to one adapter are generated together, adapter by adapter.
+        Mixed: every example in the same generate calls, one adapter per row (peft's adapter_names).
         """
-        examples, encoded = self.splits[split]
+        _, encoded = self.splits[split]
         if len(assignment) != len(encoded):
             raise ValueError("the assignment must name one adapter per example")
+        if mixed:
+            return self.shared.predict_mixed(encoded, adapters, assignment)
         predictions = [""] * len(encoded)
         for name in sorted(set(assignment)):
             rows = [i for i, a in enumerate(assignment) if a == name]
             for i, text in zip(rows, self.shared.predict([encoded[i] for i in rows], adapters[name])):
                 predictions[i] = text
-        return score_predictions(predictions, [e["output"] for e in examples], [e["task"] for e in examples])
+        return predictions
+
+    def evaluate_routed(self, adapters: dict[str, Adapter], assignment: list[str], split: str = "test",
+                        mixed: bool = False) -> dict:
+        """Like `evaluate`, with each example answered by the adapter the router assigned it."""
+        examples, _ = self.splits[split]
+        return _score(examples, self.predict_routed(adapters, assignment, split, mixed))
+
+
+def _score(examples: list[dict], predictions: list[str]) -> dict:
+    return score_predictions(predictions, [e["output"] for e in examples], [e["task"] for e in examples])

@@ -14,7 +14,8 @@ Variants: ``fedrouter-star`` trains every local cluster's adapter every round (a
 
 Options (``method_options``): embedder ("base" = the base model's mean-pooled last hidden state,
 "minilm", or a Hugging Face encoder id/path), n_local and n_global (an int or "auto" = chosen by
-silhouette over k_min..k_max), router ("local" or "global", for the clients' own test sets).
+silhouette over k_min..k_max), router ("local" or "global", for the clients' own test sets), mixed_batch
+(true: one generate call serves rows routed to different adapters; false: generate adapter by adapter).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from fedrouter.core.model import default_cache_dir
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientPart, Message, ServerPart
 
-DEFAULTS = {"embedder": "base", "n_local": "auto", "n_global": "auto", "k_min": 2, "k_max": 8, "router": "local"}
+DEFAULTS = {"embedder": "base", "n_local": "auto", "n_global": "auto", "k_min": 2, "k_max": 8, "router": "local",
+            "mixed_batch": False}
 
 
 def parse_options(options: dict) -> dict:
@@ -43,6 +45,8 @@ def parse_options(options: dict) -> dict:
         value = out[key]
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise FedrouterError(f"fedrouter: {key} must be a positive integer or 'auto', got {value!r}")
+    if not isinstance(out["mixed_batch"], bool):
+        raise FedrouterError(f"fedrouter: mixed_batch must be true or false, got {out['mixed_batch']!r}")
     if out["router"] not in ("local", "global"):
         raise FedrouterError(f"fedrouter: router must be 'local' or 'global', got {out['router']!r}")
     return out
@@ -238,7 +242,7 @@ class Client(ClientPart):
         if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
             routes = np.array([msg.config["task_cluster"].get(e["task"], g) for e, g in zip(examples, routes)])
         adapters = {str(g): _unpack(msg.arrays, f"g{g}") for g in sorted(set(routes.tolist()))}
-        report = ctx.workbench.evaluate_routed(adapters, [str(g) for g in routes], split)
+        report = ctx.workbench.evaluate_routed(adapters, [str(g) for g in routes], split, self.options["mixed_batch"])
         counts: dict[str, Counter] = {}
         for e, g in zip(examples, routes):
             counts.setdefault(e["task"], Counter())[str(g)] += 1
