@@ -1,5 +1,7 @@
 """core.cluster on small hand-made arrays: K-Means, nearest, clustering accuracy, silhouette, routing, pipeline."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from fedrouter.core.cluster import (
     route,
     silhouette_curve,
 )
+from fedrouter.errors import FedrouterError
 
 CENTRES = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
 OFFSETS = np.array([[0.0, 0.0], [0.3, 0.0], [0.0, 0.3], [-0.3, 0.0], [0.0, -0.3]])
@@ -86,7 +89,7 @@ def test_route_local_mode_stays_within_allowed():
     assert local.tolist() == [2, 3, 2, 3, 3]
     rng = np.random.default_rng(0)
     assert set(route(rng.normal(size=(200, 2)) * 10, centroids, [1]).tolist()) == {1}
-    with pytest.raises(ValueError):
+    with pytest.raises(FedrouterError):  # bad user input: one FedrouterError line (not a ValueError)
         route(x, centroids, [])
 
 
@@ -110,7 +113,217 @@ def test_local_then_global_maps_same_blob_to_same_global_cluster():
     result = local_then_global({0: x0, 1: x1}, n_local={0: 3, 1: "auto"}, n_global=3, seed=0, k_range=range(2, 6))
     assert result.n_local == {0: 3, 1: 3}
     assert set(result.local_silhouette) == {1} and result.global_silhouette is None
-    with pytest.raises(ValueError):
+    with pytest.raises(FedrouterError):  # _check_k: a bad K is the user's input
         local_then_global({0: x0}, n_local=0, n_global=3)
     with pytest.raises(ValueError):
         local_then_global({0: x0, 1: x1}, n_local={0: 3}, n_global=3)
+
+
+# -- bad input: a clear FedrouterError, or K clipped with a warning; never a crash inside scikit-learn ------
+
+LOGGER = "fedrouter.core.cluster"
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+
+
+def test_k_above_examples_is_clipped_with_a_warning(caplog):
+    from fedrouter.core.cluster import cluster_global, cluster_local
+
+    x = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        centroids, labels, curve = cluster_local(x, 5)
+    assert centroids.shape == (3, 2) and sorted(labels.tolist()) == [0, 1, 2] and curve is None
+    (message,) = _warnings(caplog)
+    assert "requested K=5" in message and "using K=3" in message
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        global_centroids, curve = cluster_global(x, 4)
+    assert global_centroids.shape == (3, 2) and curve is None
+    (message,) = _warnings(caplog)
+    assert "requested K=4" in message and "using K=3" in message
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        centroids, _ = kmeans(x, 7)
+    assert len(centroids) == 3
+    assert any("requested K=7" in m and "using K=3" in m for m in _warnings(caplog))
+
+
+def test_choose_k_range_above_distinct_points_falls_back_with_a_warning(caplog):
+    # 6 examples, 3 distinct points: no K in 4..6 can be scored -> K = distinct points, empty curve
+    x = np.repeat(np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]), 2, axis=0)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        k, curve = choose_k(x, [4, 5, 6])
+    assert (k, curve) == (3, {})
+    (message,) = _warnings(caplog)
+    assert "falling back to K=3" in message
+
+
+def test_single_example_client(caplog):
+    from fedrouter.core.cluster import cluster_local
+
+    x = np.array([[1.5, -2.0, 3.0]])
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        centroids, labels, curve = cluster_local(x, 3)
+    np.testing.assert_allclose(centroids, x)
+    assert labels.tolist() == [0] and curve is None
+    assert any("requested K=3" in m and "using K=1" in m for m in _warnings(caplog))
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        centroids, labels, curve = cluster_local(x, "auto", k_range=range(2, 9))
+    np.testing.assert_allclose(centroids, x)
+    assert labels.tolist() == [0] and curve == {}
+    assert any("silhouette" in m and "K=1" in m for m in _warnings(caplog))
+
+    # two distinct points (even with many examples): no silhouette, K = 2
+    two = np.array([[0.0, 0.0], [0.0, 0.0], [4.0, 4.0], [4.0, 4.0], [4.0, 4.0]])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        centroids, labels, curve = cluster_local(two, "auto")
+    assert len(centroids) == 2 and curve == {}
+    assert labels[0] == labels[1] != labels[2] == labels[3] == labels[4]
+    assert any("K=2" in m for m in _warnings(caplog))
+
+    # through the pipeline: the single-example client gets one local cluster
+    x0, _ = _blobs()
+    result = local_then_global({0: x0, 1: x[:, :2]}, n_local="auto", n_global=3, seed=0, k_range=range(2, 6))
+    assert result.n_local == {0: 3, 1: 1}
+    assert result.local_silhouette[1] == {} and result.local_labels[1].tolist() == [0]
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 4)), np.array([]), []])
+def test_no_examples_is_a_clear_error(empty):
+    from fedrouter.core.cluster import cluster_global, cluster_local
+
+    for n_local in (2, "auto"):
+        with pytest.raises(FedrouterError, match="nothing to cluster.*no training examples"):
+            cluster_local(empty, n_local)
+    with pytest.raises(FedrouterError, match="nothing to cluster"):
+        cluster_global(empty, "auto")
+    with pytest.raises(FedrouterError, match="nothing to cluster"):
+        kmeans(empty, 2)
+    with pytest.raises(FedrouterError, match="nothing to cluster"):
+        choose_k(empty, [2, 3])
+    x0, _ = _blobs()
+    with pytest.raises(FedrouterError, match="client 7 has no training examples"):
+        local_then_global({0: x0, 7: empty}, n_local=2, n_global=2)
+    with pytest.raises(FedrouterError, match="nothing to cluster"):
+        local_then_global({}, n_local=2, n_global=2)
+
+
+def test_duplicate_embeddings_never_escape_a_convergence_warning(caplog):
+    import warnings
+
+    from fedrouter.core.cluster import cluster_local
+
+    same = np.tile([[0.25, -1.0, 2.0]], (6, 1))
+    near = np.array([[1.0, 1.0]] * 3 + [[np.nextafter(1.0, 2.0), 1.0]] * 3 + [[5.0, 5.0]] * 3)  # 3 "distinct" rows
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger=LOGGER):
+        warnings.simplefilter("error")  # a ConvergenceWarning (or any warning) would fail the test
+        centroids, labels, _ = cluster_local(same, 3)
+        assert len(centroids) == 1 and labels.tolist() == [0] * 6
+        np.testing.assert_allclose(centroids[0], same[0])
+        assert any("requested K=3" in m and "using K=1" in m for m in _warnings(caplog))
+
+        centroids, labels, curve = cluster_local(same, "auto")
+        assert len(centroids) == 1 and curve == {}
+
+        # fewer distinct rows than K
+        centroids, labels, _ = cluster_local(np.repeat(CENTRES, 4, axis=0), 5)
+        assert len(centroids) == 3 and len(set(labels.tolist())) == 3
+
+        # rows np.unique tells apart but K-Means cannot: clusters compacted, labels 0..k'-1
+        caplog.clear()
+        centroids, labels = kmeans(near, 3)
+        assert len(centroids) == len(set(labels.tolist())) == 2 and set(labels.tolist()) == {0, 1}
+        assert any("using K=2" in m for m in _warnings(caplog))
+
+
+def test_nan_or_inf_is_a_clear_error():
+    from fedrouter.core.cluster import cluster_global, cluster_local
+
+    x, _ = _blobs()
+    bad = x.copy()
+    bad[[1, 4, 7], 0] = [np.nan, np.inf, -np.inf]
+    good_centroids = CENTRES.copy()
+    bad_centroids = CENTRES.copy()
+    bad_centroids[2, 1] = np.nan
+    calls = [
+        lambda: kmeans(bad, 3),
+        lambda: choose_k(bad, [2, 3]),
+        lambda: cluster_local(bad, 3),
+        lambda: cluster_local(bad, "auto"),
+        lambda: cluster_global(bad, 2),
+        lambda: nearest(bad, good_centroids),
+        lambda: route(bad, good_centroids),
+        lambda: route(bad, good_centroids, [0, 1]),
+    ]
+    for call in calls:
+        with pytest.raises(FedrouterError, match=r"contain NaN or Inf \(3 rows"):
+            call()
+    with pytest.raises(FedrouterError, match=r"embeddings contain NaN or Inf \(3 rows"):
+        nearest(bad, good_centroids)
+    with pytest.raises(FedrouterError, match=r"local centroids contain NaN or Inf"):
+        cluster_global(bad, "auto")
+    for call in (lambda: nearest(x, bad_centroids), lambda: route(x, bad_centroids),
+                 lambda: route(x, bad_centroids, [0])):  # a bad row outside `allowed` still counts
+        with pytest.raises(FedrouterError, match=r"centroids contain NaN or Inf \(1 row"):
+            call()
+    with pytest.raises(FedrouterError, match="client 1's embeddings contain NaN or Inf"):
+        local_then_global({0: x, 1: bad}, n_local=3, n_global=3)
+
+
+def test_dimension_mismatch_is_a_clear_error():
+    x = np.zeros((2, 384))
+    centroids = np.ones((3, 128))
+    message = "embedding dimension 384 does not match the centroids' 128"
+    with pytest.raises(FedrouterError, match=message):
+        nearest(x, centroids)
+    with pytest.raises(FedrouterError, match=message):
+        route(x, centroids)
+    with pytest.raises(FedrouterError, match=message):
+        route(x, centroids, [0, 2])
+    with pytest.raises(FedrouterError, match="2-d array"):
+        nearest(np.zeros(128), centroids)  # one embedding not wrapped in a batch
+    # no test inputs: nothing to route, not an error
+    assert route(np.zeros((0, 128)), centroids, [1]).tolist() == []
+
+
+def test_route_bad_allowed_is_a_clear_error():
+    centroids = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = np.array([[1.0, 1.0]])
+    with pytest.raises(FedrouterError, match="at least one allowed cluster"):
+        route(x, centroids, [])
+    with pytest.raises(FedrouterError, match=r"must lie in \[0, 3\), got \[3\]"):
+        route(x, centroids, [0, 3])
+    with pytest.raises(FedrouterError, match=r"must lie in \[0, 3\)"):
+        route(x, centroids, [-1])
+    with pytest.raises(FedrouterError, match="integer cluster ids"):
+        route(x, centroids, [0.5])
+    with pytest.raises(FedrouterError, match="list of cluster ids"):
+        route(x, centroids, 2)
+    assert route(x, centroids, np.array([2, 1])).tolist() == [1]
+
+
+def test_bad_k_is_a_fedrouter_error():
+    from fedrouter.core.cluster import cluster_global, cluster_local
+
+    x, _ = _blobs()
+    for bad in (0, -2, 2.5, True, "AUTO", None, np.array([2, 3])):
+        with pytest.raises(FedrouterError, match="must be a positive integer or 'auto'"):
+            cluster_local(x, bad)
+        with pytest.raises(FedrouterError, match="n_global must be a positive integer or 'auto'"):
+            cluster_global(x, bad)
+    with pytest.raises(FedrouterError, match="n_local for client 1"):
+        local_then_global({0: x, 1: x}, n_local={0: 2, 1: "3"}, n_global=2)
+    with pytest.raises(FedrouterError, match="positive integer"):
+        kmeans(x, 0)
+    with pytest.raises(FedrouterError, match="empty"):
+        choose_k(x, [])
+    with pytest.raises(FedrouterError, match="integers"):
+        cluster_local(x, "auto", k_range=[2, "three"])
+    assert not issubclass(FedrouterError, ValueError)  # why the _check_k tests above expect FedrouterError

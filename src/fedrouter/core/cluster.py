@@ -4,97 +4,230 @@ Plain functions, numpy in and out; scikit-learn does the math. `nearest` is the 
 FedRouter's server (local centroid -> global cluster) and router (test input -> adapter) both call.
 `local_then_global` is FedRouter's clustering pipeline without the training: K-Means per client, then
 K-Means on the server over all clients' local centroids.
+
+Bad input is told as one `FedrouterError` line before scikit-learn sees it: no points (nothing to
+cluster), NaN or Inf in embeddings or centroids, a non-2-d or non-numeric array, an embedding dimension
+that differs from the centroids', an empty or out-of-range set of allowed clusters, a K that is not a
+positive integer (or "auto").
+
+The documented fallback for a K the points cannot carry: K is clipped to the number of distinct points
+(K-Means cannot make more clusters than that), with a warning on this module's logger naming the
+requested and the used K. So a client with one example gets K = 1 (its one centroid is that example,
+its labels [0]), and duplicated embeddings never reach scikit-learn as more clusters than points. "auto"
+needs a silhouette score, which needs at least 3 distinct points and some K in the range with
+2 <= K <= min(distinct points, points - 1); otherwise K falls back to the number of distinct points
+(capped by the range's largest K) with a warning, and the returned silhouette curve is empty.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from fedrouter.errors import FedrouterError
+
+log = logging.getLogger(__name__)
 
 Auto = str  # the literal "auto": choose K by silhouette score
 AUTO = "auto"
 
 
-def _as_2d(x) -> np.ndarray:
-    x = np.asarray(x)
+def _points(x, what: str) -> np.ndarray:
+    """`x` as a 2-d numeric array (points x dimensions) with finite values; FedrouterError otherwise.
+
+    An empty 1-d array reads as zero points; callers decide whether zero points is an error.
+    """
+    try:
+        x = np.asarray(x)
+    except (TypeError, ValueError):  # ragged nested lists
+        raise FedrouterError(f"{what} must be a 2-d array of numbers (points x dimensions)") from None
+    if x.dtype.kind == "O":
+        try:
+            x = x.astype(np.float64)
+        except (TypeError, ValueError):
+            raise FedrouterError(f"{what} must be numbers, got non-numeric values") from None
+    elif x.dtype.kind == "b":
+        x = x.astype(np.float64)
+    elif x.dtype.kind not in "iuf":
+        raise FedrouterError(f"{what} must be numbers, got dtype {x.dtype}")
+    if x.ndim == 1 and x.size == 0:
+        x = x.reshape(0, 0)
     if x.ndim != 2:
-        raise ValueError(f"expected a 2-d array (points x dimensions), got shape {x.shape}")
+        raise FedrouterError(f"{what} must be a 2-d array (points x dimensions), got shape {x.shape}")
+    if len(x) and x.shape[1] == 0:
+        raise FedrouterError(f"{what} have 0 dimensions (shape {x.shape})")
+    if x.dtype.kind == "f" and x.size:
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        if bad:
+            raise FedrouterError(f"{what} contain NaN or Inf ({bad} row{'s' if bad != 1 else ''} of {len(x)})")
     return x
 
 
+def _positive_k(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise FedrouterError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _k_values(k_values, what: str = "the K range for 'auto'", allow_empty: bool = False) -> list[int]:
+    """The distinct integer K values in `k_values`, sorted; FedrouterError for a non-integer (or empty) range."""
+    if isinstance(k_values, (str, bytes)):
+        raise FedrouterError(f"{what} must be a list of integers, got {k_values!r}")
+    try:
+        values = list(k_values)
+    except TypeError:
+        raise FedrouterError(f"{what} must be a list of integers, got {k_values!r}") from None
+    out = set()
+    for k in values:
+        if isinstance(k, (bool, np.bool_)):
+            ok = False
+        elif isinstance(k, (int, np.integer)):
+            ok = True
+        else:
+            ok = isinstance(k, (float, np.floating)) and bool(np.isfinite(k)) and k == int(k)
+        if not ok:
+            raise FedrouterError(f"{what} must hold integers, got {k!r}")
+        out.add(int(k))
+    if not out and not allow_empty:
+        raise FedrouterError(f"{what} is empty: no K to try")
+    return sorted(out)
+
+
 def n_distinct(x) -> int:
-    x = _as_2d(x)
+    x = _points(x, "points")
     return len(np.unique(x, axis=0)) if len(x) else 0
 
 
-def kmeans(x, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(centroids (k', d), labels (n,)) of K-Means with k' = min(k, distinct points), 10 restarts."""
+def _kmeans(x: np.ndarray, k: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """K-Means on validated, non-empty points; K clipped to the distinct points with a warning."""
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
-    x = _as_2d(x)
+    n, distinct = len(x), n_distinct(x)
+    if k > distinct:
+        log.warning("K-Means on %s: requested K=%d, but there are only %d distinct point(s) among %d; using K=%d",
+                    what, k, distinct, n, distinct)
+        k = distinct
+    with warnings.catch_warnings():
+        # near-duplicates that np.unique tells apart but K-Means cannot: handled below, not a warning
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
+    centroids, labels = model.cluster_centers_, model.labels_.astype(np.int64)
+    used = np.unique(labels)
+    if len(used) < k:
+        log.warning("K-Means on %s: requested K=%d, but the points (near-duplicates) form only %d clusters; "
+                    "using K=%d", what, k, len(used), len(used))
+        centroids, labels = centroids[used], np.searchsorted(used, labels).astype(np.int64)
+    return centroids, labels
+
+
+def kmeans(x, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids (k', d), labels (n,)) of K-Means with k' = min(k, distinct points), 10 restarts.
+
+    A k above the number of distinct points is clipped to it, with a warning (see the module docstring).
+    """
+    x = _points(x, "embeddings")
     if len(x) == 0:
-        raise ValueError("cannot cluster an empty set of points")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    k = min(int(k), n_distinct(x))
-    model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
-    return model.cluster_centers_, model.labels_.astype(np.int64)
+        raise FedrouterError("nothing to cluster: no points were given")
+    return _kmeans(x, _positive_k(k, "K"), seed, "the embeddings")
 
 
-def silhouette_curve(x, k_values, seed: int = 0) -> dict[int, float]:
-    """Silhouette score of K-Means for each k in `k_values` that the points allow (2 <= k < n, k <= distinct)."""
+def _silhouette_curve(x: np.ndarray, ks: list[int], seed: int, what: str) -> dict[int, float]:
     from sklearn.metrics import silhouette_score
 
-    x = _as_2d(x)
     n, distinct = len(x), n_distinct(x)
     curve = {}
-    for k in sorted({int(k) for k in k_values}):
+    for k in ks:
         if k < 2 or k >= n or k > distinct:
             continue
-        _, labels = kmeans(x, k, seed)
-        if len(np.unique(labels)) < 2:
+        _, labels = _kmeans(x, k, seed, what)
+        if len(np.unique(labels)) != k:  # near-duplicates merged clusters: this k is not what was scored
             continue
         curve[k] = float(silhouette_score(x, labels))
     return curve
 
 
-def choose_k(x, k_values, seed: int = 0) -> tuple[int, dict[int, float]]:
-    """(the k of the highest silhouette score -- the smallest on a tie --, the curve).
+def silhouette_curve(x, k_values, seed: int = 0) -> dict[int, float]:
+    """Silhouette score of K-Means for each k in `k_values` that the points allow (2 <= k < n, k <= distinct)."""
+    x = _points(x, "embeddings")
+    ks = _k_values(k_values, "k_values", allow_empty=True)
+    return _silhouette_curve(x, ks, seed, "the embeddings")
 
-    When no k in `k_values` can be scored (too few distinct points), the answer is 1 with an empty curve.
-    """
-    curve = silhouette_curve(x, k_values, seed)
+
+def _choose_k(x: np.ndarray, k_values, seed: int, what: str) -> tuple[int, dict[int, float]]:
+    ks = _k_values(k_values)
+    n, distinct = len(x), n_distinct(x)
+    usable = [k for k in ks if 2 <= k <= min(distinct, n - 1)]
+    curve = _silhouette_curve(x, usable, seed, what) if distinct >= 3 else {}
     if not curve:
-        return 1, curve
+        k = max(1, min(ks[-1], distinct))
+        if distinct < 3:
+            reason = f"only {distinct} distinct point(s) among {n}, too few for a silhouette score"
+        else:
+            reason = f"no K in {ks[0]}..{ks[-1]} can be scored with {distinct} distinct points among {n}"
+        log.warning("choosing K by silhouette on %s: %s; falling back to K=%d", what, reason, k)
+        return k, {}
+    skipped = [k for k in ks if k >= 2 and k not in curve]
+    if skipped:
+        log.info("choosing K by silhouette on %s: skipped K=%s (%d distinct points among %d)",
+                 what, ",".join(map(str, skipped)), distinct, n)
     best = max(curve.values())
     return min(k for k, s in curve.items() if s == best), curve
 
 
+def choose_k(x, k_values, seed: int = 0) -> tuple[int, dict[int, float]]:
+    """(the k of the highest silhouette score -- the smallest on a tie --, the curve).
+
+    When no k in `k_values` can be scored (fewer than 3 distinct points, or every k too large for the
+    points), the answer is the number of distinct points capped by the largest k (at least 1), with a
+    warning and an empty curve.
+    """
+    x = _points(x, "embeddings")
+    if len(x) == 0:
+        raise FedrouterError("nothing to cluster: no points were given")
+    return _choose_k(x, k_values, seed, "the embeddings")
+
+
 def nearest(x, centroids) -> np.ndarray:
     """Index of the nearest centroid (Euclidean) for each row of `x`; ties go to the lower index."""
-    x = _as_2d(x).astype(np.float64)
-    c = _as_2d(centroids).astype(np.float64)
+    x = _points(x, "embeddings").astype(np.float64)
+    c = _points(centroids, "centroids").astype(np.float64)
     if len(c) == 0:
-        raise ValueError("no centroids to assign to")
+        raise FedrouterError("no centroids to assign to")
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.int64)
     if x.shape[1] != c.shape[1]:
-        raise ValueError(f"points have {x.shape[1]} dimensions, centroids {c.shape[1]}")
-    d2 = (x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
+        raise FedrouterError(f"embedding dimension {x.shape[1]} does not match the centroids' {c.shape[1]}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        d2 = (x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
+    if not np.isfinite(d2).all():
+        raise FedrouterError("distances between embeddings and centroids overflow: values are too large")
     return np.argmin(d2, axis=1).astype(np.int64)
 
 
 def route(x, global_centroids, allowed=None) -> np.ndarray:
     """Global cluster id per row of `x`: the nearest global centroid (global mode), or the nearest among
     the `allowed` global cluster ids only (local mode: the clusters a client's local centroids map to)."""
+    centroids = _points(global_centroids, "centroids")
     if allowed is None:
-        return nearest(x, global_centroids)
-    allowed = np.unique(np.asarray(list(allowed), dtype=np.int64))
-    centroids = _as_2d(global_centroids)
-    if len(allowed) == 0:
-        raise ValueError("local routing needs at least one allowed cluster")
-    if allowed.min() < 0 or allowed.max() >= len(centroids):
-        raise ValueError(f"allowed cluster ids must lie in [0, {len(centroids)})")
-    return allowed[nearest(x, centroids[allowed])]
+        return nearest(x, centroids)
+    try:
+        ids = np.asarray(allowed).ravel() if isinstance(allowed, np.ndarray) else np.asarray(list(allowed))
+    except (TypeError, ValueError):
+        raise FedrouterError(f"allowed clusters must be a list of cluster ids, got {allowed!r}") from None
+    if ids.size == 0:
+        raise FedrouterError("local routing needs at least one allowed cluster; the allowed list is empty")
+    if ids.ndim != 1 or ids.dtype.kind not in "iuf" or (
+            ids.dtype.kind == "f" and not (np.isfinite(ids).all() and (ids == np.round(ids)).all())):
+        raise FedrouterError(f"allowed clusters must be integer cluster ids, got {allowed!r}")
+    ids = np.unique(ids.astype(np.int64))
+    bad = ids[(ids < 0) | (ids >= len(centroids))]
+    if len(bad):
+        raise FedrouterError(f"allowed cluster ids must lie in [0, {len(centroids)}), got {bad.tolist()}")
+    return ids[nearest(x, centroids[ids])]
 
 
 def clustering_accuracy(true_labels, cluster_labels) -> float:
@@ -146,10 +279,10 @@ class Clustering:
 
 
 def _check_k(value, what: str) -> None:
-    if value == AUTO:
+    if isinstance(value, str) and value == AUTO:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be a positive int or {AUTO!r}, got {value!r}")
+        raise FedrouterError(f"{what} must be a positive integer or {AUTO!r}, got {value!r}")
 
 
 def local_then_global(
@@ -161,9 +294,10 @@ def local_then_global(
 ) -> Clustering:
     """K-Means per client (`n_local`: one int, an int per client, or "auto"), then K-Means over all local
     centroids on the server (`n_global`: int or "auto"); each local cluster maps to the global centroid
-    nearest its local centroid. "auto" picks K by silhouette score over `k_range`."""
+    nearest its local centroid. "auto" picks K by silhouette score over `k_range`. A K above a client's
+    distinct points is clipped with a warning (see the module docstring)."""
     if not client_embeddings:
-        raise ValueError("no clients to cluster")
+        raise FedrouterError("nothing to cluster: no clients were given")
     clients = sorted(client_embeddings)
     per_client = n_local if isinstance(n_local, dict) else {c: n_local for c in clients}
     missing = [c for c in clients if c not in per_client]
@@ -173,10 +307,12 @@ def local_then_global(
         _check_k(per_client[c], f"n_local for client {c}")
     _check_k(n_global, "n_global")
     k_range = list(k_range)
+    if AUTO in (n_global, *[v for v in per_client.values() if isinstance(v, str)]):
+        _k_values(k_range)
 
     centroids, labels, chosen, local_curves = {}, {}, {}, {}
     for c in clients:
-        centroids[c], labels[c], curve = cluster_local(client_embeddings[c], per_client[c], seed, k_range)
+        centroids[c], labels[c], curve = _cluster_local(client_embeddings[c], per_client[c], seed, k_range, f"client {c}")
         chosen[c] = len(centroids[c])
         if curve is not None:
             local_curves[c] = curve
@@ -186,23 +322,38 @@ def local_then_global(
     return Clustering(centroids, labels, global_centroids, mapping, chosen, len(global_centroids), local_curves, global_curve)
 
 
-def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(2, 13)):
-    """A client's step: K-Means on its embeddings -> (centroids, labels, silhouette curve or None)."""
+def _cluster_local(x, n_local, seed, k_range, who: str):
     _check_k(n_local, "n_local")
-    x = _as_2d(x)
+    x = _points(x, f"{who}'s embeddings")
+    if len(x) == 0:
+        raise FedrouterError(f"nothing to cluster: {who} has no training examples")
     curve = None
     if n_local == AUTO:
-        n_local, curve = choose_k(x, list(k_range), seed)
-    centroids, labels = kmeans(x, n_local, seed)
+        n_local, curve = _choose_k(x, k_range, seed, f"{who}'s embeddings")
+    centroids, labels = _kmeans(x, int(n_local), seed, f"{who}'s embeddings")
     return centroids, labels, curve
 
 
+def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(2, 13)):
+    """A client's step: K-Means on its embeddings -> (centroids, labels, silhouette curve or None).
+
+    No examples -> FedrouterError; K above the distinct embeddings -> clipped with a warning; "auto" on
+    fewer than 3 distinct embeddings -> K = their number, with a warning and an empty curve.
+    """
+    return _cluster_local(x, n_local, seed, k_range, "the client")
+
+
 def cluster_global(local_centroids, n_global: int | Auto, seed: int = 0, k_range=range(2, 13)):
-    """The server's step: K-Means over every client's local centroids -> (global centroids, curve or None)."""
+    """The server's step: K-Means over every client's local centroids -> (global centroids, curve or None).
+
+    Same rules as `cluster_local`: no centroids -> FedrouterError; K clipped to the distinct centroids.
+    """
     _check_k(n_global, "n_global")
-    x = _as_2d(local_centroids)
+    x = _points(local_centroids, "local centroids")
+    if len(x) == 0:
+        raise FedrouterError("nothing to cluster: no local centroids were given")
     curve = None
     if n_global == AUTO:
-        n_global, curve = choose_k(x, list(k_range), seed)
-    centroids, _ = kmeans(x, n_global, seed)
+        n_global, curve = _choose_k(x, k_range, seed, "the local centroids")
+    centroids, _ = _kmeans(x, int(n_global), seed, "the local centroids")
     return centroids, curve
