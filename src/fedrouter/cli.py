@@ -86,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
-    from fedrouter import clusters
+    from fedrouter import clusters, predict
+
     clusters.add_parser(sub)
+    predict.add_parser(sub)
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        return {"run": _cmd_run, "clusters": clusters.run}[args.command](args)
+        return {"run": _cmd_run, "clusters": clusters.run, "predict": predict.run}[args.command](args)
     except FedrouterError as exc:
         print(f"fedrouter: error: {exc}", file=sys.stderr)
         return 2

@@ -143,6 +143,7 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress) -> dict
         row["general_rouge1"] = general_reports[cid]["rouge1"]
 
     saved = save_adapters(run_dir, shared, server, client, contexts)
+    save_router(run_dir, server.router())
     results = {
         "method": cfg.method,
         "scenario": cfg.scenario,
@@ -180,6 +181,21 @@ def save_adapters(run_dir: Path, shared: SharedModel, server, client, contexts) 
         shared.load(adapter)
         shared.model.save_pretrained(run_dir / "adapters" / name)
     return sorted(named)
+
+
+ROUTER_DIR = "router"
+
+
+def save_router(run_dir: Path, router: dict | None) -> None:
+    """router/centroids.safetensors + router/router.json (cluster -> adapter, embedder): what predict needs."""
+    if router is None:
+        return
+    from safetensors.torch import save_file
+
+    out = run_dir / ROUTER_DIR
+    out.mkdir()
+    save_file({"centroids": torch.tensor(router["centroids"], dtype=torch.float32).contiguous()}, out / "centroids.safetensors")
+    write_json_atomic(out / "router.json", {"adapters": router["adapters"], "embedder": router["embedder"]})
 
 
 def _write_per_client_csv(path: Path, rows: list[dict]) -> None:

@@ -72,6 +72,11 @@ class ServerPart:
         """The server-side adapters worth saving, by name."""
         return {}
 
+    def router(self) -> dict | None:
+        """How to route a new prompt to one of `adapters()`: {"centroids": array (k, d), "adapters": [name
+        per centroid], "embedder": spec}, or None when the method keeps a single shared adapter."""
+        return None
+
     def report(self, evaluations: dict[str, dict[int, dict]]) -> dict:
         """Extra keys for results.json, from the final evaluation replies by split and client."""
         return {}

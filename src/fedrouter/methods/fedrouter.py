@@ -146,6 +146,10 @@ class Server(ServerPart):
     def adapters(self):
         return {f"cluster{g}": a for g, a in self.cluster_adapters.items()}
 
+    def router(self):
+        return {"centroids": self.global_centroids, "adapters": [f"cluster{g}" for g in range(len(self.global_centroids))],
+                "embedder": self.options["embedder"]}
+
     def report(self, evaluations):
         """results.json's `clustering`: clustering and routing quality against the true tasks.
 

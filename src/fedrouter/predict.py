@@ -1,0 +1,118 @@
+"""`fedrouter predict RUN_DIR`: answer new prompts with a finished run's adapters and router.
+
+Loads the run's base model (from its config.json), every adapter it saved, and its router (FedRouter:
+centroids + cluster -> adapter map + embedder); each prompt goes to the adapter of its nearest centroid
+and all prompts are answered in one mixed batch. A run without a router (FedIT) answers with its single
+`global` adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedrouter.errors import FedrouterError
+
+RESULTS = "results.json"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="answer prompts with a finished run's adapters and router")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--file", type=Path, help="JSONL with an 'instruction' field per line")
+    p.add_argument("--out", type=Path, help="also write {prompt, adapter, distance, answer} lines here (JSONL)")
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.file:
+        prompts += [row["instruction"] for row in _instructions(args.file)]
+    if not prompts:
+        raise FedrouterError("nothing to answer: give --prompt TEXT or --file FILE.jsonl")
+    return prompts
+
+
+def _instructions(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FedrouterError(f"prompt file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FedrouterError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise FedrouterError(f"{path}:{lineno}: needs a string field 'instruction'")
+        rows.append(row)
+    return rows
+
+
+def load_run(run_dir: Path):
+    """(config, peft model with every saved adapter, tokenizer, router or None) of a finished run."""
+    from peft import PeftModel
+
+    from fedrouter.config import Config
+    from fedrouter.core.model import TinyBaseSpec, load_base
+
+    if not (run_dir / RESULTS).is_file():
+        raise FedrouterError(f"{run_dir} is not a finished run directory (no {RESULTS})")
+    cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
+    base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                TinyBaseSpec(**cfg.tiny.model_dump()), progress=False)
+    router = None
+    if (run_dir / "router" / "router.json").is_file():
+        from safetensors.torch import load_file
+
+        router = json.loads((run_dir / "router" / "router.json").read_text())
+        router["centroids"] = load_file(run_dir / "router" / "centroids.safetensors")["centroids"].numpy()
+        names = router["adapters"]
+    elif (run_dir / "adapters" / "global").is_dir():
+        names = ["global"]
+    else:
+        raise FedrouterError(f"{run_dir} has neither a router nor a global adapter (method {cfg.method} keeps "
+                             "client-private adapters only)")
+    model = PeftModel.from_pretrained(base, run_dir / "adapters" / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(run_dir / "adapters" / name, adapter_name=name)
+    model.eval()
+    return cfg, model, tokenizer, router
+
+
+def predict(run_dir: Path, prompts: list[str]) -> list[dict]:
+    """One {prompt, adapter, distance, answer} per prompt."""
+    from fedrouter.core.cluster import route
+    from fedrouter.core.embed import resolve_embedder
+    from fedrouter.core.generate import generate
+    from fedrouter.core.model import default_cache_dir
+    from fedrouter.core.train import encode_examples
+
+    cfg, model, tokenizer, router = load_run(Path(run_dir))
+    if router is None:
+        chosen, distances = ["global"] * len(prompts), [None] * len(prompts)
+    else:
+        embedder = resolve_embedder(router["embedder"], model, tokenizer)
+        x = embedder.embed(prompts)
+        clusters = route(x, router["centroids"])
+        distances = np.linalg.norm(x - router["centroids"][clusters], axis=1).tolist()
+        chosen = [router["adapters"][g] for g in clusters]
+    encoded = encode_examples(tokenizer, [{"instruction": p, "output": "", "task": ""} for p in prompts],
+                              cfg.prompt_template, cfg.max_seq_len)
+    answers = generate(model, tokenizer, [e.prompt_ids for e in encoded], cfg.max_new_tokens, cfg.eval_batch_size,
+                       adapter_names=chosen)
+    return [{"prompt": p, "adapter": a, "distance": d, "answer": ans}
+            for p, a, d, ans in zip(prompts, chosen, distances, answers)]
+
+
+def run(args) -> int:
+    rows = predict(args.run_dir, _read_prompts(args))
+    for row in rows:
+        where = row["adapter"] + (f" (distance {row['distance']:.3f})" if row["distance"] is not None else "")
+        print(f"[{where}] {row['prompt']}\n  -> {row['answer']}")
+    if args.out:
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
