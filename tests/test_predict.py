@@ -65,3 +65,17 @@ def test_predict_refuses_unfinished_runs_and_no_prompts(tmp_path, capsys):
     assert len(err) == 1 and "not a finished run directory" in err[0]
     assert main(["predict", str(tmp_path / "half")]) == 2
     assert "nothing to answer" in capsys.readouterr().err
+
+
+def test_predict_reads_prompts_from_jsonl_and_reports_bad_lines(tmp_path, capsys):
+    from fedrouter.predict import _read_prompts
+
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"instruction": "a"}\n\n{"instruction": "b", "output": "x"}\n')
+    args = type("A", (), {"prompt": ["p"], "file": good})()
+    assert _read_prompts(args) == ["p", "a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\n{"text": "b"}\n')
+    (tmp_path / "half").mkdir()
+    assert main(["predict", str(tmp_path / "half"), "--file", str(bad)]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err

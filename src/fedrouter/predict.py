@@ -29,27 +29,12 @@ def add_parser(sub) -> None:
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.file:
-        prompts += [row["instruction"] for row in _instructions(args.file)]
+        from fedrouter.core.data import read_jsonl_rows
+
+        prompts += [row["instruction"] for row in read_jsonl_rows(args.file, ("instruction",))]
     if not prompts:
         raise FedrouterError("nothing to answer: give --prompt TEXT or --file FILE.jsonl")
     return prompts
-
-
-def _instructions(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FedrouterError(f"prompt file not found: {path}")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FedrouterError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise FedrouterError(f"{path}:{lineno}: needs a string field 'instruction'")
-        rows.append(row)
-    return rows
 
 
 def load_run(run_dir: Path):

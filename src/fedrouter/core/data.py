@@ -75,12 +75,13 @@ def split_count(total: int, shares: dict) -> dict:
     return {t: c for t, c in counts.items() if c > 0}
 
 
-def load_jsonl(path: Path, task_field: str = "task") -> list[dict]:
-    """Examples from a JSONL file; a bad line is reported with its file and line number."""
+def read_jsonl_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """JSON objects from a JSONL file, each with string fields `required`; a bad line is reported with
+    its file and line number."""
     path = Path(path)
     if not path.is_file():
         raise FedrouterError(f"data file not found: {path}")
-    examples = []
+    rows = []
     try:
         with path.open(encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, start=1):
@@ -92,16 +93,22 @@ def load_jsonl(path: Path, task_field: str = "task") -> list[dict]:
                     raise FedrouterError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise FedrouterError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                for key in ("instruction", "output", task_field):
+                for key in required:
                     if not isinstance(row.get(key), str):
                         problem = "missing" if key not in row else "not a string"
                         raise FedrouterError(f"{path}:{lineno}: field {key!r} is {problem}")
-                examples.append({"instruction": row["instruction"], "output": row["output"], "task": row[task_field]})
+                rows.append(row)
     except (OSError, UnicodeDecodeError) as exc:
         raise FedrouterError(f"cannot read data file {path}: {exc}") from None
-    if not examples:
+    if not rows:
         raise FedrouterError(f"data file {path} holds no examples")
-    return examples
+    return rows
+
+
+def load_jsonl(path: Path, task_field: str = "task") -> list[dict]:
+    """Examples ({instruction, output, task}) from a JSONL file whose task label sits in `task_field`."""
+    return [{"instruction": r["instruction"], "output": r["output"], "task": r[task_field]}
+            for r in read_jsonl_rows(path, ("instruction", "output", task_field))]
 
 
 class _Pools:
