@@ -216,4 +216,10 @@ def format_summary(results: dict) -> str:
                      f"{row['rouge1']:>8.3f} {row['rougeL']:>8.3f} {row['exact_match']:>6.3f} {row['general_rouge1']:>8.3f}")
     lines.append(f"{'mean':>6}  {'':<28} {results['base_rouge1']:>8.3f} {results['rouge1']:>8.3f} "
                  f"{results['rougeL']:>8.3f} {results['exact_match']:>6.3f} {results['generalization']['rouge1']:>8.3f}")
+    if "clustering" in results:
+        c = results["clustering"]
+        router = c["router_accuracy"]
+        lines.append(f"clusters: {c['n_global']} global | local clustering accuracy {c['local_accuracy']:.3f} "
+                     f"(ARI {c['local_ari']:.3f}) | router accuracy: own tests {router['own_test']:.3f}, "
+                     f"all tasks {router['generalization']:.3f}")
     return "\n".join(lines)
