@@ -18,7 +18,7 @@ def child(n_clients: int) -> None:
     from fedrouter.experiment import run_experiment
     import tempfile
 
-    cfg = load_config(None, {"n_clients": n_clients, "rounds": 2, "local_steps": 2, "test_per_client": 8,
+    cfg = load_config(None, {"method": "fedit", "n_clients": n_clients, "rounds": 2, "local_steps": 2, "test_per_client": 8,
                              "general_test_per_task": 2, "threads": 1, "scenario": "dual"})
     with tempfile.TemporaryDirectory() as out:
         run_experiment(cfg, out + "/run", progress=False)

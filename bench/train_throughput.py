@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, {"n_clients": 1, "rounds": args.rounds, "local_steps": args.local_steps,
+    cfg = load_config(None, {"method": "fedit", "n_clients": 1, "rounds": args.rounds, "local_steps": args.local_steps,
                              "test_per_client": 8, "general_test_per_task": 2, "scenario": "all"})
     _, shared, contexts, server, client = build_world(cfg, progress=False)
     workbench = contexts[0].workbench

@@ -7,7 +7,7 @@ from fedrouter.errors import FedrouterError
 def test_defaults_are_valid():
     cfg = load_config()
     assert isinstance(cfg, Config)
-    assert cfg.method == "fedit"
+    assert cfg.method == "fedrouter" and cfg.scenario == "dual"  # the paper's method on its dual scenario
     assert cfg.scenario == "dual"
     assert cfg.n_clients == 8 and cfg.rounds == 25 and cfg.local_steps == 10 and cfg.batch_size == 16
     assert cfg.data == "synthetic" and cfg.model == "tiny"

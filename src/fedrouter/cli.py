@@ -37,7 +37,7 @@ RUN_FLAGS = {
 
 def _add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="run one federated fine-tuning experiment",
-                       description="Run one experiment. With no arguments: FedIT on the embedded benchmark.")
+                       description="Run one experiment. With no arguments: FedRouter on the embedded benchmark, scenario dual.")
     p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
     for key, (flag, typ, help_text) in RUN_FLAGS.items():
         p.add_argument(flag, dest=key, type=typ, default=None, help=help_text)

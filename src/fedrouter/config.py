@@ -45,7 +45,7 @@ class TinySection(_Strict):
 
 class Config(_Strict):
     # what to run
-    method: str = "fedit"
+    method: str = "fedrouter"
     scenario: str = "dual"
     seed: int = 0
     engine: Literal["inprocess"] = "inprocess"

@@ -117,7 +117,10 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress) -> dict
     ids = sorted(contexts)
     tasks_of = {cid: ctx.workbench.tasks for cid, ctx in contexts.items()}
 
+    clock = time.perf_counter()
+    timings = {}
     base_reports = evaluate_clients(server, transport, Traffic(), ids, "test", base=True)
+    timings["base_eval_s"], clock = time.perf_counter() - clock, time.perf_counter()
     metrics_path = run_dir / "metrics.jsonl"
     metrics_file = metrics_path.open("w")
 
@@ -129,13 +132,16 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress) -> dict
         metrics_file.flush()
 
     setup_report = run_setup(server, transport, traffic, ids)
+    timings["setup_s"], clock = time.perf_counter() - clock, time.perf_counter()
     try:
         run_rounds(server, transport, traffic, ids, cfg.rounds, cfg.client_fraction, cfg.seed, on_round, progress)
     finally:
         metrics_file.close()
+    timings["rounds_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
     test_reports = evaluate_clients(server, transport, traffic, ids, "test")
     general_reports = evaluate_clients(server, transport, traffic, ids, "general")
+    timings["final_eval_s"] = time.perf_counter() - clock
     per_client = [_client_row(cid, tasks_of[cid], test_reports[cid]) for cid in ids]
     for row, cid in zip(per_client, ids):
         row["n_train"] = contexts[cid].workbench.n_train
@@ -164,6 +170,7 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress) -> dict
         "bytes_up": traffic.up,
         "bytes_down": traffic.down,
         "adapters": saved,
+        "timings": timings,
         **setup_report,
         **server.report({"test": test_reports, "general": general_reports}),
     }

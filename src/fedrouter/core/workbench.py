@@ -46,9 +46,9 @@ class SharedModel:
         self.settings = settings
         self.params = list(adapter_parameters(self.model).values())
         self.initial_adapter: Adapter = get_adapter_state(self.model)
-        # Greedy decoding is deterministic: the same examples under the same adapter (e.g. every FedIT
-        # client on the shared all-task set) are generated once. Keyed by example-list identity.
-        self._memo: dict[tuple[int, str], tuple[list, list[str]]] = {}
+        # Greedy decoding is deterministic: the same prompts under the same adapter (e.g. every client on
+        # the shared all-task set, routed to the same cluster adapters) are generated once.
+        self._memo: dict[tuple[str, str], list[str]] = {}
 
     def encode(self, examples: list[dict]):
         s = self.settings
@@ -81,20 +81,29 @@ class SharedModel:
 
     def predict(self, encoded: list, adapter: Adapter | None) -> list[str]:
         """Greedy answers for encoded examples under `adapter`; None means the untrained base."""
-        key = (id(encoded), adapter_fingerprint(adapter))
-        if key not in self._memo or self._memo[key][0] is not encoded:  # ids are reused after GC
-            if len(self._memo) > 64:
+        prompts = [e.prompt_ids for e in encoded]
+        key = (prompts_fingerprint(prompts), adapter_fingerprint(adapter))
+        if key not in self._memo:
+            if len(self._memo) > 256:
                 self._memo.clear()
             s = self.settings
-            prompts = [e.prompt_ids for e in encoded]
             if adapter is None:
                 with self.model.disable_adapter():
                     out = generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
             else:
                 self.load(adapter)
                 out = generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
-            self._memo[key] = (encoded, out)  # holding `encoded` keeps its id from being reused
-        return list(self._memo[key][1])
+            self._memo[key] = out
+        return list(self._memo[key])
+
+
+def prompts_fingerprint(prompts: list[list[int]]) -> str:
+    """A digest of a list of token-id prompts (order included)."""
+    digest = hashlib.sha1()
+    for ids in prompts:
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(torch.tensor(ids, dtype=torch.int32).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def adapter_fingerprint(adapter: Adapter | None) -> str:
