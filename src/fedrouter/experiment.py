@@ -83,7 +83,7 @@ def build_world(cfg: Config, progress: bool = True):
         for c in data.clients
     }
     server_cls, client_cls = load_method(cfg.method)
-    setup = MethodSetup(cfg.seed, cfg.rounds, dict(cfg.method_options))
+    setup = MethodSetup(cfg.seed, cfg.rounds, dict(cfg.method_options), cfg.cache_dir)
     server = server_cls(setup, shared.initial_adapter, sorted(contexts))
     client = client_cls(setup)
     return data, shared, contexts, server, client

@@ -41,6 +41,7 @@ class MethodSetup:
     seed: int
     rounds: int
     options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None  # where a method may cache derived data (e.g. embeddings); None = default
 
 
 class ServerPart:

@@ -197,7 +197,7 @@ class Client(ClientPart):
         if self._embedder is None:
             shared = ctx.workbench.shared
             self._embedder = resolve_embedder(self.options["embedder"], shared.model, shared.tokenizer)
-        return embed_cached(self._embedder, texts, default_cache_dir())
+        return embed_cached(self._embedder, texts, self.settings.cache_dir or default_cache_dir())
 
     def setup(self, msg, ctx):
         wb = ctx.workbench
