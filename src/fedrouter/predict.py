@@ -73,7 +73,6 @@ def predict(run_dir: Path, prompts: list[str]) -> list[dict]:
     from fedrouter.core.cluster import route
     from fedrouter.core.embed import resolve_embedder
     from fedrouter.core.generate import generate
-    from fedrouter.core.model import default_cache_dir
     from fedrouter.core.train import encode_examples
 
     cfg, model, tokenizer, router = load_run(Path(run_dir))
