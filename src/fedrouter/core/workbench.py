@@ -57,6 +57,10 @@ class SharedModel:
     def load(self, adapter: Adapter) -> None:
         set_adapter_state(self.model, adapter)
 
+    def live_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable LoRA parameters of the default slot, keyed like adapter state dicts."""
+        return adapter_parameters(self.model)
+
     def predict_mixed(self, encoded: list, adapters: dict[str, Adapter], assignment: list[str]) -> list[str]:
         """Greedy answers where row i uses adapters[assignment[i]], all rows in the same generate calls.
 
@@ -139,20 +143,26 @@ class ClientWorkbench:
         return len(self.train_examples)
 
     def train(self, adapter: Adapter, round_idx: int, steps: int | None = None, regularizer=None,
-              subset: tuple[str, list[int]] | None = None) -> tuple[Adapter, TrainStats]:
+              subset: tuple[str, list[int]] | None = None, trainable: str | None = None) -> tuple[Adapter, TrainStats]:
         """Start from `adapter`, run the round's local steps at the round's learning rate, return the result.
 
         `subset` = (name, example indices) trains on those examples only, from a stream of their own that
-        continues across rounds (FedRouter trains one local cluster at a time).
+        continues across rounds (FedRouter trains one local cluster at a time). `trainable` = "lora_A" or
+        "lora_B" updates only those matrices (FFA-LoRA freezes A); the others stay exactly as given.
+        `regularizer(live)` gets the live adapter parameters by name and returns a loss term (FedProx).
         """
         s = self.shared.settings
         self.shared.load(adapter)
         lr = round_lr(s.lr, round_idx, s.total_rounds, s.min_lr_ratio)
         stream = self._stream if subset is None else self._subset_stream(*subset)
+        live = self.shared.live_parameters()
+        params = [p for k, p in live.items() if trainable is None or f".{trainable}." in k]
         stats = train_steps(
-            self.shared.model, self.shared.params, stream, steps or s.local_steps, lr, s.weight_decay,
-            regularizer=regularizer,
+            self.shared.model, params, stream, steps or s.local_steps, lr, s.weight_decay,
+            regularizer=(lambda: regularizer(live)) if regularizer else None,
         )
+        for p in live.values():  # frozen-by-choice matrices collected gradients the optimizer never cleared
+            p.grad = None
         return self.shared.adapter(), stats
 
     def _subset_stream(self, name: str, indices: list[int]):

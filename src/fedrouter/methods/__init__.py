@@ -8,6 +8,9 @@ import importlib
 METHODS = {
     "fedit": ("fedit", "Server", "Client"),
     "local": ("local", "Server", "Client"),
+    "fedprox": ("fedprox", "Server", "Client"),
+    "fedsa": ("fedsa", "Server", "Client"),
+    "ffa": ("ffa", "Server", "Client"),
     "fedrouter": ("fedrouter", "Server", "Client"),
     "fedrouter-star": ("fedrouter", "StarServer", "Client"),
     "fedrouter-oracle": ("fedrouter", "OracleServer", "Client"),

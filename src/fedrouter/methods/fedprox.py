@@ -1,0 +1,38 @@
+"""FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020), on LoRA.
+
+FedIT's rounds and averaging, with a proximal term in each client's loss that keeps its adapter near
+the global one: loss + mu/2 * ||theta - theta_global||^2 over the adapter parameters. Option: mu (0.01).
+"""
+
+from __future__ import annotations
+
+from fedrouter.errors import FedrouterError
+from fedrouter.methods import fedit
+from fedrouter.methods.base import fit_reply
+
+Server = fedit.Server
+
+
+def proximal_term(global_adapter: dict, mu: float):
+    """regularizer(live parameters) = mu/2 * sum ||live - global||^2, the global copy held fixed."""
+    anchor = {k: v.detach().clone() for k, v in global_adapter.items()}
+
+    def term(live: dict):
+        return 0.5 * mu * sum(((live[k] - anchor[k]) ** 2).sum() for k in anchor)
+
+    return term
+
+
+class Client(fedit.Client):
+    def __init__(self, setup):
+        super().__init__(setup)
+        unknown = set(setup.options) - {"mu"}
+        if unknown:
+            raise FedrouterError(f"fedprox: unknown method option(s) {', '.join(sorted(unknown))}; known: mu")
+        self.mu = setup.options.get("mu", 0.01)
+        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or self.mu < 0:
+            raise FedrouterError(f"fedprox: mu must be a non-negative number, got {self.mu!r}")
+
+    def fit(self, msg, ctx):
+        adapter, stats = ctx.workbench.train(msg.arrays, msg.config["round"], regularizer=proximal_term(msg.arrays, self.mu))
+        return fit_reply(adapter, stats, ctx.workbench.n_train)

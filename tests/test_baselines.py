@@ -1,0 +1,113 @@
+"""FedProx, FedSA-LoRA and FFA-LoRA: their defining rules, exactly, and end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedrouter.cli import main
+from fedrouter.core.aggregate import weighted_average
+from fedrouter.methods import fedsa, ffa
+from fedrouter.methods.base import ClientContext, Message, MethodSetup
+from fedrouter.methods.fedprox import proximal_term
+
+SETUP = MethodSetup(seed=0, rounds=1)
+A, B = "m.lora_A.weight", "m.lora_B.weight"
+
+
+def test_fedprox_term_gradient_is_mu_times_distance_to_global():
+    anchor = {A: torch.tensor([[1.0, -2.0]]), B: torch.tensor([[0.5], [0.0]])}
+    live = {A: torch.tensor([[3.0, 0.0]], requires_grad=True), B: torch.tensor([[0.5], [4.0]], requires_grad=True)}
+    mu = 0.1
+    term = proximal_term(anchor, mu)(live)
+    assert term.item() == pytest.approx(0.5 * mu * (4 + 4 + 0 + 16))
+    term.backward()
+    for k in anchor:
+        assert torch.allclose(live[k].grad, mu * (live[k].detach() - anchor[k]))
+
+
+class FakeWorkbench:
+    """Records what it was asked to train and returns a known result."""
+
+    def __init__(self, result):
+        self.result, self.n_train, self.calls = result, 7, []
+        self.shared = SimpleNamespace(initial_adapter={A: torch.ones(1, 2), B: torch.zeros(2, 1)})
+
+    def train(self, adapter, round_idx, **kw):
+        self.calls.append((adapter, kw))
+        return self.result, SimpleNamespace(loss=1.0, tokens=3, seconds=0.1)
+
+
+def test_fedsa_uploads_a_only_keeps_b_and_evaluates_with_its_own_b():
+    trained = {A: torch.full((1, 2), 2.0), B: torch.full((2, 1), 5.0)}
+    ctx = ClientContext(0, FakeWorkbench(trained))
+    client = fedsa.Client(SETUP)
+    reply = client.fit(Message({A: torch.full((1, 2), 9.0)}, {"round": 0}), ctx)
+    assert set(reply.arrays) == {A}                       # B never uploaded
+    assert torch.equal(ctx.state["B"][B], trained[B])     # ... it stays with the client
+    start = ctx.workbench.calls[0][0]
+    assert torch.equal(start[A], torch.full((1, 2), 9.0)) and torch.equal(start[B], torch.zeros(2, 1))
+    evaluated = client.eval_adapter(Message({A: torch.zeros(1, 2)}), ctx)
+    assert torch.equal(evaluated[B], trained[B]) and torch.equal(evaluated[A], torch.zeros(1, 2))
+
+
+def test_fedsa_server_averages_a_by_examples():
+    server = fedsa.Server(SETUP, {A: torch.zeros(1, 2), B: torch.zeros(2, 1)}, [0, 1])
+    assert set(server.configure_fit(0, [0])[0].arrays) == {A}
+    replies = {0: Message({A: torch.tensor([[1.0, 1.0]])}, {"n_examples": 1, "loss": 1.0, "tokens": 1}),
+               1: Message({A: torch.tensor([[5.0, -3.0]])}, {"n_examples": 3, "loss": 1.0, "tokens": 1})}
+    server.aggregate_fit(0, replies)
+    assert torch.allclose(server.global_a[A], torch.tensor([[4.0, -2.0]]))
+
+
+def test_ffa_aggregate_equals_mean_of_products():
+    a = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])  # r=2 x in=3, frozen and shared
+    bs = [torch.randn(4, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    weights = [1, 2, 5]
+    avg_b = weighted_average([{B: b} for b in bs], weights)[B]
+    mean_product = sum(w * (b @ a) for w, b in zip(weights, bs)) / sum(weights)
+    assert torch.allclose(avg_b @ a, mean_product, atol=1e-6)
+
+
+def test_ffa_training_never_changes_a(tiny_model_dir):
+    from fedrouter.core import synthetic
+    from fedrouter.core.data import ClientData
+    from fedrouter.core.model import LoraSettings, load_base
+    from fedrouter.core.workbench import ClientWorkbench, SharedModel, TrainSettings
+
+    model, tok = load_base(str(tiny_model_dir))
+    shared = SharedModel(model, tok, LoraSettings(), TrainSettings(local_steps=3, batch_size=4, lr=1e-2))
+    ex = synthetic.generate_examples("headline", 12, seed="ffa")
+    wb = ClientWorkbench(shared, ClientData(0, ["headline"], ex, ex[:2]), ex[:2], seed=0)
+    ctx = ClientContext(0, wb)
+    start = shared.initial_adapter
+    reply = ffa.Client(SETUP).fit(Message(ffa.trained_part(start), {"round": 0}), ctx)
+    assert set(reply.arrays) == set(ffa.trained_part(start))                  # only B travels
+    after = shared.adapter()
+    assert all(torch.equal(after[k], v) for k, v in ffa.frozen_part(start).items())   # A bit for bit
+    assert any(not torch.equal(reply.arrays[k], v) for k, v in ffa.trained_part(start).items())  # B moved
+    assert all(p.grad is None for p in shared.live_parameters().values())
+
+
+def _run(tmp_path, overrides, method, scenario):
+    out = tmp_path / f"{method}-{scenario}"
+    args = ["run", "--out", str(out), "--quiet", "--method", method, "--scenario", scenario]
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["single", "dual", "all"])
+def test_baselines_end_to_end_and_what_they_send(tmp_path, tiny_overrides, tiny_model_dir, scenario):
+    results = {m: _run(tmp_path, tiny_overrides, m, scenario) for m in ("fedit", "fedprox", "fedsa", "ffa")}
+    for r in results.values():
+        assert 0.0 <= r["rouge1"] <= 1.0
+    assert results["fedprox"]["bytes_up"] == results["fedit"]["bytes_up"]
+    # A (r x in) and B (out x r) of q/v are the same size here: half the matrices is half the bytes
+    assert results["fedsa"]["bytes_up"] * 2 == results["fedit"]["bytes_up"]
+    assert results["ffa"]["bytes_up"] * 2 == results["fedit"]["bytes_up"]
