@@ -57,13 +57,14 @@ def main():
         tokens = sum(int(b["attention_mask"].sum()) for b in data)
         shared.load(shared.initial_adapter)
         model = shared.model
-        optimizer = torch.optim.AdamW(shared.params, lr=cfg.lr)
+        params = list(shared.live_parameters().values())
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
         model.train()
         start = time.perf_counter()
         for batch in data:
             loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(shared.params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start

@@ -11,7 +11,7 @@ import torch
 from fedrouter.cli import main
 from fedrouter.core.aggregate import weighted_average
 from fedrouter.methods import fedsa, ffa
-from fedrouter.methods.base import ClientContext, Message, MethodSetup
+from fedrouter.methods.base import ClientContext, Message, MethodSetup, lora_matrices
 from fedrouter.methods.fedprox import proximal_term
 
 SETUP = MethodSetup(seed=0, rounds=1)
@@ -60,7 +60,7 @@ def test_fedsa_server_averages_a_by_examples():
     replies = {0: Message({A: torch.tensor([[1.0, 1.0]])}, {"n_examples": 1, "loss": 1.0, "tokens": 1}),
                1: Message({A: torch.tensor([[5.0, -3.0]])}, {"n_examples": 3, "loss": 1.0, "tokens": 1})}
     server.aggregate_fit(0, replies)
-    assert torch.allclose(server.global_a[A], torch.tensor([[4.0, -2.0]]))
+    assert torch.allclose(server.global_adapter[A], torch.tensor([[4.0, -2.0]]))
 
 
 def test_ffa_aggregate_equals_mean_of_products():
@@ -84,11 +84,11 @@ def test_ffa_training_never_changes_a(tiny_model_dir):
     wb = ClientWorkbench(shared, ClientData(0, ["headline"], ex, ex[:2]), ex[:2], seed=0)
     ctx = ClientContext(0, wb)
     start = shared.initial_adapter
-    reply = ffa.Client(SETUP).fit(Message(ffa.trained_part(start), {"round": 0}), ctx)
-    assert set(reply.arrays) == set(ffa.trained_part(start))                  # only B travels
+    reply = ffa.Client(SETUP).fit(Message(lora_matrices(start, "lora_B"), {"round": 0}), ctx)
+    assert set(reply.arrays) == set(lora_matrices(start, "lora_B"))                  # only B travels
     after = shared.adapter()
-    assert all(torch.equal(after[k], v) for k, v in ffa.frozen_part(start).items())   # A bit for bit
-    assert any(not torch.equal(reply.arrays[k], v) for k, v in ffa.trained_part(start).items())  # B moved
+    assert all(torch.equal(after[k], v) for k, v in lora_matrices(start, "lora_B", exclude=True).items())   # A bit for bit
+    assert any(not torch.equal(reply.arrays[k], v) for k, v in lora_matrices(start, "lora_B").items())  # B moved
     assert all(p.grad is None for p in shared.live_parameters().values())
 
 

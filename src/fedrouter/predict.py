@@ -15,9 +15,6 @@ import numpy as np
 
 from fedrouter.errors import FedrouterError
 
-RESULTS = "results.json"
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="answer prompts with a finished run's adapters and router")
     p.add_argument("run_dir", type=Path)
@@ -43,6 +40,7 @@ def load_run(run_dir: Path):
 
     from fedrouter.config import Config
     from fedrouter.core.model import TinyBaseSpec, load_base
+    from fedrouter.experiment import RESULTS
 
     if not (run_dir / RESULTS).is_file():
         raise FedrouterError(f"{run_dir} is not a finished run directory (no {RESULTS})")

@@ -44,7 +44,6 @@ class SharedModel:
         self.model = attach_lora(base_model, lora)
         self.tokenizer = tokenizer
         self.settings = settings
-        self.params = list(adapter_parameters(self.model).values())
         self.initial_adapter: Adapter = get_adapter_state(self.model)
         # Greedy decoding is deterministic: the same prompts under the same adapter (e.g. every client on
         # the shared all-task set, routed to the same cluster adapters) are generated once.

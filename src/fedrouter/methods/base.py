@@ -110,6 +110,12 @@ class ClientPart:
         return {}
 
 
+def lora_matrices(adapter: Adapter, kind: str, exclude: bool = False) -> Adapter:
+    """The adapter's `kind` ("lora_A" or "lora_B") matrices, or with exclude=True all the others."""
+    marker = f".{kind}."
+    return {k: v for k, v in adapter.items() if (marker in k) != exclude}
+
+
 def fit_reply(adapter: Adapter | None, stats, n_examples: int) -> Message:
     """The usual reply of a training client: its adapter (if uploaded) and how it trained."""
     return Message(

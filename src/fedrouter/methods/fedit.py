@@ -11,9 +11,16 @@ from fedrouter.methods.base import ClientPart, Message, ServerPart, fit_reply, m
 
 
 class Server(ServerPart):
+    """Sends the travelling part of the global adapter and replaces it by the clients' example-weighted
+    average. FedIT: all of it; FedSA-LoRA and FFA-LoRA override `travelling` (A only, B only)."""
+
+    def travelling(self, adapter: dict) -> dict:
+        return adapter
+
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        self.global_adapter = initial_adapter
+        self.initial_adapter = initial_adapter
+        self.global_adapter = self.travelling(initial_adapter)
 
     def configure_fit(self, round_idx, client_ids):
         return {cid: Message(dict(self.global_adapter), {"round": round_idx}) for cid in client_ids}
@@ -28,7 +35,8 @@ class Server(ServerPart):
         return {cid: Message(dict(self.global_adapter)) for cid in client_ids}
 
     def adapters(self):
-        return {"global": self.global_adapter}
+        # what never travels stays at the run's initialisation (FFA's frozen A)
+        return {"global": {**self.initial_adapter, **self.global_adapter}}
 
 
 class Client(ClientPart):

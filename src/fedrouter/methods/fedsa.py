@@ -6,49 +6,30 @@ carry what is client-specific and never leave the client (client-private state).
 
 from __future__ import annotations
 
-from fedrouter.core.aggregate import weighted_average
-from fedrouter.methods.base import ClientPart, Message, ServerPart, fit_reply, mean_fit_metrics
+from fedrouter.methods import fedit
+from fedrouter.methods.base import ClientPart, fit_reply, lora_matrices
 
-SHARED = ".lora_A."
-
-
-def shared_part(adapter: dict) -> dict:
-    return {k: v for k, v in adapter.items() if SHARED in k}
+SHARED = "lora_A"
 
 
-def private_part(adapter: dict) -> dict:
-    return {k: v for k, v in adapter.items() if SHARED not in k}
+class Server(fedit.Server):
+    def travelling(self, adapter):
+        return lora_matrices(adapter, SHARED)
 
-
-class Server(ServerPart):
-    def __init__(self, setup, initial_adapter, client_ids):
-        super().__init__(setup, initial_adapter, client_ids)
-        self.global_a = shared_part(initial_adapter)
-
-    def configure_fit(self, round_idx, client_ids):
-        return {cid: Message(dict(self.global_a), {"round": round_idx}) for cid in client_ids}
-
-    def aggregate_fit(self, round_idx, replies):
-        self.global_a = weighted_average([r.arrays for r in replies.values()], [r.config["n_examples"] for r in replies.values()])
-        return mean_fit_metrics(replies)
-
-    def configure_evaluate(self, client_ids):
-        return {cid: Message(dict(self.global_a)) for cid in client_ids}
+    def adapters(self):
+        return {}  # a full adapter needs a client's private B
 
 
 class Client(ClientPart):
     def _adapter(self, global_a: dict, ctx) -> dict:
         # B starts from the run's initialisation (zeros) and then stays the client's own.
-        private = ctx.state.get("B") or private_part(ctx.workbench.shared.initial_adapter)
+        private = ctx.state.get("B") or lora_matrices(ctx.workbench.shared.initial_adapter, SHARED, exclude=True)
         return {**global_a, **private}
 
     def fit(self, msg, ctx):
         adapter, stats = ctx.workbench.train(self._adapter(msg.arrays, ctx), msg.config["round"])
-        ctx.state["B"] = private_part(adapter)
-        return fit_reply(shared_part(adapter), stats, ctx.workbench.n_train)
+        ctx.state["B"] = lora_matrices(adapter, SHARED, exclude=True)
+        return fit_reply(lora_matrices(adapter, SHARED), stats, ctx.workbench.n_train)
 
     def eval_adapter(self, msg, ctx):
         return self._adapter(msg.arrays, ctx)
-
-    def adapters(self, ctx):
-        return {}  # a client's full adapter needs the final global A: evaluation assembles it
