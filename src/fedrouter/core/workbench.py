@@ -235,6 +235,10 @@ class ClientWorkbench:
         self._stream = batch_stream(self.train_examples, shared.settings.batch_size, shared.tokenizer.pad_token_id, self._generator)
         self._subset_streams: dict = {}  # name -> batch stream over a subset (e.g. one local cluster)
         self.seed = seed
+        # Training calls so far: with the client and the seed it seeds each call's LoRA dropout, so the
+        # masks depend on this client alone -- not on which clients trained before it in the process
+        # (in-process), nor on which process the client lands in (Flower).
+        self._train_calls = 0
 
     @property
     def n_train(self) -> int:
@@ -260,11 +264,14 @@ class ClientWorkbench:
         live = self.shared.live_parameters(slot)
         params = [p for k, p in live.items() if trainable is None or f".{trainable}." in k]
         self.shared.model.set_adapter(slot)
+        self._train_calls += 1
         try:
-            stats = train_steps(
-                self.shared.model, params, stream, steps or s.local_steps, lr, s.weight_decay,
-                regularizer=(lambda: regularizer(live)) if regularizer else None,
-            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + self.client_id * 10_007 + self._train_calls)
+                stats = train_steps(
+                    self.shared.model, params, stream, steps or s.local_steps, lr, s.weight_decay,
+                    regularizer=(lambda: regularizer(live)) if regularizer else None,
+                )
         finally:
             self.shared.model.set_adapter("default")
         for p in live.values():  # frozen-by-choice matrices collected gradients the optimizer never cleared
@@ -297,13 +304,14 @@ class ClientWorkbench:
         return self._subset_streams[name]
 
     def stream_state(self) -> dict:
-        """Where this client's batch streams stand (plain data), so a client rebuilt in another process
-        (Flower deployment) or a resumed run draws exactly the batches it would have drawn."""
-        return {"main": self._stream.state_dict(),
+        """Where this client's batch streams (and dropout seeds) stand, as plain data, so a client rebuilt
+        in another process (Flower) or a resumed run draws exactly the batches and masks it would have."""
+        return {"main": self._stream.state_dict(), "train_calls": self._train_calls,
                 "subsets": [[name, st.indices, st.state_dict()] for name, st in self._subset_streams.items()]}
 
     def load_stream_state(self, state: dict) -> None:
         self._stream.load_state_dict(state["main"])
+        self._train_calls = int(state["train_calls"])
         self._subset_streams = {}
         for name, indices, st in state["subsets"]:  # recreated in creation order: their seeds depend on it
             self._subset_stream(name, indices).load_state_dict(st)
