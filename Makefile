@@ -20,7 +20,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower]"
 	touch $@
 
 install: $(VENV)/.installed

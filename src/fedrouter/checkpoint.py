@@ -1,8 +1,8 @@
 """Checkpoints of a run, one per finished round, written atomically; the newest readable one resumes it.
 
 A checkpoint holds everything the rest of the run depends on: the server part (its adapters, cluster
-maps, optimizer moments), every client's private state and batch-stream position, the random generators
-(torch's global one drives LoRA dropout; client sampling and failure injection have their own), the
+maps, optimizer moments), every client's private state and batch-stream position (which also seeds its
+LoRA dropout), the random generators (torch's global one; client sampling and failure injection), the
 traffic counters, the round records so far, and the base evaluation. It is written to a temporary file
 and renamed, so a crash mid-write never leaves a file that looks complete; the last `keep` are kept.
 """

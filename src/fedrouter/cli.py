@@ -33,6 +33,7 @@ RUN_FLAGS = {
     "threads": ("--threads", int, "torch CPU threads"),
     "eval_every": ("--eval-every", int, "evaluate every N rounds (0: only at the end)"),
     "inject_failures": ("--inject-failures", float, "each client fails a round with this probability (testing)"),
+    "engine": ("--engine", str, "inprocess (default) | flower (Flower's simulation runtime; needs the flower extra)"),
 }
 
 
@@ -115,17 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
-    from fedrouter import clusters, compare, predict, report
+    from fedrouter import clusters, compare, flower_cli, predict, report
 
     clusters.add_parser(sub)
     predict.add_parser(sub)
     compare.add_parser(sub)
     report.add_parser(sub)
+    flower_cli.add_parser(sub)
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
         commands = {"run": _cmd_run, "clusters": clusters.run, "predict": predict.run, "compare": compare.run,
-                    "report": report.run}
+                    "report": report.run, "flower": flower_cli.run}
         return commands[args.command](args)
     except FedrouterError as exc:
         print(f"fedrouter: error: {exc}", file=sys.stderr)

@@ -48,7 +48,7 @@ class Config(_Strict):
     method: str = "fedrouter"
     scenario: str = "dual"
     seed: int = 0
-    engine: Literal["inprocess"] = "inprocess"
+    engine: Literal["inprocess", "flower"] = "inprocess"  # flower: Flower's simulation runtime (pip install .[flower])
     # federation (paper defaults: 8 clients, 25 rounds, 10 local steps, batch 16)
     n_clients: int = Field(8, gt=0)
     rounds: int = Field(25, gt=0)
@@ -63,7 +63,8 @@ class Config(_Strict):
     update_norm_ratio: float = Field(0.0, ge=0)
     min_updates: int = Field(1, gt=0)  # fewer acceptable updates in a round: the server state is kept
     inject_failures: float = Field(0.0, ge=0, lt=1)  # in-process: each client fails a round with this probability
-    client_timeout_s: float | None = Field(None, gt=0)  # a client's training over this many seconds is dropped
+    # a client's training over this many seconds is dropped (Flower: how long the server waits for replies)
+    client_timeout_s: float | None = Field(None, gt=0)
     checkpoint_keep: int = Field(2, ge=0)  # checkpoints kept in the run directory (one per round); 0: none
     # model
     model: str = "tiny"  # "tiny" (embedded, built once and cached), a Hugging Face id, or a local path

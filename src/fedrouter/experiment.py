@@ -65,13 +65,17 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def build_world(cfg: Config, progress: bool = True):
-    """Data, the shared model, one workbench per client, and the method's two parts."""
-    data = build_federated_data(
+def build_data(cfg: Config):
+    """The federated split of the config's data (deterministic: every process that builds it agrees)."""
+    return build_federated_data(
         cfg.data, cfg.scenario, cfg.n_clients, cfg.train_per_client, cfg.test_per_client,
         cfg.general_test_per_task, seed=cfg.seed, task_field=cfg.task_field, tasks=cfg.tasks,
         dirichlet_alpha=cfg.dirichlet_alpha,
     )
+
+
+def build_shared(cfg: Config, progress: bool = True) -> SharedModel:
+    """The base model with its LoRA slot and the training settings (the same initial adapter everywhere)."""
     tiny_spec = TinyBaseSpec(**cfg.tiny.model_dump())
     base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None, tiny_spec, progress)
     settings = TrainSettings(
@@ -80,16 +84,25 @@ def build_world(cfg: Config, progress: bool = True):
         max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size, prompt_template=cfg.prompt_template,
     )
     lora = LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.target_modules))
-    shared = SharedModel(base, tokenizer, lora, settings, seed=cfg.seed)
+    return SharedModel(base, tokenizer, lora, settings, seed=cfg.seed)
+
+
+def method_setup(cfg: Config) -> MethodSetup:
+    return MethodSetup(cfg.seed, cfg.rounds, dict(cfg.method_options), cfg.cache_dir)
+
+
+def build_world(cfg: Config, progress: bool = True):
+    """Data, the shared model, one workbench per client, and the method's two parts."""
+    data = build_data(cfg)
+    shared = build_shared(cfg, progress)
     general_encoded = shared.encode(data.general_test)  # the same for every client: encode once
     contexts = {
         c.client_id: ClientContext(c.client_id, ClientWorkbench(shared, c, data.general_test, cfg.seed, general_encoded))
         for c in data.clients
     }
     server_cls, client_cls = load_method(cfg.method)
-    setup = MethodSetup(cfg.seed, cfg.rounds, dict(cfg.method_options), cfg.cache_dir)
-    server = server_cls(setup, shared.initial_adapter, sorted(contexts))
-    client = client_cls(setup)
+    server = server_cls(method_setup(cfg), shared.initial_adapter, sorted(contexts))
+    client = client_cls(method_setup(cfg))
     return data, shared, contexts, server, client
 
 
@@ -102,16 +115,35 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
+    if cfg.engine == "flower":
+        if resume:
+            raise FedrouterError("--resume works for in-process runs only: a Flower run's client state lives on its nodes")
+        try:
+            from fedrouter.engines.flower import run_simulation
+        except ImportError as exc:
+            raise FedrouterError(f"engine flower needs Flower ({exc.name} is missing): pip install 'fedrouter[flower]'") from None
+        build_data(cfg)  # bad data fails here, before the run directory exists
+        shared = build_shared(cfg, progress)
+        return write_run(run_dir, lambda: run_simulation(cfg, run_dir, progress, shared), start)
     # Everything that can fail on bad input (data, model) is checked before the run directory exists.
     data, shared, contexts, server, client = build_world(cfg, progress)
     saved = None
     if resume:
         saved = _resumable(run_dir)
         (run_dir / "FAILED").unlink(missing_ok=True)
-    else:
+    clients = InProcessClients(cfg, client, contexts, progress)
+    return write_run(run_dir, lambda: run_with(cfg, run_dir, data.tasks, shared, server, clients, progress, saved),
+                     start, claim=not resume)
+
+
+def write_run(run_dir: Path, produce, start: float | None = None, claim: bool = True) -> dict:
+    """Claim `run_dir`, let `produce()` fill it and return the results, then write results.json last
+    (atomically) -- or FAILED with the reason, so an unfinished run never looks complete."""
+    start = time.perf_counter() if start is None else start
+    if claim:
         _claim_run_dir(run_dir)
     try:
-        results = _run(cfg, run_dir, data, shared, contexts, server, client, progress, saved)
+        results = produce()
     except BaseException as exc:
         (run_dir / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
         raise
@@ -132,22 +164,61 @@ def _resumable(run_dir: Path) -> dict:
     return saved
 
 
-def checkpoint_payload(server, contexts, sampling, transport, traffic, history, base_reports, setup_report, timings) -> dict:
+class InProcessClients:
+    """The client side as the in-process engine holds it: every client's context in this process."""
+
+    engine = "inprocess"
+    resumable = True  # every client's state is at hand for a checkpoint
+
+    def __init__(self, cfg: Config, client, contexts: dict, progress: bool = True):
+        self.client, self.contexts = client, contexts
+        self.inprocess = InProcessTransport(client, contexts, progress, cfg.inject_failures, cfg.seed, cfg.client_timeout_s)
+        self.transport = self.inprocess  # what the loop sends through (a test may wrap it)
+        self.ids = sorted(contexts)
+
+    def info(self) -> dict[int, dict]:
+        """Each client's tasks and number of training examples (for the per-client table)."""
+        return {cid: {"tasks": ctx.workbench.tasks, "n_train": ctx.workbench.n_train} for cid, ctx in self.contexts.items()}
+
+    def save_adapters(self, run_dir: Path, shared: SharedModel) -> list[str]:
+        """The clients' private adapters, in PEFT format under adapters/client<id>-<name>/."""
+        return save_peft(run_dir, shared, {f"client{cid}-{name}": adapter for cid, ctx in sorted(self.contexts.items())
+                                           for name, adapter in self.client.adapters(ctx).items()})
+
+    def save_embedding_map(self, run_dir: Path, seed: int) -> None:
+        save_embedding_map(run_dir, self.client, self.contexts, seed)
+
+    def state(self) -> dict:
+        """What a checkpoint needs of the clients: private states, stream positions, failure draws."""
+        return {"client_states": {cid: ctx.state for cid, ctx in self.contexts.items()},
+                "streams": {cid: ctx.workbench.stream_state() for cid, ctx in self.contexts.items()},
+                "failure_rng": self.inprocess._failure_rng.getstate()}
+
+    def restore(self, saved: dict) -> None:
+        for cid, ctx in self.contexts.items():
+            ctx.state = saved["client_states"][cid]
+            ctx.workbench.load_stream_state(saved["streams"][cid])
+        self.inprocess._failure_rng.setstate(saved["failure_rng"])
+
+
+def checkpoint_payload(server, clients, sampling, traffic, history, base_reports, setup_report, timings) -> dict:
     """Everything the rest of a run depends on, after a round (see `fedrouter.checkpoint`)."""
     return {
-        "server": server, "client_states": {cid: ctx.state for cid, ctx in contexts.items()},
-        "streams": {cid: ctx.workbench.stream_state() for cid, ctx in contexts.items()},
-        "torch_rng": torch.get_rng_state(), "sampling_rng": sampling.getstate(),
-        "failure_rng": transport._failure_rng.getstate(), "traffic": (traffic.down, traffic.up),
+        "server": server, **clients.state(),
+        "torch_rng": torch.get_rng_state(), "sampling_rng": sampling.getstate(), "traffic": (traffic.down, traffic.up),
         "history": list(history), "base_reports": base_reports, "setup_report": setup_report, "timings": timings,
     }
 
 
-def _run(cfg, run_dir, data, shared, contexts, server, client, progress, saved: dict | None = None) -> dict:
-    transport = InProcessTransport(client, contexts, progress, cfg.inject_failures, cfg.seed, cfg.client_timeout_s)
+def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, server, clients,
+             progress: bool = True, saved: dict | None = None) -> dict:
+    """The server's side of a run, whatever engine carries the messages: base evaluation, setup, rounds
+    (with checkpoints when the engine can restore its clients), final evaluation, and the run directory's
+    files. `clients` is the engine's client side (`InProcessClients`, or the Flower engine's)."""
+    transport, ids = clients.transport, clients.ids
     traffic = Traffic()
-    ids = sorted(contexts)
-    tasks_of = {cid: ctx.workbench.tasks for cid, ctx in contexts.items()}
+    info = clients.info()
+    checkpoints = cfg.checkpoint_keep if clients.resumable else 0
     sampling = random.Random(f"client-sampling:{cfg.seed}")
     metrics_path = run_dir / "metrics.jsonl"
     if saved is None:
@@ -162,12 +233,9 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress, saved: 
         metrics_path.write_text("")
     else:  # everything as it stood after round `done`
         server = saved["server"]
-        for cid, ctx in contexts.items():
-            ctx.state = saved["client_states"][cid]
-            ctx.workbench.load_stream_state(saved["streams"][cid])
+        clients.restore(saved)
         torch.set_rng_state(saved["torch_rng"])
         sampling.setstate(saved["sampling_rng"])
-        transport._failure_rng.setstate(saved["failure_rng"])
         traffic.down, traffic.up = saved["traffic"]
         base_reports, setup_report, timings, earlier = saved["base_reports"], saved["setup_report"], saved["timings"], saved["history"]
         done = saved["round"]
@@ -183,10 +251,10 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress, saved: 
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         earlier.append(record)
-        if cfg.checkpoint_keep:
+        if checkpoints:
             checkpoint.save(run_dir, record["round"], checkpoint_payload(
-                server, contexts, sampling, transport, traffic, earlier, base_reports, setup_report,
-                {**timings, "rounds_s": rounds_before + time.perf_counter() - clock}), cfg.checkpoint_keep)
+                server, clients, sampling, traffic, earlier, base_reports, setup_report,
+                {**timings, "rounds_s": rounds_before + time.perf_counter() - clock}), checkpoints)
 
     try:
         run_rounds(server, transport, traffic, ids, cfg.rounds, cfg.client_fraction, cfg.seed, on_round,
@@ -200,23 +268,25 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress, saved: 
     test_reports = evaluate_clients(server, transport, traffic, ids, "test")
     general_reports = evaluate_clients(server, transport, traffic, ids, "general")
     timings["final_eval_s"] = time.perf_counter() - clock
-    per_client = [_client_row(cid, tasks_of[cid], test_reports[cid]) for cid in ids]
+    per_client = [_client_row(cid, info[cid]["tasks"], test_reports[cid]) for cid in ids]
     for row, cid in zip(per_client, ids):
-        row["n_train"] = contexts[cid].workbench.n_train
+        row["n_train"] = info[cid]["n_train"]
         row["base_rouge1"] = base_reports[cid]["rouge1"]
         row["general_rouge1"] = general_reports[cid]["rouge1"]
 
-    saved = save_adapters(run_dir, shared, server, client, contexts)
+    saved = sorted(save_peft(run_dir, shared, server.adapters()) + clients.save_adapters(run_dir, shared))
     save_router(run_dir, server.router())
     for filename, tensors in server.tensor_files().items():
         save_file(tensors, run_dir / filename)
-    save_embedding_map(run_dir, client, contexts, cfg.seed)
+    clients.save_embedding_map(run_dir, cfg.seed)
+    rounds_of_failures = [sum(r["reason"].startswith("client failed") for r in h["rejected"]) for h in history]
     results = {
         "method": cfg.method,
         "scenario": cfg.scenario,
         "seed": cfg.seed,
         "model": cfg.model,
-        "tasks": data.tasks,
+        "engine": clients.engine,
+        "tasks": tasks,
         "rouge1": _mean(r["rouge1"] for r in per_client),
         "base_rouge1": _mean(r["rouge1"] for r in base_reports.values()),
         "rougeL": _mean(r["rougeL"] for r in per_client),
@@ -232,6 +302,7 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress, saved: 
         "bytes_down": traffic.down,
         "rejected_updates": [{"round": h["round"], **r} for h in history for r in h["rejected"]],
         "skipped_rounds": [h["round"] for h in history if "skipped" in h],
+        "client_failures_per_round": rounds_of_failures,
         "adapters": saved,
         "timings": timings,
         **setup_report,
@@ -241,12 +312,8 @@ def _run(cfg, run_dir, data, shared, contexts, server, client, progress, saved: 
     return results
 
 
-def save_adapters(run_dir: Path, shared: SharedModel, server, client, contexts) -> list[str]:
-    """Every adapter the method keeps, in PEFT format under adapters/<name>/ (server's, then clients')."""
-    named = dict(server.adapters())
-    for cid, ctx in sorted(contexts.items()):
-        for name, adapter in client.adapters(ctx).items():
-            named[f"client{cid}-{name}"] = adapter
+def save_peft(run_dir: Path, shared: SharedModel, named: dict) -> list[str]:
+    """Adapters by name, in PEFT format under adapters/<name>/ (loaded into the shared model's slot)."""
     for name, adapter in named.items():
         shared.load(adapter)
         shared.model.save_pretrained(run_dir / "adapters" / name)

@@ -163,8 +163,10 @@ def run_rounds(
             metrics = {"skipped": f"{len(kept)} acceptable update(s), fewer than {max(1, min_updates)}: "
                                   "the server state is unchanged"}
             log.warning("round %d: %s", round_idx + 1, metrics["skipped"])
+        # The slowest client's own training time: round_s minus it is what the engine and server cost.
+        slowest = max((float(r.config.get("train_s", 0.0)) for r in kept.values()), default=0.0)
         record = {"round": round_idx + 1, **metrics, "rejected": rejected, "bytes_down": traffic.down,
-                  "bytes_up": traffic.up, "round_s": time.perf_counter() - start}
+                  "bytes_up": traffic.up, "round_s": time.perf_counter() - start, "slowest_client_s": slowest}
         history.append(record)
         bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}")
         if on_round is not None:

@@ -222,7 +222,7 @@ class Client(ClientPart):
 
     def fit(self, msg, ctx):
         labels = ctx.state["local_labels"]
-        arrays, job_examples, job_losses, tokens = {}, [], [], 0
+        arrays, job_examples, job_losses, tokens, seconds = {}, [], [], 0, 0.0
         for j, (l, g) in enumerate(msg.config["jobs"]):
             indices = np.flatnonzero(labels == l).tolist()
             adapter, stats = ctx.workbench.train(unpack_under(msg.arrays, f"g{g}"), msg.config["round"], subset=(f"local{l}", indices))
@@ -230,8 +230,9 @@ class Client(ClientPart):
             job_examples.append(len(indices))
             job_losses.append(stats.loss)
             tokens += stats.tokens
+            seconds += stats.seconds
         return Message(arrays, {"jobs": msg.config["jobs"], "job_examples": job_examples, "job_losses": job_losses,
-                                "n_examples": sum(job_examples), "tokens": tokens})
+                                "n_examples": sum(job_examples), "tokens": tokens, "train_s": seconds})
 
     def evaluate(self, msg, ctx):
         split = msg.config.get("split", "test")

@@ -1,0 +1,345 @@
+"""The Flower engine: the same method parts, carried by Flower's Message API (flwr 1.41).
+
+Server: the ServerApp's `main` runs fedrouter's own round loop (`experiment.run_with`, the loop every
+engine shares) over a `FlowerTransport`, which turns each client's `Message` into a Flower message for
+that client's node and brings the replies back. Nodes are found by asking each one for its partition id
+(`query.hello`); node ids are never assumed.
+
+Client: the ClientApp's handlers rebuild the client from what every message carries -- the run's config
+(JSON) -- and from the node's `context.state` (the method's private state and the batch-stream position,
+which also seeds LoRA dropout), run the method's client part, and store the state back. The base model,
+the data and their encoding are built once per process and reused by every message that process serves.
+
+Runtimes: `fedrouter run --engine flower` runs Flower's simulation runtime in this process (Ray actors
+for the clients); `flwr run` runs the app in `flower/` (simulation or deployment, see the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message as FlowerMessage, MessageType
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedrouter.config import Config, load_config
+from fedrouter.engines.inprocess import ClientTimeout, InjectedFailure
+from fedrouter.engines.wire import STATE, from_records, state_from_record, state_to_record, to_records
+from fedrouter.errors import FedrouterError
+from fedrouter.methods.base import ClientContext, Message, failure_reply
+
+log = logging.getLogger(__name__)
+
+RUN = "run"  # the record every message carries: the run's config and per-message engine flags
+HELLO, SETUP, SAVE = f"{MessageType.QUERY}.hello", f"{MessageType.QUERY}.setup", f"{MessageType.QUERY}.save"
+
+
+# ----------------------------------------------------------------------------------------- server side
+
+class FlowerTransport:
+    """Delivers one message per client to that client's node through the Grid and collects the replies.
+
+    A training reply that is an error (the ClientApp raised) or that did not come back within
+    `timeout_s` becomes a failed reply: the round goes on with the others. Setup and evaluation need
+    every client, so a missing or failed reply there stops the run with the client's reason."""
+
+    def __init__(self, grid: Grid, node_of: dict[int, int], config_text: str, timeout_s: float | None,
+                 inject_failures: float = 0.0, seed: int = 0):
+        self.grid, self.node_of, self.config_text, self.timeout_s = grid, node_of, config_text, timeout_s
+        self.inject_failures = inject_failures
+        # The same draws as the in-process engine's, so both fail the same clients in the same rounds.
+        self._failure_rng = random.Random(f"inject-failures:{seed}")
+        self.round = 0
+
+    def _exchange(self, messages: dict[int, Message], message_type: str, flags: dict[int, dict] | None = None) -> dict[int, Message]:
+        group = str(self.round)
+        outgoing = []
+        for cid, msg in messages.items():
+            run = ConfigRecord({"config": self.config_text, "client": cid, **(flags or {}).get(cid, {})})
+            outgoing.append(FlowerMessage(to_records(msg, {RUN: run}), dst_node_id=self.node_of[cid],
+                                          message_type=message_type, group_id=group))
+        client_of = {node: cid for cid, node in self.node_of.items()}
+        replies: dict[int, Message] = {}
+        for reply in self.grid.send_and_receive(outgoing, timeout=self.timeout_s):
+            cid = client_of.get(reply.metadata.src_node_id)
+            if cid is None:
+                continue
+            # an error reply reads like the in-process engine's failure: "ExceptionName: message"
+            replies[cid] = Message(config={"failed": error_reason(reply)}) if reply.has_error() else from_records(reply.content)
+        for cid in messages:
+            if cid not in replies:
+                replies[cid] = failure_reply(ClientTimeout(f"no reply within {self.timeout_s:g} s"))
+        return {cid: replies[cid] for cid in messages}
+
+    def _all_or_raise(self, messages, message_type: str, what: str) -> dict[int, Message]:
+        replies = self._exchange(messages, message_type)
+        for cid, reply in sorted(replies.items()):
+            if "failed" in reply.config:
+                raise FedrouterError(f"client {cid} failed during {what}: {reply.config['failed']}")
+        return replies
+
+    def setup(self, messages):
+        return self._all_or_raise(messages, SETUP, "setup")
+
+    def fit(self, messages):
+        self.round += 1
+        flags = {}
+        for cid in messages:
+            if self.inject_failures and self._failure_rng.random() < self.inject_failures:
+                flags[cid] = {"inject_failure": True}
+        return self._exchange(messages, MessageType.TRAIN, flags)
+
+    def evaluate(self, messages):
+        return self._all_or_raise(messages, MessageType.EVALUATE, "evaluation")
+
+
+_DEPLOYED_REASON = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.S)
+
+
+def error_reason(reply: FlowerMessage) -> str:
+    """'ExceptionName: message' from a Flower error reply: deployment sends "<class 'x.Y'>:<'msg'>",
+    simulation a whole traceback whose last line is "x.Y: msg"."""
+    reason = reply.error.reason or f"error code {reply.error.code}"
+    match = _DEPLOYED_REASON.search(reason)
+    if match:
+        return f"{match.group(1)}: {match.group(2)}"
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        found = re.match(r"(?:[\w.]*\.)?(\w+(?:Error|Exception|Failure|Timeout)): (.*)", line)
+        if found:
+            return f"{found.group(1)}: {found.group(2)}"
+    return lines[-1] if lines else reason
+
+
+class FlowerClients:
+    """The client side as a Flower run sees it: nodes behind a Grid, each reporting its partition."""
+
+    engine = "flower"
+    resumable = False  # the clients' private state lives on their nodes, not in the server's checkpoint
+
+    def __init__(self, transport: FlowerTransport, info: dict[int, dict]):
+        self.transport, self._info = transport, info
+        self.ids = sorted(info)
+
+    def info(self) -> dict[int, dict]:
+        return self._info
+
+    def save_adapters(self, run_dir: Path, shared) -> list[str]:
+        """Each node saves its clients' private adapters itself (they never travel), under the run
+        directory's path on that node, or under the node's `out-dir` node-config when it has one."""
+        messages = {cid: Message(config={"dir": str(Path(run_dir).resolve())}) for cid in self.ids}
+        replies = self.transport._all_or_raise(messages, SAVE, "saving its adapters")
+        return [name for cid in self.ids for name in replies[cid].config["saved"]]
+
+    def save_embedding_map(self, run_dir: Path, seed: int) -> None:
+        """No embedding map: it would need the clients' embeddings, which a federation does not share."""
+
+
+def wait_for_nodes(grid: Grid, n: int, wait_s: float) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FedrouterError(f"only {len(nodes)} of {n} SuperNodes connected after {wait_s:g} s")
+        time.sleep(0.5)
+
+
+def discover_partitions(grid: Grid, nodes: list[int], cfg: Config, config_text: str, timeout_s: float | None) -> tuple[dict[int, int], dict[int, dict], list[str]]:
+    """Ask every node which partition (client id) it holds: {client id: node id}, each client's info,
+    and the data's task list. Every client 0..n-1 must be held by exactly one node."""
+    probe = FlowerTransport(grid, {i: node for i, node in enumerate(nodes)}, config_text, timeout_s)
+    replies = probe._all_or_raise({i: Message() for i in range(len(nodes))}, HELLO, "hello")
+    node_of, info, tasks = {}, {}, []
+    for i, reply in replies.items():
+        cid = reply.config["partition"]
+        if cid in node_of:
+            raise FedrouterError(f"nodes {node_of[cid]} and {nodes[i]} both hold partition {cid}; give each SuperNode "
+                                 "its own --node-config partition-id")
+        node_of[cid] = nodes[i]
+        info[cid] = {"tasks": reply.config["tasks"], "n_train": reply.config["n_train"]}
+        tasks = reply.config["all_tasks"]
+    missing = sorted(set(range(cfg.n_clients)) - set(node_of))
+    if missing:
+        raise FedrouterError(f"no SuperNode holds partition(s) {missing}; n_clients is {cfg.n_clients}")
+    return node_of, info, tasks
+
+
+def serve(grid: Grid, cfg: Config, run_dir: Path, progress: bool = True, node_wait_s: float = 120.0, shared=None) -> dict:
+    """A whole run from the ServerApp: find the nodes, then the shared server loop (`shared`: the base
+    model with its LoRA slot, when the caller has it loaded already)."""
+    from fedrouter.experiment import build_shared, method_setup, run_with
+    from fedrouter.methods import load_method
+
+    config_text = json.dumps(cfg.model_dump())
+    nodes = wait_for_nodes(grid, cfg.n_clients, node_wait_s)
+    node_of, info, tasks = discover_partitions(grid, nodes, cfg, config_text, cfg.client_timeout_s or node_wait_s)
+    shared = shared or build_shared(cfg, progress)  # the initial adapter; PEFT files of the server's adapters
+    server_cls, _ = load_method(cfg.method)
+    server = server_cls(method_setup(cfg), shared.initial_adapter, sorted(node_of))
+    transport = FlowerTransport(grid, node_of, config_text, cfg.client_timeout_s, cfg.inject_failures, cfg.seed)
+    return run_with(cfg, run_dir, tasks, shared, server, FlowerClients(transport, info), progress)
+
+
+# The app for `flwr run` (flower/pyproject.toml names these): the run config says what to run.
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    from fedrouter.cli import parse_sets
+    from fedrouter.experiment import default_run_dir, write_run
+    run_config = context.run_config
+    cfg = load_config(run_config.get("config") or None, parse_sets(str(run_config.get("set", "")).split()))
+    run_dir = Path(run_config.get("out") or default_run_dir(cfg))
+    results = write_run(run_dir, lambda: serve(grid, cfg, run_dir, progress=False,
+                                               node_wait_s=float(run_config.get("node-wait-s", 120))))
+    log.warning("fedrouter: %s %s ROUGE-1 %.4f, run directory %s", cfg.method, cfg.scenario, results["rouge1"], run_dir)
+
+
+# ----------------------------------------------------------------------------------------- client side
+
+class _World:
+    """What one process builds once per run config: the shared model, the data, the method's client part."""
+
+    def __init__(self, cfg: Config):
+        import torch
+
+        from fedrouter.experiment import build_data, build_shared, method_setup
+        from fedrouter.methods import load_method
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.data = build_data(cfg)
+        self.shared = build_shared(cfg, progress=False)
+        self.general_encoded = self.shared.encode(self.data.general_test)
+        self.client = load_method(cfg.method)[1](method_setup(cfg))
+        self.workbenches: dict[int, tuple] = {}
+
+    def workbench(self, cid: int):
+        """Client `cid`'s workbench (data encoded once per process) and its stream state when new."""
+        from fedrouter.core.workbench import ClientWorkbench
+
+        if cid not in self.workbenches:
+            data = next(c for c in self.data.clients if c.client_id == cid)
+            wb = ClientWorkbench(self.shared, data, self.data.general_test, self.cfg.seed, self.general_encoded)
+            self.workbenches[cid] = (wb, wb.stream_state())
+        return self.workbenches[cid]
+
+
+_WORLDS: dict[str, _World] = {}
+
+
+def _world(config_text: str) -> _World:
+    key = hashlib.sha256(config_text.encode()).hexdigest()
+    if key not in _WORLDS:
+        _WORLDS.clear()  # one run per process at a time: free the previous run's model
+        _WORLDS[key] = _World(Config.model_validate(json.loads(config_text)))
+    return _WORLDS[key]
+
+
+def _partition(context: Context, n_clients: int) -> int:
+    raw = context.node_config.get("partition-id")
+    if raw is None:
+        raise FedrouterError("this SuperNode has no partition-id: start it with --node-config \"partition-id=I num-partitions=N\"")
+    try:
+        cid = int(raw)
+    except (TypeError, ValueError):
+        raise FedrouterError(f"partition-id must be an integer, got {raw!r}") from None
+    if not 0 <= cid < n_clients:
+        raise FedrouterError(f"partition-id {cid} is outside 0..{n_clients - 1} (the run has {n_clients} clients)")
+    return cid
+
+
+def _handle(msg: FlowerMessage, context: Context, work) -> FlowerMessage:
+    """Rebuild this node's client, let `work(message, ctx, world)` act, keep its state, reply."""
+    run = msg.content[RUN]
+    world = _world(run["config"])
+    cid = _partition(context, world.cfg.n_clients)
+    if "client" in run and msg.metadata.message_type != HELLO and int(run["client"]) != cid:
+        raise FedrouterError(f"the server addressed client {run['client']} but this node holds partition {cid}")
+    if run.get("inject_failure"):
+        raise InjectedFailure("injected failure")
+    workbench, initial_streams = world.workbench(cid)
+    saved = state_from_record(context.state[STATE]) if STATE in context.state else {"state": {}, "streams": initial_streams}
+    workbench.load_stream_state(saved["streams"])
+    ctx = ClientContext(cid, workbench, saved["state"])
+    reply = work(from_records(msg.content), ctx, world)
+    context.state[STATE] = state_to_record({"state": ctx.state, "streams": workbench.stream_state()})
+    return FlowerMessage(to_records(reply), reply_to=msg)
+
+
+client_app = ClientApp()
+
+
+@client_app.query("hello")
+def _hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    return _handle(msg, context, lambda m, ctx, w: Message(config={
+        "partition": ctx.client_id, "tasks": ctx.workbench.tasks, "n_train": ctx.workbench.n_train,
+        "all_tasks": list(w.data.tasks)}))
+
+
+@client_app.query("setup")
+def _setup(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    return _handle(msg, context, lambda m, ctx, w: w.client.setup(m, ctx))
+
+
+@client_app.train()
+def _train(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    return _handle(msg, context, lambda m, ctx, w: w.client.fit(m, ctx))
+
+
+@client_app.evaluate()
+def _evaluate(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    return _handle(msg, context, lambda m, ctx, w: w.client.evaluate(m, ctx))
+
+
+@client_app.query("save")
+def _save(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    def save(m: Message, ctx: ClientContext, w: _World) -> Message:
+        from fedrouter.experiment import save_peft
+
+        out = Path(context.node_config.get("out-dir") or m.config["dir"])
+        named = {f"client{ctx.client_id}-{name}": a for name, a in w.client.adapters(ctx).items()}
+        return Message(config={"saved": save_peft(out, w.shared, named)})
+
+    return _handle(msg, context, save)
+
+
+# ----------------------------------------------------------------------------------- simulation runtime
+
+def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=None) -> dict:
+    """`cfg` on Flower's simulation runtime in this process: n_clients virtual SuperNodes (Ray actors,
+    one CPU each); returns the results the ServerApp wrote."""
+    from flwr.simulation import run_simulation as flower_simulation
+
+    for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                       "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+    outcome: dict = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["results"] = serve(grid, cfg, run_dir, progress, shared=shared)
+        except BaseException as exc:  # carried out of Flower's thread, raised below
+            outcome["error"] = exc
+
+    cpus = max(1, min(os.cpu_count() or 1, cfg.n_clients))
+    flower_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.n_clients,
+                      backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": cpus}})
+    if "error" in outcome:
+        raise outcome["error"]
+    if "results" not in outcome:
+        raise FedrouterError("the Flower simulation ended without a result (see the log above)")
+    return outcome["results"]

@@ -1,0 +1,98 @@
+"""Keys for a secure Flower deployment: a self-signed CA, the SuperLink's TLS certificate, SuperNode keys.
+
+- `ca.crt` (give it to every SuperNode and to `flwr run`: `--root-certificates`, `root-certificates`),
+  `ca.key` (keep it private: it signs certificates);
+- `server.pem` / `server.key`: the SuperLink's certificate for the given host names and IP addresses
+  (`--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key`);
+- `supernode-<i>` / `supernode-<i>.pub`: one EC (P-384) key pair per SuperNode in OpenSSH format, for
+  Flower's SuperNode authentication (SuperLink `--enable-supernode-auth`; register each public key with
+  `flwr supernode register supernode-<i>.pub <connection>`; start the node with
+  `--auth-supernode-private-key supernode-<i>`).
+
+A self-signed CA is for a test federation or a closed network; a real deployment uses certificates
+from the organisation's CA.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from fedrouter.errors import FedrouterError
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    if private:
+        os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _san(hosts: list[str]):
+    from cryptography import x509
+
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_keys(out: Path, hosts: list[str], supernodes: int, days: int = 365) -> list[Path]:
+    """Write the CA, the SuperLink certificate for `hosts` and `supernodes` SuperNode key pairs into `out`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not hosts:
+        raise FedrouterError("give at least one host name or IP address for the SuperLink certificate")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [p.name for p in (out / "ca.crt", out / "server.pem") if p.exists()]
+    if existing:
+        raise FedrouterError(f"{out} already holds {', '.join(existing)}; choose an empty folder")
+    now = dt.datetime.now(dt.timezone.utc)
+    pem = serialization.Encoding.PEM
+
+    def private_pem(key) -> bytes:
+        return key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrouter federation CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+              .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+              .add_extension(_san(hosts), critical=False)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+
+    written = []
+    for name, data, private in [("ca.key", private_pem(ca_key), True), ("ca.crt", ca.public_bytes(pem), False),
+                                ("server.key", private_pem(server_key), True), ("server.pem", server.public_bytes(pem), False)]:
+        _write(out / name, data, private)
+        written.append(out / name)
+    for i in range(supernodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        _write(out / f"supernode-{i}", private, True)
+        _write(out / f"supernode-{i}.pub", public + f" supernode-{i}\n".encode())
+        written += [out / f"supernode-{i}", out / f"supernode-{i}.pub"]
+    return written

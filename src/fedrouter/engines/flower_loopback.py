@@ -1,0 +1,172 @@
+"""A whole Flower deployment on this machine (loopback): the commands the README documents, run for a
+test or a benchmark -- a SuperLink (TLS with SuperNode authentication, or insecure), N SuperNodes holding
+partitions 0..N-1, and `flwr run` of fedrouter's app. Every process is started here and stopped by its
+pid, with its children; nothing is stopped by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedrouter.errors import FedrouterError
+
+BIN = Path(sys.executable).parent
+CONNECTION = "fedrouter-loopback"
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment for Flower processes: a private FLWR_HOME and Ray directory, no telemetry, no
+    update check, no run-time dependency installation (it would pull a CUDA torch)."""
+    home.mkdir(parents=True, exist_ok=True)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop `proc` and everything below it, by pid: SIGTERM, then SIGKILL for whatever is left."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    for pid in [*pids, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackFederation:
+    """`with LoopbackFederation(dir, n) as fed: fed.run(sets, run_dir)` -- see the module docstring."""
+
+    def __init__(self, workdir: Path, supernodes: int, tls: bool = True):
+        from fedrouter.engines.flower_keys import make_keys
+        from fedrouter.flower_cli import write_app
+
+        self.workdir, self.n, self.tls = Path(workdir), supernodes, tls
+        self.env = flower_env(self.workdir / "flwr-home")
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.keys = self.workdir / "keys"
+        if tls:
+            make_keys(self.keys, ["127.0.0.1", "localhost"], supernodes)
+        self.app = self.workdir / "app"
+        write_app(self.app)
+        self.port = free_port()
+        connection = f'address = "127.0.0.1:{self.port}"\n' + (
+            f'root-certificates = "{self.keys / "ca.crt"}"\n' if tls else "insecure = true\n")
+        (self.workdir / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n{connection}')
+        self.procs: list[subprocess.Popen] = []
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        out = (self.logs / f"{name}.log").open("w")
+        proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.procs.append(proc)
+        return proc
+
+    def log_tail(self, chars: int = 1500) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-chars:]}" for p in sorted(self.logs.glob("*.log")))
+
+    def __enter__(self) -> "LoopbackFederation":
+        try:
+            self._start_all()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start_all(self) -> None:
+        k = self.keys
+        security = (["--ssl-ca-certfile", str(k / "ca.crt"), "--ssl-certfile", str(k / "server.pem"),
+                     "--ssl-keyfile", str(k / "server.key"), "--enable-supernode-auth"] if self.tls else ["--insecure"])
+        superlink = self._start("superlink", [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                                              *security, "--disable-runtime-dependency-installation"])
+        self._wait_for_port(superlink)
+        for i in range(self.n):
+            if self.tls:  # only registered SuperNode keys may connect
+                reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(k / f"supernode-{i}.pub"), CONNECTION],
+                                     env=self.env, capture_output=True, text=True, timeout=120, cwd=self.workdir)
+                if reg.returncode != 0:
+                    raise FedrouterError(f"flwr supernode register failed: {(reg.stdout + reg.stderr).strip()[-500:]}")
+            node_security = (["--root-certificates", str(k / "ca.crt"), "--auth-supernode-private-key", str(k / f"supernode-{i}")]
+                             if self.tls else ["--insecure"])
+            self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                                          *node_security, "--port", str(free_port()),
+                                          "--node-config", f"partition-id={i} num-partitions={self.n}"])
+
+    def _wait_for_port(self, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise FedrouterError(f"the SuperLink exited:\n{self.log_tail()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise FedrouterError(f"the SuperLink does not listen on {self.port} after {timeout_s} s")
+
+    def run(self, sets: dict, run_dir: Path, timeout_s: float = 900) -> Path:
+        """`flwr run` the app with these config overrides; wait for the run directory to be finished."""
+        run_config = f'set="{" ".join(f"{k}={v}" for k, v in sets.items())}" out="{Path(run_dir).resolve()}" node-wait-s=120'
+        flwr = self._start("flwr-run", [str(BIN / "flwr"), "run", str(self.app), CONNECTION, "--run-config", run_config, "--stream"])
+        deadline = time.monotonic() + timeout_s
+        while not (run_dir / "results.json").exists() and not (run_dir / "FAILED").exists():
+            if time.monotonic() > deadline:
+                raise FedrouterError(f"no result after {timeout_s} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+        if (run_dir / "FAILED").exists():
+            raise FedrouterError(f"the run failed: {(run_dir / 'FAILED').read_text().strip()}\n{self.log_tail()}")
+        try:
+            flwr.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass  # the result is written; close() stops it
+        return run_dir
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        import shutil
+
+        shutil.rmtree(self.env["RAY_TMPDIR"], ignore_errors=True)
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,82 @@
+"""`fedrouter flower ...`: what a Flower deployment needs besides fedrouter itself.
+
+- `fedrouter flower app DIR` writes the Flower app (a pyproject.toml naming fedrouter's ServerApp and
+  ClientApp) that `flwr run DIR <connection>` packages and runs;
+- `fedrouter flower keys DIR --hosts ... --supernodes N` writes a self-signed CA, the SuperLink's TLS
+  certificate and SuperNode authentication keys (see fedrouter.engines.flower_keys).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedrouter.errors import FedrouterError
+
+# The app's components come from the installed fedrouter package: every node (and the SuperLink's
+# ServerApp process) needs fedrouter[flower] installed; the app bundle itself carries only this file.
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedrouter-app"
+version = "1.0.0"
+description = "fedrouter on Flower: every node needs `pip install fedrouter[flower]`"
+license = "Apache-2.0"
+dependencies = []  # fedrouter is installed on every node; nothing is installed at run time
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedrouter"
+
+[tool.flwr.app.components]
+serverapp = "fedrouter.engines.flower:server_app"
+clientapp = "fedrouter.engines.flower:client_app"
+
+[tool.flwr.app.config]
+config = ""          # a fedrouter TOML config (absolute path on the SuperLink's machine); "" = defaults
+set = ""             # space-separated KEY=VALUE overrides, as `fedrouter run --set`
+out = ""             # the run directory (absolute path); "" = runs/<method>-<scenario>-seed<seed>-<time>
+node-wait-s = 300    # how long to wait for n_clients SuperNodes to connect
+"""
+
+
+def write_app(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pyproject.toml"
+    if path.exists():
+        raise FedrouterError(f"{path} already exists; choose another folder")
+    path.write_text(APP_PYPROJECT)
+    return path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("flower", help="write the Flower app or the keys of a secure deployment",
+                       description="Helpers for running fedrouter on Flower across machines (see the README).")
+    what = p.add_subparsers(dest="flower_command", required=True)
+    app = what.add_parser("app", help="write the Flower app folder that `flwr run DIR <connection>` runs")
+    app.add_argument("dir", type=Path)
+    keys = what.add_parser("keys", help="write a self-signed CA, the SuperLink's TLS certificate and SuperNode keys")
+    keys.add_argument("dir", type=Path)
+    keys.add_argument("--hosts", default="127.0.0.1,localhost",
+                      help="comma-separated host names / IP addresses the SuperLink is reached at (default: 127.0.0.1,localhost)")
+    keys.add_argument("--supernodes", type=int, default=0, help="SuperNode authentication key pairs to write (default 0)")
+    keys.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
+
+
+def run(args) -> int:
+    if args.flower_command == "app":
+        path = write_app(args.dir)
+        print(f"wrote {path}; run it with: flwr run {args.dir} <connection> --run-config 'set=\"method=fedit\"'")
+        return 0
+    from fedrouter.engines.flower_keys import make_keys
+
+    if args.supernodes < 0:
+        raise FedrouterError("--supernodes must be 0 or more")
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    for path in make_keys(args.dir, hosts, args.supernodes, args.days):
+        print(path)
+    return 0

@@ -1,0 +1,89 @@
+"""The Flower engine on Flower's simulation runtime: the same results as in-process, failures included."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="the flower extra is not installed")
+
+from fedrouter.engines.flower_loopback import flower_env, stop  # noqa: E402
+
+VOLATILE = {"wall_s", "timings", "run_dir", "engine"}
+
+
+def _cli(out: Path, overrides: dict, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--out", str(out), *extra]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in ("round_s", "slowest_client_s")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_to_end(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
+    """Run `cmd` with its output in `log`; past `timeout_s` it is stopped (by pid, with its children)."""
+    import subprocess
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"ran past {timeout_s} s; log: {log.read_text()[-3000:]}") from None
+        finally:
+            stop(proc)
+
+
+def _both_engines(tmp_path: Path, overrides: dict) -> tuple[Path, Path]:
+    env = flower_env(tmp_path / "flwr-home")
+    inproc, flower = tmp_path / "inprocess", tmp_path / "flower"
+    assert run_to_end(_cli(inproc, overrides), env, tmp_path / "inprocess.log", 600) == 0, (tmp_path / "inprocess.log").read_text()[-3000:]
+    code = run_to_end(_cli(flower, overrides, "--engine", "flower"), env, tmp_path / "flower.log", 600)
+    assert code == 0, (tmp_path / "flower.log").read_text()[-3000:]
+    return inproc, flower
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    ra, rb = _results(a), _results(b)
+    assert rb["engine"] == "flower" and ra["engine"] == "inprocess"
+    assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
+    assert _metrics(a) == _metrics(b)
+    from safetensors.torch import load_file
+
+    for name in ra["adapters"]:
+        ta = load_file(str(a / "adapters" / name / "adapter_model.safetensors"))
+        tb = load_file(str(b / "adapters" / name / "adapter_model.safetensors"))
+        assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta), f"adapter {name} differs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedit", "fedrouter"])
+def test_flower_simulation_matches_inprocess(method, tmp_path, tiny_overrides, tiny_model_dir):
+    overrides = {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, "rounds": 3, "eval_every": 2}
+    inproc, flower = _both_engines(tmp_path, overrides)
+    _assert_same(inproc, flower)
+    if method == "fedrouter":  # client-private state (local clusters) lived on the nodes between rounds
+        assert _results(flower)["clustering"]["n_global"] >= 1
+
+
+@pytest.mark.slow
+def test_flower_failing_clients_are_dropped_and_counted_like_inprocess(tmp_path, tiny_overrides, tiny_model_dir):
+    # The ClientApp really raises on its node for the clients the seeded draws pick; the rounds go on.
+    overrides = {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 4, "inject_failures": 0.4}
+    inproc, flower = _both_engines(tmp_path, overrides)
+    failures = _results(flower)["client_failures_per_round"]
+    assert len(failures) == 4 and sum(failures) > 0, "the seed must make some client fail"
+    reasons = [r["reason"] for r in _results(flower)["rejected_updates"]]
+    assert reasons and all(r == "client failed: InjectedFailure: injected failure" for r in reasons)
+    _assert_same(inproc, flower)

@@ -1,0 +1,127 @@
+"""The Flower engine's server loop and ClientApp, exchanged through a Grid stand-in that hands every real
+Flower message to the real ClientApp in this process (each node with its own Context, random node ids).
+Fast enough to run every method: the same results as in-process, bit for bit; nodes found by the
+partition they report; failures and silent nodes dropped from the round and counted."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the flower extra is not installed")
+
+from flwr.app import Context, Error, Message as FlowerMessage, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedrouter.config import load_config  # noqa: E402
+from fedrouter.engines import flower  # noqa: E402
+from fedrouter.errors import FedrouterError  # noqa: E402
+from fedrouter.experiment import run_experiment, write_run  # noqa: E402
+from fedrouter.methods import METHODS  # noqa: E402
+
+VOLATILE = {"wall_s", "timings", "run_dir", "engine"}
+
+
+class LocalGrid:
+    """Delivers each message to `flower.client_app` with the destination node's own Context. A ClientApp
+    that raises becomes an error reply, as on a SuperNode; nodes in `silent` never answer."""
+
+    def __init__(self, node_configs: list[dict], silent_rounds: dict[int, set[str]] | None = None, seed: int = 3):
+        rng = random.Random(seed)
+        self.contexts = {rng.getrandbits(63): Context(run_id=1, node_id=0, node_config=c, state=RecordDict(), run_config={})
+                         for c in node_configs}
+        self.silent = silent_rounds or {}  # node index -> message groups (rounds) it does not answer
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        index = {node: i for i, node in enumerate(self.contexts)}
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.group_id in self.silent.get(index[node], set()):
+                continue
+            try:
+                reply = flower.client_app(msg, self.contexts[node])
+            except Exception as exc:
+                reply = FlowerMessage(Error(code=2, reason=f"<class '{type(exc).__module__}.{type(exc).__name__}'>:<'{exc}'>"), reply_to=msg)
+            assert reply.metadata.src_node_id == node  # reply_to addresses it from the node it went to
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower's Message needs the identity its runtime sets for the process; this test is that runtime.
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _partitions(n: int, order=None) -> list[dict]:
+    return [{"partition-id": p, "num-partitions": n} for p in (order or range(n))]
+
+
+def _serve(cfg, out: Path, grid) -> dict:
+    torch.manual_seed(cfg.seed)
+    return write_run(out, lambda: flower.serve(grid, cfg, out, progress=False, node_wait_s=5))
+
+
+def _same(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
+    strip = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("round_s", "slowest_client_s")}
+                       for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert strip(a) == strip(b)
+    for name in ra["adapters"]:
+        ta, tb = (load_file(str(d / "adapters" / name / "adapter_model.safetensors")) for d in (a, b))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_the_inprocess_result_over_the_flower_loop(method, tmp_path, tiny_overrides, tiny_model_dir):
+    options = {"flora": {"method_options": {"ranks": [2, 4]}}, "fedlease": {"method_options": {"warmup_rounds": 1}},
+               "fedcluster": {"method_options": {"cluster_round": 1}}}.get(method, {})
+    cfg = load_config(None, {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, **options})
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    # nodes listed in another order than their partitions: the server must go by what they report
+    _serve(cfg, tmp_path / "flower", LocalGrid(_partitions(3, [2, 0, 1])))
+    _same(tmp_path / "inprocess", tmp_path / "flower")
+
+
+def test_failures_and_silent_nodes_are_dropped_from_their_round_and_counted(tmp_path, tiny_overrides, tiny_model_dir):
+    cfg = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 4, "inject_failures": 0.4,
+                             "client_timeout_s": 60})
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    _serve(cfg, tmp_path / "flower", LocalGrid(_partitions(3)))
+    _same(tmp_path / "inprocess", tmp_path / "flower")  # the same clients fail in the same rounds
+    failures = json.loads((tmp_path / "flower" / "results.json").read_text())["client_failures_per_round"]
+    assert sum(failures) > 0
+    # a node that stays silent in round 2 is dropped from it, the run goes on
+    quiet = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 3, "client_timeout_s": 60})
+    results = _serve(quiet, tmp_path / "silent", LocalGrid(_partitions(3), silent_rounds={1: {"2"}}))
+    assert results["client_failures_per_round"] == [0, 1, 0]
+    (rejected,) = results["rejected_updates"]
+    assert rejected["round"] == 2 and rejected["client"] == 1 and "ClientTimeout" in rejected["reason"]
+
+
+def test_partitions_must_be_held_once_each(tmp_path, tiny_overrides, tiny_model_dir):
+    cfg = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 2})
+    with pytest.raises(FedrouterError, match="both hold partition 0"):
+        _serve(cfg, tmp_path / "a", LocalGrid([{"partition-id": 0}, {"partition-id": 0}]))
+    with pytest.raises(FedrouterError, match="only 1 of 2 SuperNodes connected"):
+        _serve(cfg, tmp_path / "b", LocalGrid([{"partition-id": 0}]))
+    with pytest.raises(FedrouterError, match="has no partition-id"):
+        _serve(cfg, tmp_path / "c", LocalGrid([{"partition-id": 0}, {}]))
+    with pytest.raises(FedrouterError, match="outside 0..1"):
+        _serve(cfg, tmp_path / "d", LocalGrid([{"partition-id": 0}, {"partition-id": 5}]))
+    for d in "abcd":  # a refused run is marked failed, never complete
+        assert not (tmp_path / d / "results.json").exists()
