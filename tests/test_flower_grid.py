@@ -20,6 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fedrouter.config import load_config  # noqa: E402
 from fedrouter.engines import flower  # noqa: E402
+from fedrouter.engines.flower_client import client_app  # noqa: E402
 from fedrouter.errors import FedrouterError  # noqa: E402
 from fedrouter.experiment import run_experiment, write_run  # noqa: E402
 from fedrouter.methods import METHODS  # noqa: E402
@@ -48,7 +49,7 @@ class LocalGrid:
             if msg.metadata.group_id in self.silent.get(index[node], set()):
                 continue
             try:
-                reply = flower.client_app(msg, self.contexts[node])
+                reply = client_app(msg, self.contexts[node])
             except Exception as exc:
                 reply = FlowerMessage(Error(code=2, reason=f"<class '{type(exc).__module__}.{type(exc).__name__}'>:<'{exc}'>"), reply_to=msg)
             assert reply.metadata.src_node_id == node  # reply_to addresses it from the node it went to
@@ -125,3 +126,33 @@ def test_partitions_must_be_held_once_each(tmp_path, tiny_overrides, tiny_model_
         _serve(cfg, tmp_path / "d", LocalGrid([{"partition-id": 0}, {"partition-id": 5}]))
     for d in "abcd":  # a refused run is marked failed, never complete
         assert not (tmp_path / d / "results.json").exists()
+
+
+def test_a_long_lived_worker_serves_every_message_with_the_same_results(tmp_path, tiny_overrides, tiny_model_dir):
+    # `fedrouter flower worker`: the ClientApp forwards to it when the node config names its socket; the
+    # world is built once in the worker, and the results equal the in-process run's.
+    import subprocess
+    import sys
+    import time
+
+    from fedrouter.engines.flower_loopback import stop
+
+    socket_path = Path("/tmp") / f"fedrouter-test-{tmp_path.name}.sock"  # Unix socket paths must be short
+    worker = subprocess.Popen([sys.executable, "-m", "fedrouter.cli", "flower", "worker", "--socket", str(socket_path)],
+                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.log").open("w"))
+    try:
+        deadline = time.monotonic() + 120
+        while not socket_path.with_name(socket_path.name + ".key").exists() or not socket_path.exists():
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.2)
+        cfg = load_config(None, {**tiny_overrides, "method": "fedrouter", "scenario": "dual", "n_clients": 2,
+                                 "inject_failures": 0.3, "rounds": 3})
+        run_experiment(cfg, tmp_path / "inprocess", progress=False)
+        nodes = [{"partition-id": p, "worker": str(socket_path)} for p in (1, 0)]
+        _serve(cfg, tmp_path / "flower", LocalGrid(nodes))
+        _same(tmp_path / "inprocess", tmp_path / "flower")
+        assert worker.poll() is None  # still serving
+    finally:
+        stop(worker)
+        socket_path.unlink(missing_ok=True)
+        socket_path.with_name(socket_path.name + ".key").unlink(missing_ok=True)

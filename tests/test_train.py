@@ -194,3 +194,27 @@ def test_batch_stream_state_round_trip_continues_exactly():
     b = batch_stream(_examples(10), 4, PAD, torch.Generator().manual_seed(999))
     b.load_state_dict(state)
     assert [_ids(x) for x in islice(b, 6)] == expected
+
+
+def test_a_time_budget_cuts_training_off_between_steps():
+    import time
+
+    from fedrouter.core.train import ClientTimeout, time_budget, train_steps
+
+    model = torch.nn.Linear(2, 1)
+    calls = []
+
+    class Model(torch.nn.Module):  # a model whose step takes 20 ms
+        def forward(self, x, attention_mask):
+            calls.append(1)
+            time.sleep(0.02)
+            return type("Out", (), {"loss": model(x).pow(2).mean()})()
+
+    batches = iter(lambda: {"x": torch.ones(1, 2), "attention_mask": torch.ones(1, 2)}, None)
+    params = list(model.parameters())
+    with time_budget(0.3), pytest.raises(ClientTimeout, match=r"cut off after \d of 50 steps"):
+        train_steps(Model(), params, batches, 50, 1e-3)
+    assert 2 <= len(calls) < 50
+    calls.clear()
+    stats = train_steps(Model(), params, batches, 5, 1e-3)  # outside the block: no budget any more
+    assert stats.steps == 5 and len(calls) == 5

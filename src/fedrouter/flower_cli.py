@@ -2,6 +2,8 @@
 
 - `fedrouter flower app DIR` writes the Flower app (a pyproject.toml naming fedrouter's ServerApp and
   ClientApp) that `flwr run DIR <connection>` packages and runs;
+- `fedrouter flower worker --socket PATH` runs the long-lived process a SuperNode's ClientApp forwards
+  its messages to (`--node-config "... worker=PATH"`), so the model is loaded once per node;
 - `fedrouter flower keys DIR --hosts ... --supernodes N` writes a self-signed CA, the SuperLink's TLS
   certificate and SuperNode authentication keys (see fedrouter.engines.flower_keys).
 """
@@ -34,7 +36,7 @@ publisher = "fedrouter"
 
 [tool.flwr.app.components]
 serverapp = "fedrouter.engines.flower:server_app"
-clientapp = "fedrouter.engines.flower:client_app"
+clientapp = "fedrouter.engines.flower_client:client_app"
 
 [tool.flwr.app.config]
 config = ""          # a fedrouter TOML config (absolute path on the SuperLink's machine); "" = defaults
@@ -59,6 +61,9 @@ def add_parser(sub) -> None:
     what = p.add_subparsers(dest="flower_command", required=True)
     app = what.add_parser("app", help="write the Flower app folder that `flwr run DIR <connection>` runs")
     app.add_argument("dir", type=Path)
+    worker = what.add_parser("worker", help="serve a SuperNode's clients from one long-lived process (model loaded once)")
+    worker.add_argument("--socket", type=Path, required=True,
+                        help="Unix socket to listen on; give the SuperNode --node-config \"... worker=PATH\"")
     keys = what.add_parser("keys", help="write a self-signed CA, the SuperLink's TLS certificate and SuperNode keys")
     keys.add_argument("dir", type=Path)
     keys.add_argument("--hosts", default="127.0.0.1,localhost",
@@ -71,6 +76,11 @@ def run(args) -> int:
     if args.flower_command == "app":
         path = write_app(args.dir)
         print(f"wrote {path}; run it with: flwr run {args.dir} <connection> --run-config 'set=\"method=fedit\"'")
+        return 0
+    if args.flower_command == "worker":
+        from fedrouter.engines.flower import serve_worker
+
+        serve_worker(args.socket)
         return 0
     from fedrouter.engines.flower_keys import make_keys
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -105,6 +107,24 @@ def round_lr(base_lr: float, round_idx: int, total_rounds: int, min_ratio: float
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class ClientTimeout(RuntimeError):
+    """A client's training ran past its round's time budget."""
+
+
+_DEADLINE: ContextVar[float | None] = ContextVar("training_deadline", default=None)
+
+
+@contextmanager
+def time_budget(seconds: float | None):
+    """Training steps run inside this block stop with ClientTimeout once `seconds` have passed (None: no
+    limit): an engine cuts a slow client off mid-round instead of waiting for it to finish."""
+    token = _DEADLINE.set(time.monotonic() + seconds if seconds else None)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 @dataclass
 class TrainStats:
     steps: int
@@ -131,7 +151,10 @@ def train_steps(
     model.train()
     total_loss, tokens = 0.0, 0
     start = time.perf_counter()
-    for _ in range(steps):
+    deadline = _DEADLINE.get()
+    for step in range(steps):
+        if deadline is not None and step and time.monotonic() > deadline:
+            raise ClientTimeout(f"cut off after {step} of {steps} steps: over the round's time budget")
         batch = next(batches)
         loss = model(**batch).loss
         if regularizer is not None:

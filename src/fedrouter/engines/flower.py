@@ -5,13 +5,14 @@ engine shares) over a `FlowerTransport`, which turns each client's `Message` int
 that client's node and brings the replies back. Nodes are found by asking each one for its partition id
 (`query.hello`); node ids are never assumed.
 
-Client: the ClientApp's handlers rebuild the client from what every message carries -- the run's config
+Client (`serve_message`, called by the thin ClientApp in `flower_client`, or by a long-lived
+`serve_worker` it forwards to): rebuild the client from what every message carries -- the run's config
 (JSON) -- and from the node's `context.state` (the method's private state and the batch-stream position,
 which also seeds LoRA dropout), run the method's client part, and store the state back. The base model,
 the data and their encoding are built once per process and reused by every message that process serves.
 
 Runtimes: `fedrouter run --engine flower` runs Flower's simulation runtime in this process (Ray actors
-for the clients); `flwr run` runs the app in `flower/` (simulation or deployment, see the README).
+for the clients); `flwr run` runs the app that `fedrouter flower app DIR` writes (see the README).
 """
 
 from __future__ import annotations
@@ -25,21 +26,18 @@ import re
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message as FlowerMessage, MessageType
-from flwr.clientapp import ClientApp
+from flwr.app import ConfigRecord, Context, Message as FlowerMessage, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrouter.config import Config, load_config
-from fedrouter.engines.inprocess import ClientTimeout, InjectedFailure
+from fedrouter.engines.flower_client import HELLO, RUN, SAVE, SETUP, client_app
+from fedrouter.core.train import ClientTimeout, time_budget
+from fedrouter.engines.inprocess import InjectedFailure
 from fedrouter.engines.wire import STATE, from_records, state_from_record, state_to_record, to_records
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message, failure_reply
 
 log = logging.getLogger(__name__)
-
-RUN = "run"  # the record every message carries: the run's config and per-message engine flags
-HELLO, SETUP, SAVE = f"{MessageType.QUERY}.hello", f"{MessageType.QUERY}.setup", f"{MessageType.QUERY}.save"
-
 
 # ----------------------------------------------------------------------------------------- server side
 
@@ -67,7 +65,10 @@ class FlowerTransport:
                                           message_type=message_type, group_id=group))
         client_of = {node: cid for cid, node in self.node_of.items()}
         replies: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(outgoing, timeout=self.timeout_s):
+        # Nodes cut their own training off at timeout_s; the margin is for the message's trip and the
+        # ClientApp's start, so that only a node that is gone (or hung) is waited for in vain.
+        wait = None if self.timeout_s is None else self.timeout_s + max(30.0, 0.5 * self.timeout_s)
+        for reply in self.grid.send_and_receive(outgoing, timeout=wait):
             cid = client_of.get(reply.metadata.src_node_id)
             if cid is None:
                 continue
@@ -75,7 +76,7 @@ class FlowerTransport:
             replies[cid] = Message(config={"failed": error_reason(reply)}) if reply.has_error() else from_records(reply.content)
         for cid in messages:
             if cid not in replies:
-                replies[cid] = failure_reply(ClientTimeout(f"no reply within {self.timeout_s:g} s"))
+                replies[cid] = failure_reply(ClientTimeout(f"no reply within {wait:g} s"))
         return {cid: replies[cid] for cid in messages}
 
     def _all_or_raise(self, messages, message_type: str, what: str) -> dict[int, Message]:
@@ -247,8 +248,8 @@ def _world(config_text: str) -> _World:
     return _WORLDS[key]
 
 
-def _partition(context: Context, n_clients: int) -> int:
-    raw = context.node_config.get("partition-id")
+def _partition(node_config: dict, n_clients: int) -> int:
+    raw = node_config.get("partition-id")
     if raw is None:
         raise FedrouterError("this SuperNode has no partition-id: start it with --node-config \"partition-id=I num-partitions=N\"")
     try:
@@ -260,59 +261,86 @@ def _partition(context: Context, n_clients: int) -> int:
     return cid
 
 
-def _handle(msg: FlowerMessage, context: Context, work) -> FlowerMessage:
-    """Rebuild this node's client, let `work(message, ctx, world)` act, keep its state, reply."""
-    run = msg.content[RUN]
+def serve_message(message_type: str, content: RecordDict, node_config: dict, state) -> RecordDict:
+    """One message for this node's client: rebuild the client (the run's world, built once per process,
+    plus its private state from `state`, Flower's context.state), let the method's client part act,
+    store the state back into `state`, and return the reply's content. Raises what the client raises."""
+    run = content[RUN]
     world = _world(run["config"])
-    cid = _partition(context, world.cfg.n_clients)
-    if "client" in run and msg.metadata.message_type != HELLO and int(run["client"]) != cid:
+    cid = _partition(node_config, world.cfg.n_clients)
+    if message_type != HELLO and int(run["client"]) != cid:
         raise FedrouterError(f"the server addressed client {run['client']} but this node holds partition {cid}")
     if run.get("inject_failure"):
         raise InjectedFailure("injected failure")
     workbench, initial_streams = world.workbench(cid)
-    saved = state_from_record(context.state[STATE]) if STATE in context.state else {"state": {}, "streams": initial_streams}
+    saved = state_from_record(state[STATE]) if STATE in state else {"state": {}, "streams": initial_streams}
     workbench.load_stream_state(saved["streams"])
     ctx = ClientContext(cid, workbench, saved["state"])
-    reply = work(from_records(msg.content), ctx, world)
-    context.state[STATE] = state_to_record({"state": ctx.state, "streams": workbench.stream_state()})
-    return FlowerMessage(to_records(reply), reply_to=msg)
+    # the node enforces the round's time budget itself: a slow client stops and reports, not the server waiting
+    with time_budget(world.cfg.client_timeout_s if message_type == MessageType.TRAIN else None):
+        reply = _WORK[message_type](from_records(content), ctx, world, node_config)
+    state[STATE] = state_to_record({"state": ctx.state, "streams": workbench.stream_state()})
+    return to_records(reply)
 
 
-client_app = ClientApp()
+def _hello(msg: Message, ctx: ClientContext, world: _World, node_config: dict) -> Message:
+    return Message(config={"partition": ctx.client_id, "tasks": ctx.workbench.tasks, "n_train": ctx.workbench.n_train,
+                           "all_tasks": list(world.data.tasks)})
 
 
-@client_app.query("hello")
-def _hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    return _handle(msg, context, lambda m, ctx, w: Message(config={
-        "partition": ctx.client_id, "tasks": ctx.workbench.tasks, "n_train": ctx.workbench.n_train,
-        "all_tasks": list(w.data.tasks)}))
+def _save(msg: Message, ctx: ClientContext, world: _World, node_config: dict) -> Message:
+    """The client's private adapters, written on this node (they never travel)."""
+    from fedrouter.experiment import save_peft
+
+    out = Path(node_config.get("out-dir") or msg.config["dir"])
+    named = {f"client{ctx.client_id}-{name}": a for name, a in world.client.adapters(ctx).items()}
+    return Message(config={"saved": save_peft(out, world.shared, named)})
 
 
-@client_app.query("setup")
-def _setup(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    return _handle(msg, context, lambda m, ctx, w: w.client.setup(m, ctx))
+_WORK = {
+    HELLO: _hello,
+    SETUP: lambda m, ctx, w, nc: w.client.setup(m, ctx),
+    MessageType.TRAIN: lambda m, ctx, w, nc: w.client.fit(m, ctx),
+    MessageType.EVALUATE: lambda m, ctx, w, nc: w.client.evaluate(m, ctx),
+    SAVE: _save,
+}
 
 
-@client_app.train()
-def _train(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    return _handle(msg, context, lambda m, ctx, w: w.client.fit(m, ctx))
+def serve_worker(socket_path: Path) -> None:
+    """A long-lived process beside a SuperNode that does its clients' work, so that the base model and
+    the data are loaded once, not once per message (Flower 1.41 starts a fresh ClientApp process for
+    every message). The SuperNode's ClientApp forwards each message here when its node config names
+    this socket (`worker=<path>`); the key in `<path>.key` (readable by this user only) authenticates it."""
+    import secrets
+    from multiprocessing.connection import Listener
 
-
-@client_app.evaluate()
-def _evaluate(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    return _handle(msg, context, lambda m, ctx, w: w.client.evaluate(m, ctx))
-
-
-@client_app.query("save")
-def _save(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    def save(m: Message, ctx: ClientContext, w: _World) -> Message:
-        from fedrouter.experiment import save_peft
-
-        out = Path(context.node_config.get("out-dir") or m.config["dir"])
-        named = {f"client{ctx.client_id}-{name}": a for name, a in w.client.adapters(ctx).items()}
-        return Message(config={"saved": save_peft(out, w.shared, named)})
-
-    return _handle(msg, context, save)
+    socket_path = Path(socket_path)
+    socket_path.unlink(missing_ok=True)
+    key = secrets.token_bytes(32)
+    key_path = socket_path.with_name(socket_path.name + ".key")
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key)
+    log.warning("fedrouter worker listening on %s", socket_path)
+    with Listener(str(socket_path), family="AF_UNIX", authkey=key) as listener:
+        while True:
+            try:
+                conn = listener.accept()
+            except Exception as exc:  # a client with a wrong key, or one that hung up: keep serving
+                log.warning("fedrouter worker: refused a connection: %s", exc)
+                continue
+            with conn:
+                try:
+                    message_type, content, node_config, state = conn.recv()
+                except (EOFError, OSError):
+                    continue
+                try:
+                    answer = ("ok", (serve_message(message_type, content, node_config, state), state))
+                except Exception as exc:  # the ClientApp raises it again, so Flower reports an error reply
+                    answer = ("error", (type(exc).__name__, str(exc)))
+                try:
+                    conn.send(answer)
+                except OSError as exc:  # the ClientApp is gone (its node stopped it): serve the next one
+                    log.warning("fedrouter worker: could not reply: %s", exc)
 
 
 # ----------------------------------------------------------------------------------- simulation runtime

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 
+from fedrouter.core.train import ClientTimeout, time_budget
 from fedrouter.methods.base import ClientContext, ClientPart, Message, failure_reply
 
 
@@ -16,16 +17,13 @@ class InjectedFailure(RuntimeError):
     """A client crash simulated by `inject_failures` (raised before the client does anything)."""
 
 
-class ClientTimeout(RuntimeError):
-    """A client's training took longer than the round's time budget."""
-
-
 class InProcessTransport:
     """Delivers messages by calling the client part. In training, a client that raises is reported as
     a failed reply (the round goes on with the others); `inject_failures` = p makes each client fail a
-    round with probability p (seeded), to exercise that path; a client whose training took longer than
-    `client_timeout_s` is treated as a reply that arrived too late (its update is dropped; what it did
-    to its own state stays, as on a real slow machine)."""
+    round with probability p (seeded), to exercise that path; a client whose training runs past
+    `client_timeout_s` is cut off at its next training step (or, if the time went elsewhere, its reply
+    is treated as arriving too late); its update is dropped and what it did to its own state stays, as
+    on a real slow machine."""
 
     def __init__(self, client_part: ClientPart, contexts: dict[int, ClientContext], progress: bool = True,
                  inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None):
@@ -50,7 +48,8 @@ class InProcessTransport:
             if self.inject_failures and self._failure_rng.random() < self.inject_failures:
                 raise InjectedFailure("injected failure")
             start = time.perf_counter()
-            reply = self.client_part.fit(msg, ctx)
+            with time_budget(self.client_timeout_s):  # training steps past the budget are cut off
+                reply = self.client_part.fit(msg, ctx)
             took = time.perf_counter() - start
             if self.client_timeout_s is not None and took > self.client_timeout_s:
                 raise ClientTimeout(f"took {took:.1f} s, over the {self.client_timeout_s:g} s budget")
