@@ -6,7 +6,7 @@
 - deployment: a loopback federation (SuperLink + one SuperNode per client, `flwr run`; TLS with SuperNode
   authentication unless --insecure), and per round the time beyond the slowest client's own training
   (`round_s - slowest_client_s` in metrics.jsonl): that is what the engine, the messages and the
-  ClientApp processes cost.
+  ClientApp processes cost (with a `fedrouter flower worker` per node unless --no-workers).
 
 Usage: python bench/flower_speed.py [--part simulation|deployment|both] [--repeats 1] [--set KEY=VALUE ...]
 (default: the default experiment, FedRouter on `dual` with 8 clients and 25 rounds; e.g.
@@ -61,13 +61,15 @@ def deployment(args, work: Path) -> None:
     n = int(overrides.get("n_clients", 8))
     run_dir = work / "deployed"
     start = time.perf_counter()
-    with LoopbackFederation(work / "federation", supernodes=n, tls=not args.insecure) as federation:
+    workers = list(range(n)) if not args.no_workers else []
+    with LoopbackFederation(work / "federation", supernodes=n, tls=not args.insecure, workers=workers) as federation:
         federation.run({**overrides, "threads": 1}, run_dir, timeout_s=3600)
     wall = time.perf_counter() - start
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     beyond = [r["round_s"] - r["slowest_client_s"] for r in rounds]
     results = json.loads((run_dir / "results.json").read_text())
-    print(f"deployment ({'insecure' if args.insecure else 'TLS + SuperNode auth'}, {n} SuperNodes, loopback): "
+    print(f"deployment ({'insecure' if args.insecure else 'TLS + SuperNode auth'}, {n} SuperNodes, "
+          f"{'no workers' if args.no_workers else 'a worker per node'}, loopback): "
           f"{len(rounds)} rounds, round {statistics.median(r['round_s'] for r in rounds):.1f} s median, of which "
           f"{statistics.median(beyond):.1f} s beyond the slowest client's training (min {min(beyond):.1f}, max {max(beyond):.1f}); "
           f"whole run {wall:.0f} s; ROUGE-1 {results['rouge1']:.4f}")
@@ -79,6 +81,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process run (default 2 = the cores here)")
     ap.add_argument("--insecure", action="store_true", help="deployment without TLS")
+    ap.add_argument("--no-workers", action="store_true", help="deployment without `fedrouter flower worker`s")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:

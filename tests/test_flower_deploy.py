@@ -1,5 +1,7 @@
 """A real Flower deployment on loopback: a SuperLink over TLS with SuperNode authentication, two SuperNodes
-holding partitions 0 and 1, `flwr run` of the app `fedrouter flower app` writes -- 2 rounds of FedRouter.
+holding partitions 0 and 1 (node 0 with a long-lived `fedrouter flower worker`, node 1 doing the work in
+Flower's per-message ClientApp process), `flwr run` of the app `fedrouter flower app` writes -- 2 rounds
+of FedRouter.
 Every process is started by `LoopbackFederation` and stopped by its pid (with its children), never by name."""
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fedrouter.engines.flower_loopback import LoopbackFederation, descendants  #
 def test_tls_deployment_with_authenticated_supernodes_runs_fedrouter(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     sets = {**TINY_OVERRIDES, "method": "fedrouter", "scenario": "dual", "n_clients": 2, "rounds": 2, "client_timeout_s": 300}
-    with LoopbackFederation(tmp_path / "federation", supernodes=2, tls=True) as federation:
+    with LoopbackFederation(tmp_path / "federation", supernodes=2, tls=True, workers=[0]) as federation:
         federation.run(sets, run_dir, timeout_s=900)
         started = list(federation.procs)
     results = json.loads((run_dir / "results.json").read_text())

@@ -77,11 +77,13 @@ def free_port() -> int:
 class LoopbackFederation:
     """`with LoopbackFederation(dir, n) as fed: fed.run(sets, run_dir)` -- see the module docstring."""
 
-    def __init__(self, workdir: Path, supernodes: int, tls: bool = True):
+    def __init__(self, workdir: Path, supernodes: int, tls: bool = True, workers: list[int] | None = None):
+        """`workers`: the SuperNodes (by partition) that get a long-lived `fedrouter flower worker`;
+        the others do the work in Flower's per-message ClientApp process."""
         from fedrouter.engines.flower_keys import make_keys
         from fedrouter.flower_cli import write_app
 
-        self.workdir, self.n, self.tls = Path(workdir), supernodes, tls
+        self.workdir, self.n, self.tls, self.workers = Path(workdir), supernodes, tls, set(workers or [])
         self.env = flower_env(self.workdir / "flwr-home")
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -96,6 +98,7 @@ class LoopbackFederation:
         (self.workdir / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n{connection}')
         self.procs: list[subprocess.Popen] = []
+        self._sockets: list[Path] = []
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = (self.logs / f"{name}.log").open("w")
@@ -129,9 +132,23 @@ class LoopbackFederation:
                     raise FedrouterError(f"flwr supernode register failed: {(reg.stdout + reg.stderr).strip()[-500:]}")
             node_security = (["--root-certificates", str(k / "ca.crt"), "--auth-supernode-private-key", str(k / f"supernode-{i}")]
                              if self.tls else ["--insecure"])
+            node_config = f"partition-id={i} num-partitions={self.n}"
+            if i in self.workers:
+                node_config += f" worker={self._start_worker(i)}"
             self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                                          *node_security, "--port", str(free_port()),
-                                          "--node-config", f"partition-id={i} num-partitions={self.n}"])
+                                          *node_security, "--port", str(free_port()), "--node-config", node_config])
+
+    def _start_worker(self, i: int) -> Path:
+        path = Path("/tmp") / f"fedrouter-{self.port}-{i}.sock"  # Unix socket paths must stay short
+        key = path.with_name(path.name + ".key")
+        proc = self._start(f"worker{i}", [sys.executable, "-m", "fedrouter.cli", "flower", "worker", "--socket", str(path)])
+        deadline = time.monotonic() + 120
+        while not (path.exists() and key.exists()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise FedrouterError(f"the worker of node {i} did not start:\n{self.log_tail()}")
+            time.sleep(0.2)
+        self._sockets += [path, key]
+        return path
 
     def _wait_for_port(self, proc: subprocess.Popen, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
@@ -164,6 +181,8 @@ class LoopbackFederation:
     def close(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
+        for path in self._sockets:
+            path.unlink(missing_ok=True)
         import shutil
 
         shutil.rmtree(self.env["RAY_TMPDIR"], ignore_errors=True)
