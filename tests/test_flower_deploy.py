@@ -28,8 +28,12 @@ def test_tls_deployment_with_authenticated_supernodes_runs_fedrouter(tmp_path, t
     assert results["engine"] == "flower" and results["method"] == "fedrouter"
     assert [row["client"] for row in results["per_client"]] == [0, 1]
     assert all(len(row["tasks"]) == 2 for row in results["per_client"])
-    assert 0 < results["rouge1"] <= 1 and results["bytes_up"] > 0
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert 0 <= results["rouge1"] <= 1 and results["bytes_up"] > 0  # (the tests' 60-step base says little)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == 2 and not r["rejected"] for r in rounds)
+    assert all(r["slowest_client_s"] > 0 for r in rounds)  # both nodes trained, the worker's and the other
+    assert results["clustering"]["local_accuracy"] == 1.0  # the nodes' private local clustering took place
+    assert json.loads((run_dir / "config.json").read_text())["engine"] == "flower"
     assert results["adapters"] and all((run_dir / "adapters" / a / "adapter_model.safetensors").exists() for a in results["adapters"])
     for proc in started:  # everything started is gone, children included
         assert proc.poll() is not None and not descendants(proc.pid)
@@ -50,10 +54,9 @@ def test_an_unregistered_supernode_is_refused(tmp_path, tiny_model_dir):
                                                   "--root-certificates", str(federation.keys / "ca.crt"),
                                                   "--auth-supernode-private-key", str(tmp_path / "stranger" / "supernode-0"),
                                                   "--max-retries", "3", "--node-config", "partition-id=0 num-partitions=1"])
-        try:
-            stranger.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            pass
+        code = stranger.wait(timeout=180)
+        log = (federation.logs / "stranger.log").read_text()
+        assert code != 0 and "Failed to activate SuperNode" in log, log[-2000:]
         nodes = subprocess.run([str(BIN / "flwr"), "supernode", "list", "fedrouter-loopback", "--format", "json"],
                                env=federation.env, capture_output=True, text=True, timeout=120, cwd=federation.workdir)
         assert nodes.returncode == 0, nodes.stderr

@@ -3,7 +3,7 @@
 - `fedrouter flower app DIR` writes the Flower app (a pyproject.toml naming fedrouter's ServerApp and
   ClientApp) that `flwr run DIR <connection>` packages and runs;
 - `fedrouter flower worker --socket PATH` runs the long-lived process a SuperNode's ClientApp forwards
-  its messages to (`--node-config "... worker=PATH"`), so the model is loaded once per node;
+  its messages to (`--node-config '... worker="PATH"'`), so the model is loaded once per node;
 - `fedrouter flower keys DIR --hosts ... --supernodes N` writes a self-signed CA, the SuperLink's TLS
   certificate and SuperNode authentication keys (see fedrouter.engines.flower_keys).
 """
@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     app.add_argument("dir", type=Path)
     worker = what.add_parser("worker", help="serve a SuperNode's clients from one long-lived process (model loaded once)")
     worker.add_argument("--socket", type=Path, required=True,
-                        help="Unix socket to listen on; give the SuperNode --node-config \"... worker=PATH\"")
+                        help="Unix socket to listen on; give the SuperNode --node-config '... worker=\"PATH\"'")
     keys = what.add_parser("keys", help="write a self-signed CA, the SuperLink's TLS certificate and SuperNode keys")
     keys.add_argument("dir", type=Path)
     keys.add_argument("--hosts", default="127.0.0.1,localhost",

@@ -198,7 +198,8 @@ def _main(grid: Grid, context: Context) -> None:
     from fedrouter.cli import parse_sets
     from fedrouter.experiment import default_run_dir, write_run
     run_config = context.run_config
-    cfg = load_config(run_config.get("config") or None, parse_sets(str(run_config.get("set", "")).split()))
+    sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
+    cfg = load_config(run_config.get("config") or None, sets)
     run_dir = Path(run_config.get("out") or default_run_dir(cfg))
     results = write_run(run_dir, lambda: serve(grid, cfg, run_dir, progress=False,
                                                node_wait_s=float(run_config.get("node-wait-s", 120))))

@@ -134,7 +134,7 @@ class LoopbackFederation:
                              if self.tls else ["--insecure"])
             node_config = f"partition-id={i} num-partitions={self.n}"
             if i in self.workers:
-                node_config += f" worker={self._start_worker(i)}"
+                node_config += f' worker="{self._start_worker(i)}"'  # a string value: quoted
             self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                                           *node_security, "--port", str(free_port()), "--node-config", node_config])
 
