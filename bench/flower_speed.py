@@ -16,6 +16,7 @@ Usage: python bench/flower_speed.py [--part simulation|deployment|both] [--repea
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def deployment(args, work: Path) -> None:
 
 
 def main():
+    # SIGTERM unwinds like Ctrl-C, so the federation's processes are stopped by pid on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["simulation", "deployment", "both"], default="both")
     ap.add_argument("--repeats", type=int, default=1)
