@@ -69,3 +69,24 @@ def flan8_dir() -> Path:
     if not FLAN8_DIR.is_dir():
         pytest.skip(f"flan8 data not found at {FLAN8_DIR}; it lives beside the repo in shared/data/flan8")
     return FLAN8_DIR
+
+
+TIMING_KEYS = {"wall_s", "timings", "run_dir"}  # results.json keys that differ between identical runs
+
+
+def assert_same_run(a: Path, b: Path, also_ignore: set[str] = frozenset()) -> None:
+    """Two run directories hold the same run: results (but timings), per-round metrics (but seconds) and
+    every adapter, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    skip = TIMING_KEYS | set(also_ignore)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}
+    rounds = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("round_s", "slowest_client_s")}
+                        for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rounds(a) == rounds(b)
+    for name in ra["adapters"]:
+        ta, tb = (load_file(str(d / "adapters" / name / "adapter_model.safetensors")) for d in (a, b))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f"adapter {name} differs"

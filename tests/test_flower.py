@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
+from conftest import assert_same_run  # noqa: E402
+
 from fedrouter.engines.flower_loopback import flower_env, stop  # noqa: E402
 
-VOLATILE = {"wall_s", "timings", "run_dir", "engine"}
 
 
 def _cli(out: Path, overrides: dict, *extra: str) -> list[str]:
@@ -25,10 +26,6 @@ def _cli(out: Path, overrides: dict, *extra: str) -> list[str]:
 def _results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("round_s", "slowest_client_s")}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_to_end(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
@@ -55,16 +52,8 @@ def _both_engines(tmp_path: Path, overrides: dict) -> tuple[Path, Path]:
 
 
 def _assert_same(a: Path, b: Path) -> None:
-    ra, rb = _results(a), _results(b)
-    assert rb["engine"] == "flower" and ra["engine"] == "inprocess"
-    assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
-    assert _metrics(a) == _metrics(b)
-    from safetensors.torch import load_file
-
-    for name in ra["adapters"]:
-        ta = load_file(str(a / "adapters" / name / "adapter_model.safetensors"))
-        tb = load_file(str(b / "adapters" / name / "adapter_model.safetensors"))
-        assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta), f"adapter {name} differs"
+    assert _results(b)["engine"] == "flower" and _results(a)["engine"] == "inprocess"
+    assert_same_run(a, b, also_ignore={"engine"})
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ pytest.importorskip("flwr", reason="the flower extra is not installed")
 
 from flwr.app import Context, Error, Message as FlowerMessage, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+
+from conftest import assert_same_run  # noqa: E402
 
 from fedrouter.config import load_config  # noqa: E402
 from fedrouter.engines import flower  # noqa: E402
@@ -25,7 +26,6 @@ from fedrouter.errors import FedrouterError  # noqa: E402
 from fedrouter.experiment import run_experiment, write_run  # noqa: E402
 from fedrouter.methods import METHODS  # noqa: E402
 
-VOLATILE = {"wall_s", "timings", "run_dir", "engine"}
 
 
 class LocalGrid:
@@ -76,14 +76,7 @@ def _serve(cfg, out: Path, grid) -> dict:
 
 
 def _same(a: Path, b: Path) -> None:
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
-    assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
-    strip = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("round_s", "slowest_client_s")}
-                       for line in (d / "metrics.jsonl").read_text().splitlines()]
-    assert strip(a) == strip(b)
-    for name in ra["adapters"]:
-        ta, tb = (load_file(str(d / "adapters" / name / "adapter_model.safetensors")) for d in (a, b))
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    assert_same_run(a, b, also_ignore={"engine"})
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+
+from conftest import assert_same_run
 
 from fedrouter.cli import main
-
-VOLATILE = {"wall_s", "timings", "run_dir"}
 
 
 def _args(overrides: dict) -> list[str]:
@@ -46,17 +44,6 @@ def _kill_after_checkpoint(out: Path, overrides: dict, method: str, after_round:
     assert not (out / "results.json").exists(), "the run finished before the kill; make its rounds longer"
 
 
-def _same_run(a: Path, b: Path) -> None:
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
-    assert {k: v for k, v in ra.items() if k not in VOLATILE} == {k: v for k, v in rb.items() if k not in VOLATILE}
-    strip = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("round_s", "slowest_client_s")} for line in (d / "metrics.jsonl").read_text().splitlines()]
-    assert strip(a) == strip(b)
-    for adapter in ra["adapters"]:
-        ta = load_file(str(a / "adapters" / adapter / "adapter_model.safetensors"))
-        tb = load_file(str(b / "adapters" / adapter / "adapter_model.safetensors"))
-        assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta), f"adapter {adapter} differs"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method, extra, kill_after", [
     ("fedrouter", {}, 2),
@@ -71,7 +58,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_overrides, tiny_
     _kill_after_checkpoint(killed, overrides, method, kill_after)
     before = (killed / "metrics.jsonl").read_text().splitlines()[:kill_after]
     assert main(["run", "--quiet", "--resume", str(killed)]) == 0
-    _same_run(whole, killed)
+    assert_same_run(whole, killed)
     # it continued rather than starting over: the rounds before the kill keep their own timings
     assert (killed / "metrics.jsonl").read_text().splitlines()[:kill_after] == before
     assert not (killed / "checkpoints").exists()  # a finished run keeps none
@@ -89,7 +76,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
     (killed / "checkpoints" / ".round-00009.pt.tmp").write_bytes(b"half a write")  # a kill mid-write
     assert main(["run", "--quiet", "--resume", str(killed)]) == 0
     assert f"checkpoint {newest.name} is unreadable" in caplog.text
-    _same_run(whole, killed)
+    assert_same_run(whole, killed)
 
 
 def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
