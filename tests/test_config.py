@@ -43,7 +43,7 @@ def test_unknown_key_named_in_error(key):
 
 
 @pytest.mark.parametrize("key,value", [("rounds", 0), ("lr", -1.0), ("client_fraction", 1.5), ("lora.dropout", 1.0),
-                                       ("rounds", "many"), ("prompt_template", "no slot here"), ("engine", "flower")])
+                                       ("rounds", "many"), ("prompt_template", "no slot here"), ("engine", "spark")])
 def test_bad_value_names_key(key, value):
     with pytest.raises(FedrouterError) as exc:
         load_config(overrides={key: value})

@@ -26,7 +26,10 @@ def flower_env(home: Path) -> dict[str, str]:
     update check, no run-time dependency installation (it would pull a CUDA torch)."""
     home.mkdir(parents=True, exist_ok=True)
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # The SuperLink and SuperNodes start Flower's other commands (flower-superexec, flwr-serverapp,
+    # flwr-clientapp) by name: this environment's bin directory must be on PATH even when not activated.
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
