@@ -83,7 +83,7 @@ def _fedrouter_figures(run_dir: Path, figures: Path, prefix: str) -> list[str]:
 def build_report(directory: Path) -> Path:
     """Rebuild tables and figures under `directory` and write report.html there; returns its path."""
     from fedrouter import plots
-    from fedrouter.compare import CELLS, SCALING, load_cells, write_tables
+    from fedrouter.compare import CELLS, load_cells, write_tables
 
     directory = Path(directory)
     if not directory.is_dir():
