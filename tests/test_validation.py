@@ -177,3 +177,16 @@ def test_a_client_over_the_time_budget_is_dropped():
     assert [r["client"] for r in history[0]["rejected"]] == [2]
     assert history[0]["rejected"][0]["reason"].startswith("client failed: ClientTimeout: took 0.")
     assert torch.equal(server.global_adapter[A], torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("method, options", [("local", {}), ("fedlease", {"method_options": {"warmup_rounds": 3}})])
+def test_a_client_that_missed_its_one_initialisation_message_still_trains(method, options, tmp_path, tiny_overrides, tiny_model_dir):
+    # Local and FedLEASE's warm-up send the initial adapter only with a client's first task; a client
+    # that failed that round must start from the same initialisation later, not fail every round after.
+    from fedrouter.config import load_config
+    from fedrouter.experiment import run_experiment
+
+    cfg = load_config(None, {**tiny_overrides, "method": method, "n_clients": 3, "rounds": 3, "inject_failures": 0.3, **options})
+    results = run_experiment(cfg, tmp_path / "run", progress=False)
+    reasons = [r["reason"] for r in results["rejected_updates"]]
+    assert reasons and all(r == "client failed: InjectedFailure: injected failure" for r in reasons)

@@ -86,7 +86,8 @@ class Server(ClusteredServer):
 class Client(ClientPart):
     def fit(self, msg, ctx):
         if msg.config.get("warmup"):
-            start = ctx.state.get("warmup") or msg.arrays
+            # the initialisation comes once; a client that failed that round starts from its own copy
+            start = ctx.state.get("warmup") or msg.arrays or ctx.workbench.shared.initial_adapter
             ctx.state["warmup"], stats = ctx.workbench.train(start, msg.config["round"])
             return fit_reply(ctx.state["warmup"] if msg.config["upload"] else None, stats, ctx.workbench.n_train)
         adapter, stats = ctx.workbench.train(msg.arrays, msg.config["round"])

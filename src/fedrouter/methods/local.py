@@ -32,7 +32,9 @@ class Server(ServerPart):
 
 class Client(ClientPart):
     def fit(self, msg, ctx):
-        start = ctx.state.get("adapter") or msg.arrays
+        # The server sends the initialisation once; a client that failed that round gets nothing later,
+        # and starts from the same shared initialisation it holds anyway.
+        start = ctx.state.get("adapter") or msg.arrays or ctx.workbench.shared.initial_adapter
         ctx.state["adapter"], stats = ctx.workbench.train(start, msg.config["round"])
         return fit_reply(None, stats, ctx.workbench.n_train)
 
