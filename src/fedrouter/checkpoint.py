@@ -9,6 +9,7 @@ and renamed, so a crash mid-write never leaves a file that looks complete; the l
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -29,12 +30,22 @@ def save(run_dir: Path, round_number: int, payload: dict, keep: int) -> Path:
     folder = run_dir / DIR
     folder.mkdir(exist_ok=True)
     final = path_of(run_dir, round_number)
-    tmp = final.with_name(f".{final.name}.tmp")
-    torch.save({"format": FORMAT, "round": round_number, **payload}, tmp)
-    os.replace(tmp, final)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "round": round_number, **payload}, buffer)
+    write_atomic(final, buffer.getvalue())
     for old in sorted(folder.glob("round-*.pt"))[:-keep]:
         old.unlink()
     return final
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path`, or (after a crash mid-write) the file as it was: never a partial file under its name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the rename makes it visible
+    os.replace(tmp, path)
 
 
 def load_latest(run_dir: Path) -> dict | None:
