@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ pytest.importorskip("flwr", reason="the flower extra is not installed")
 
 from conftest import assert_same_run  # noqa: E402
 
-from fedrouter.engines.flower_loopback import flower_env, stop  # noqa: E402
+from fedrouter.engines.flower_loopback import descendants, flower_env, stop  # noqa: E402
 
 
 
@@ -30,8 +34,6 @@ def _results(run_dir: Path) -> dict:
 
 def run_to_end(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
     """Run `cmd` with its output in `log`; past `timeout_s` it is stopped (by pid, with its children)."""
-    import subprocess
-
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -42,11 +44,38 @@ def run_to_end(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
             stop(proc)
 
 
-def _both_engines(tmp_path: Path, overrides: dict) -> tuple[Path, Path]:
+def kill_after_checkpoint(cmd: list[str], env: dict, log: Path, checkpoint: Path, timeout_s: float) -> None:
+    """Run `cmd` until `checkpoint` appears, then SIGKILL it and every process below it at once, by pid
+    (a machine that dies does not stop its processes in order)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not checkpoint.exists():
+                assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {checkpoint.name} after {timeout_s} s: {log.read_text()[-3000:]}"
+                time.sleep(0.05)
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        finally:
+            stop(proc)  # whatever was missed above (by pid, with its children)
+
+
+def _both_engines(tmp_path: Path, overrides: dict, kill_after_round: int | None = None) -> tuple[Path, Path]:
     env = flower_env(tmp_path / "flwr-home")
     inproc, flower = tmp_path / "inprocess", tmp_path / "flower"
     assert run_to_end(_cli(inproc, overrides), env, tmp_path / "inprocess.log", 600) == 0, (tmp_path / "inprocess.log").read_text()[-3000:]
-    code = run_to_end(_cli(flower, overrides, "--engine", "flower"), env, tmp_path / "flower.log", 600)
+    if kill_after_round is None:
+        code = run_to_end(_cli(flower, overrides, "--engine", "flower"), env, tmp_path / "flower.log", 600)
+    else:
+        kill_after_checkpoint(_cli(flower, overrides, "--engine", "flower"), env, tmp_path / "killed.log",
+                              flower / "checkpoints" / f"round-{kill_after_round:05d}.pt", 600)
+        assert not (flower / "results.json").exists()
+        resume = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--resume", str(flower)]
+        code = run_to_end(resume, env, tmp_path / "flower.log", 600)
     assert code == 0, (tmp_path / "flower.log").read_text()[-3000:]
     return inproc, flower
 
@@ -57,10 +86,12 @@ def _assert_same(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedit", "fedrouter"])
-def test_flower_simulation_matches_inprocess(method, tmp_path, tiny_overrides, tiny_model_dir):
+@pytest.mark.parametrize("method, kill_after_round", [("fedit", None), ("fedrouter", 1)])
+def test_flower_simulation_matches_inprocess(method, kill_after_round, tmp_path, tiny_overrides, tiny_model_dir):
+    # fedrouter: the simulation is killed (SIGKILL, Ray and all) after its round-1 checkpoint and resumed
+    # with `fedrouter run --resume`: its nodes reload their clients' states from their own checkpoints.
     overrides = {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, "rounds": 3, "eval_every": 2}
-    inproc, flower = _both_engines(tmp_path, overrides)
+    inproc, flower = _both_engines(tmp_path, overrides, kill_after_round)
     _assert_same(inproc, flower)
     if method == "fedrouter":  # client-private state (local clusters) lived on the nodes between rounds
         assert _results(flower)["clustering"]["n_global"] >= 1

@@ -1,7 +1,7 @@
 """A real Flower deployment on loopback: a SuperLink over TLS with SuperNode authentication, two SuperNodes
 holding partitions 0 and 1 (node 0 with a long-lived `fedrouter flower worker`, node 1 doing the work in
 Flower's per-message ClientApp process), `flwr run` of the app `fedrouter flower app` writes -- 2 rounds
-of FedRouter.
+of FedRouter, its server killed after round 1 and resumed.
 Every process is started by `LoopbackFederation` and stopped by its pid (with its children), never by name."""
 
 from __future__ import annotations
@@ -12,18 +12,30 @@ import pytest
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from conftest import TINY_OVERRIDES  # noqa: E402
+from conftest import TINY_OVERRIDES, assert_same_run  # noqa: E402
+
+from fedrouter.config import load_config  # noqa: E402
+from fedrouter.experiment import run_experiment  # noqa: E402
 
 from fedrouter.engines.flower_loopback import LoopbackFederation, descendants  # noqa: E402
 
 
 @pytest.mark.slow
 def test_tls_deployment_with_authenticated_supernodes_runs_fedrouter(tmp_path, tiny_model_dir):
+    # The ServerApp is killed (SIGKILL) after round 1's checkpoint and the run resumed with a second
+    # `flwr run ... resume=true`; the nodes restore their clients' states from their own checkpoints,
+    # and the result is the in-process run's, bit for bit.
     run_dir = tmp_path / "run"
     sets = {**TINY_OVERRIDES, "method": "fedrouter", "scenario": "dual", "n_clients": 2, "rounds": 2, "client_timeout_s": 300}
     with LoopbackFederation(tmp_path / "federation", supernodes=2, tls=True, workers=[0]) as federation:
-        federation.run(sets, run_dir, timeout_s=900)
+        federation.run(sets, run_dir, timeout_s=900, kill_after_round=1)
+        assert not (run_dir / "results.json").exists()
+        assert list((run_dir / "checkpoints" / "nodes").glob("*/client*/state-*.pt"))  # the nodes' own checkpoints
+        federation.run(None, run_dir, timeout_s=900)  # resume
         started = list(federation.procs)
+    inprocess = tmp_path / "inprocess"
+    run_experiment(load_config(None, {**sets, "engine": "inprocess"}), inprocess, progress=False)
+    assert_same_run(inprocess, run_dir, also_ignore={"engine"})
     results = json.loads((run_dir / "results.json").read_text())
     assert results["engine"] == "flower" and results["method"] == "fedrouter"
     assert [row["client"] for row in results["per_client"]] == [0, 1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,20 +24,29 @@ from fedrouter.config import load_config  # noqa: E402
 from fedrouter.engines import flower  # noqa: E402
 from fedrouter.engines.flower_client import client_app  # noqa: E402
 from fedrouter.errors import FedrouterError  # noqa: E402
-from fedrouter.experiment import run_experiment, write_run  # noqa: E402
+from fedrouter.experiment import resumable, run_experiment, write_run  # noqa: E402
 from fedrouter.methods import METHODS  # noqa: E402
 
+
+
+class ServerCrashed(Exception):
+    pass
 
 
 class LocalGrid:
     """Delivers each message to `flower.client_app` with the destination node's own Context. A ClientApp
     that raises becomes an error reply, as on a SuperNode; nodes in `silent` never answer."""
 
-    def __init__(self, node_configs: list[dict], silent_rounds: dict[int, set[str]] | None = None, seed: int = 3):
+    def __init__(self, node_configs: list[dict], silent_rounds: dict[int, set[str]] | None = None, seed: int = 3,
+                 crash_in_round: int | None = None, restart_in_round: dict[int, int] | None = None):
         rng = random.Random(seed)
         self.contexts = {rng.getrandbits(63): Context(run_id=1, node_id=0, node_config=c, state=RecordDict(), run_config={})
                          for c in node_configs}
         self.silent = silent_rounds or {}  # node index -> message groups (rounds) it does not answer
+        # the server dies after its first message of this round's training has been served
+        self.crash_in_round = crash_in_round
+        # node index -> round: the node restarts before that round's training (its memory is gone)
+        self.restart = dict(restart_in_round or {})
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -48,12 +58,18 @@ class LocalGrid:
             node = msg.metadata.dst_node_id
             if msg.metadata.group_id in self.silent.get(index[node], set()):
                 continue
+            if msg.metadata.message_type == "train" and self.restart.get(index[node]) == int(msg.metadata.group_id):
+                del self.restart[index[node]]
+                self.contexts[node].state = RecordDict()
+                flower._WORLDS.clear()  # a new process: nothing cached either
             try:
                 reply = client_app(msg, self.contexts[node])
             except Exception as exc:
                 reply = FlowerMessage(Error(code=2, reason=f"<class '{type(exc).__module__}.{type(exc).__name__}'>:<'{exc}'>"), reply_to=msg)
             assert reply.metadata.src_node_id == node  # reply_to addresses it from the node it went to
             replies.append(reply)
+            if msg.metadata.message_type == "train" and int(msg.metadata.group_id) == self.crash_in_round:
+                raise ServerCrashed(f"the server died in round {self.crash_in_round}")
         return replies
 
 
@@ -149,3 +165,68 @@ def test_a_long_lived_worker_serves_every_message_with_the_same_results(tmp_path
         stop(worker)
         socket_path.unlink(missing_ok=True)
         socket_path.with_name(socket_path.name + ".key").unlink(missing_ok=True)
+
+
+def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
+    """Serve `cfg` until the server dies in round `crash_in_round`; optionally `damage(out)`; then resume
+    it on a new federation (new node ids, empty node memories, new processes) as `flwr run ... resume=true` does."""
+    with pytest.raises(ServerCrashed):
+        _serve(cfg, out, LocalGrid(_partitions(cfg.n_clients), crash_in_round=crash_in_round))
+    assert (out / "FAILED").exists() and not (out / "results.json").exists()
+    if damage:
+        damage(out)
+    flower._WORLDS.clear()
+    saved, n = resumable(out), cfg.n_clients
+    write_run(out, lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
+                                        progress=False, node_wait_s=5, saved=saved), claim=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra, crash_in_round", [
+    ("fedrouter", {}, 3),  # private state from setup (local clusters, embeddings)
+    ("flora", {"eval_every": 1, "client_fraction": 0.67, "method_options": {"ranks": [2, 4]}}, 2),  # state changed by evaluation
+    ("local", {"inject_failures": 0.3}, 3),  # private adapters; failure draws
+])
+def test_a_crashed_server_resumes_to_the_uninterrupted_result(method, extra, crash_in_round, tmp_path, tiny_overrides, tiny_model_dir):
+    cfg = load_config(None, {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, "rounds": 4, **extra})
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    out = tmp_path / "flower"
+    _crash_and_resume(cfg, out, crash_in_round)
+    _same(tmp_path / "inprocess", out)
+    assert not (out / "checkpoints").exists()  # nor the nodes' state files: a finished run keeps none
+
+
+@pytest.mark.slow
+def test_a_corrupt_server_checkpoint_sends_the_nodes_back_to_the_one_before(tmp_path, tiny_overrides, tiny_model_dir, caplog):
+    cfg = load_config(None, {**tiny_overrides, "method": "local", "n_clients": 3, "rounds": 5, "checkpoint_keep": 3})
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    out = tmp_path / "flower"
+
+    def truncate_newest(run_dir: Path) -> None:
+        newest = sorted((run_dir / "checkpoints").glob("round-*.pt"))[-1]
+        assert newest.name == "round-00003.pt"
+        newest.write_bytes(newest.read_bytes()[:100])
+
+    _crash_and_resume(cfg, out, crash_in_round=4, damage=truncate_newest)
+    assert "round-00003.pt is unreadable" in caplog.text  # so the nodes went back to their round-2 states
+    _same(tmp_path / "inprocess", out)
+
+
+@pytest.mark.slow
+def test_a_restarted_node_reloads_its_clients_state_and_the_run_is_unchanged(tmp_path, tiny_overrides, tiny_model_dir):
+    cfg = load_config(None, {**tiny_overrides, "method": "fedrouter", "scenario": "dual", "n_clients": 2, "rounds": 3})
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    _serve(cfg, tmp_path / "flower", LocalGrid(_partitions(2), restart_in_round={0: 2, 1: 3}))
+    _same(tmp_path / "inprocess", tmp_path / "flower")
+
+
+def test_a_node_without_its_saved_state_stops_the_resume_with_the_reason(tmp_path, tiny_overrides, tiny_model_dir):
+    cfg = load_config(None, {**tiny_overrides, "method": "local", "n_clients": 2, "rounds": 3})
+
+    def lose_client_1(run_dir: Path) -> None:
+        (folder,) = (run_dir / "checkpoints" / "nodes").glob("*/client1")
+        shutil.rmtree(folder)
+
+    with pytest.raises(FedrouterError, match=r"client 1 failed during resuming: NodeStateLost: client 1's state after exchange \d+"):
+        _crash_and_resume(cfg, tmp_path / "flower", crash_in_round=2, damage=lose_client_1)
+    assert (tmp_path / "flower" / "FAILED").exists() and not (tmp_path / "flower" / "results.json").exists()

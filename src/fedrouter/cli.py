@@ -70,7 +70,7 @@ def _overrides(args) -> dict:
     return out
 
 
-def _saved_config(run_dir: Path) -> dict:
+def saved_config(run_dir: Path) -> dict:
     """A run directory's config.json as overrides (every key), or one clear error."""
     import json
 
@@ -91,7 +91,7 @@ def _cmd_run(args) -> int:
     if args.resume:
         if args.config or args.out or _overrides(args):
             raise FedrouterError("--resume continues a run with its own config.json: give no other config, flag or --out")
-        cfg = load_config(None, _saved_config(args.resume))
+        cfg = load_config(None, saved_config(args.resume))
     else:
         cfg = load_config(args.config, _overrides(args))
     if args.quiet or not sys.stderr.isatty():

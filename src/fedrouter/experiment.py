@@ -116,21 +116,17 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
     if cfg.engine == "flower":
-        if resume:
-            raise FedrouterError("--resume works for in-process runs only: a Flower run's client state lives on its nodes")
         try:
             from fedrouter.engines.flower import run_simulation
         except ImportError as exc:
             raise FedrouterError(f"engine flower needs Flower ({exc.name} is missing): pip install 'fedrouter[flower]'") from None
         build_data(cfg)  # bad data fails here, before the run directory exists
         shared = build_shared(cfg, progress)
-        return write_run(run_dir, lambda: run_simulation(cfg, run_dir, progress, shared), start)
+        saved = resumable(run_dir) if resume else None
+        return write_run(run_dir, lambda: run_simulation(cfg, run_dir, progress, shared, saved), start, claim=not resume)
     # Everything that can fail on bad input (data, model) is checked before the run directory exists.
     data, shared, contexts, server, client = build_world(cfg, progress)
-    saved = None
-    if resume:
-        saved = _resumable(run_dir)
-        (run_dir / "FAILED").unlink(missing_ok=True)
+    saved = resumable(run_dir) if resume else None
     clients = InProcessClients(cfg, client, contexts, progress)
     return write_run(run_dir, lambda: run_with(cfg, run_dir, data.tasks, shared, server, clients, progress, saved),
                      start, claim=not resume)
@@ -154,13 +150,14 @@ def write_run(run_dir: Path, produce, start: float | None = None, claim: bool = 
     return results
 
 
-def _resumable(run_dir: Path) -> dict:
-    """The newest readable checkpoint of an unfinished run, or one clear error."""
+def resumable(run_dir: Path) -> dict:
+    """The newest readable checkpoint of an unfinished run (its FAILED mark cleared), or one clear error."""
     if (run_dir / RESULTS).exists():
         raise FedrouterError(f"{run_dir} is a finished run (it has {RESULTS}); nothing to resume")
     saved = checkpoint.load_latest(run_dir)
     if saved is None:
         raise FedrouterError(f"{run_dir} has no readable checkpoint to resume from; run it again from the start")
+    (run_dir / "FAILED").unlink(missing_ok=True)
     return saved
 
 
@@ -168,12 +165,10 @@ class InProcessClients:
     """The client side as the in-process engine holds it: every client's context in this process."""
 
     engine = "inprocess"
-    resumable = True  # every client's state is at hand for a checkpoint
 
     def __init__(self, cfg: Config, client, contexts: dict, progress: bool = True):
         self.client, self.contexts = client, contexts
-        self.inprocess = InProcessTransport(client, contexts, progress, cfg.inject_failures, cfg.seed, cfg.client_timeout_s)
-        self.transport = self.inprocess  # what the loop sends through (a test may wrap it)
+        self.transport = InProcessTransport(client, contexts, progress, cfg.inject_failures, cfg.seed, cfg.client_timeout_s)
         self.ids = sorted(contexts)
 
     def info(self) -> dict[int, dict]:
@@ -192,13 +187,13 @@ class InProcessClients:
         """What a checkpoint needs of the clients: private states, stream positions, failure draws."""
         return {"client_states": {cid: ctx.state for cid, ctx in self.contexts.items()},
                 "streams": {cid: ctx.workbench.stream_state() for cid, ctx in self.contexts.items()},
-                "failure_rng": self.inprocess._failure_rng.getstate()}
+                "failure_rng": self.transport.failure_rng.getstate()}
 
     def restore(self, saved: dict) -> None:
         for cid, ctx in self.contexts.items():
             ctx.state = saved["client_states"][cid]
             ctx.workbench.load_stream_state(saved["streams"][cid])
-        self.inprocess._failure_rng.setstate(saved["failure_rng"])
+        self.transport.failure_rng.setstate(saved["failure_rng"])
 
 
 def checkpoint_payload(server, clients, sampling, traffic, history, base_reports, setup_report, timings) -> dict:
@@ -213,12 +208,13 @@ def checkpoint_payload(server, clients, sampling, traffic, history, base_reports
 def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, server, clients,
              progress: bool = True, saved: dict | None = None) -> dict:
     """The server's side of a run, whatever engine carries the messages: base evaluation, setup, rounds
-    (with checkpoints when the engine can restore its clients), final evaluation, and the run directory's
-    files. `clients` is the engine's client side (`InProcessClients`, or the Flower engine's)."""
+    (a checkpoint after each), final evaluation, and the run directory's files. `clients` is the engine's
+    client side (`InProcessClients`, or the Flower engine's): what it returns from `state()` goes into
+    each checkpoint, and `restore(saved)` puts the clients back where a checkpoint found them."""
     transport, ids = clients.transport, clients.ids
     traffic = Traffic()
     info = clients.info()
-    checkpoints = cfg.checkpoint_keep if clients.resumable else 0
+    checkpoints = cfg.checkpoint_keep
     sampling = random.Random(f"client-sampling:{cfg.seed}")
     metrics_path = run_dir / "metrics.jsonl"
     if saved is None:

@@ -43,6 +43,7 @@ config = ""          # a fedrouter TOML config (absolute path on the SuperLink's
 set = ""             # space-separated KEY=VALUE overrides, as `fedrouter run --set`
 out = ""             # the run directory (absolute path); "" = runs/<method>-<scenario>-seed<seed>-<time>
 node-wait-s = 300    # how long to wait for n_clients SuperNodes to connect
+resume = false       # true: continue the unfinished run in `out` from its newest checkpoint (no config / set)
 """
 
 

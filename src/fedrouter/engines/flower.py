@@ -24,16 +24,18 @@ import os
 import random
 import re
 import time
+import uuid
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message as FlowerMessage, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrouter.config import Config, load_config
-from fedrouter.engines.flower_client import HELLO, RUN, SAVE, SETUP, client_app
+from fedrouter.engines.flower_client import HELLO, NODE, RESUME, RUN, SAVE, SETUP, client_app
 from fedrouter.core.train import ClientTimeout, time_budget
 from fedrouter.engines.inprocess import InjectedFailure
-from fedrouter.engines.wire import STATE, from_records, state_from_record, state_to_record, to_records
+from fedrouter.engines.node_store import NodeStateLost, NodeStore
+from fedrouter.engines.wire import STATE, from_records, state_bytes, state_from_bytes, to_records
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message, failure_reply
 
@@ -49,18 +51,29 @@ class FlowerTransport:
     every client, so a missing or failed reply there stops the run with the client's reason."""
 
     def __init__(self, grid: Grid, node_of: dict[int, int], config_text: str, timeout_s: float | None,
-                 inject_failures: float = 0.0, seed: int = 0):
+                 inject_failures: float = 0.0, seed: int = 0, run_dir: Path | str = ""):
         self.grid, self.node_of, self.config_text, self.timeout_s = grid, node_of, config_text, timeout_s
         self.inject_failures = inject_failures
         # The same draws as the in-process engine's, so both fail the same clients in the same rounds.
-        self._failure_rng = random.Random(f"inject-failures:{seed}")
+        self.failure_rng = random.Random(f"inject-failures:{seed}")
         self.round = 0
+        # What the nodes' state checkpoints go by (see engines.node_store): this run's id, the exchange
+        # number, the exchange after which each client's state last changed as far as the server knows,
+        # and the exchange of the oldest server checkpoint kept (the nodes keep what resuming it needs).
+        self.run_id = uuid.uuid4().hex[:12]
+        self.run_dir = str(Path(run_dir).resolve()) if run_dir else ""
+        self.seq = 0
+        self.state_seq = {cid: 0 for cid in node_of}
+        self.keep_from = 0
 
     def _exchange(self, messages: dict[int, Message], message_type: str, flags: dict[int, dict] | None = None) -> dict[int, Message]:
         group = str(self.round)
+        self.seq += 1
         outgoing = []
         for cid, msg in messages.items():
-            run = ConfigRecord({"config": self.config_text, "client": cid, **(flags or {}).get(cid, {})})
+            run = ConfigRecord({"config": self.config_text, "client": cid, "run_id": self.run_id, "dir": self.run_dir,
+                                "seq": self.seq, "state_seq": self.state_seq[cid], "keep_from": self.keep_from,
+                                **(flags or {}).get(cid, {})})
             outgoing.append(FlowerMessage(to_records(msg, {RUN: run}), dst_node_id=self.node_of[cid],
                                           message_type=message_type, group_id=group))
         client_of = {node: cid for cid, node in self.node_of.items()}
@@ -72,8 +85,12 @@ class FlowerTransport:
             cid = client_of.get(reply.metadata.src_node_id)
             if cid is None:
                 continue
-            # an error reply reads like the in-process engine's failure: "ExceptionName: message"
-            replies[cid] = Message(config={"failed": error_reason(reply)}) if reply.has_error() else from_records(reply.content)
+            if reply.has_error():  # reads like the in-process engine's failure: "ExceptionName: message"
+                replies[cid] = Message(config={"failed": error_reason(reply)})
+                continue
+            replies[cid] = from_records(reply.content)
+            if NODE in reply.content:  # the node's client state is now the one after this exchange (or unchanged)
+                self.state_seq[cid] = int(reply.content[NODE]["state_seq"])
         for cid in messages:
             if cid not in replies:
                 replies[cid] = failure_reply(ClientTimeout(f"no reply within {wait:g} s"))
@@ -93,7 +110,7 @@ class FlowerTransport:
         self.round += 1
         flags = {}
         for cid in messages:
-            if self.inject_failures and self._failure_rng.random() < self.inject_failures:
+            if self.inject_failures and self.failure_rng.random() < self.inject_failures:
                 flags[cid] = {"inject_failure": True}
         return self._exchange(messages, MessageType.TRAIN, flags)
 
@@ -123,11 +140,32 @@ class FlowerClients:
     """The client side as a Flower run sees it: nodes behind a Grid, each reporting its partition."""
 
     engine = "flower"
-    resumable = False  # the clients' private state lives on their nodes, not in the server's checkpoint
 
-    def __init__(self, transport: FlowerTransport, info: dict[int, dict]):
+    def __init__(self, transport: FlowerTransport, info: dict[int, dict], checkpoint_keep: int = 0):
         self.transport, self._info = transport, info
         self.ids = sorted(info)
+        self.checkpoint_keep = checkpoint_keep
+        self.checkpoint_seqs: list[int] = []  # the exchange number at each server checkpoint kept
+
+    def state(self) -> dict:
+        """What a server checkpoint (taken now) needs of the client side: the transport's counters and
+        draws. The clients' private states stay on their nodes, which checkpoint them (engines.node_store)."""
+        t = self.transport
+        self.checkpoint_seqs = (self.checkpoint_seqs + [t.seq])[-max(1, self.checkpoint_keep):]
+        t.keep_from = self.checkpoint_seqs[0]
+        return {"flower": {"run_id": t.run_id, "seq": t.seq, "round": t.round, "state_seq": dict(t.state_seq),
+                           "failure_rng": t.failure_rng.getstate(), "checkpoint_seqs": list(self.checkpoint_seqs)}}
+
+    def restore(self, saved: dict) -> None:
+        """Go back to a server checkpoint: the transport as it was, and every node back to its client's
+        state at that point (each reloads it from its own files, or the run stops with the reason)."""
+        t, flower = self.transport, saved["flower"]
+        t.run_id, t.seq, t.round = flower["run_id"], flower["seq"], flower["round"]
+        t.state_seq = {cid: int(flower["state_seq"][cid]) for cid in self.ids}
+        t.failure_rng.setstate(flower["failure_rng"])
+        self.checkpoint_seqs = list(flower["checkpoint_seqs"])
+        t.keep_from = self.checkpoint_seqs[0] if self.checkpoint_seqs else 0
+        t.exchange_all({cid: Message() for cid in self.ids}, RESUME, "resuming")
 
     def info(self) -> dict[int, dict]:
         return self._info
@@ -173,9 +211,11 @@ def discover_partitions(grid: Grid, nodes: list[int], config_text: str,
     return node_of, info, tasks
 
 
-def serve(grid: Grid, cfg: Config, run_dir: Path, progress: bool = True, node_wait_s: float = 120.0, shared=None) -> dict:
+def serve(grid: Grid, cfg: Config, run_dir: Path, progress: bool = True, node_wait_s: float = 120.0, shared=None,
+          saved: dict | None = None) -> dict:
     """A whole run from the ServerApp: find the nodes, then the shared server loop (`shared`: the base
-    model with its LoRA slot, when the caller has it loaded already)."""
+    model with its LoRA slot, when the caller has it loaded already; `saved`: the server checkpoint to
+    resume from)."""
     from fedrouter.experiment import build_shared, method_setup, run_with
     from fedrouter.methods import load_method
 
@@ -185,8 +225,9 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, progress: bool = True, node_wa
     shared = shared or build_shared(cfg, progress)  # the initial adapter; PEFT files of the server's adapters
     server_cls, _ = load_method(cfg.method)
     server = server_cls(method_setup(cfg), shared.initial_adapter, sorted(node_of))
-    transport = FlowerTransport(grid, node_of, config_text, cfg.client_timeout_s, cfg.inject_failures, cfg.seed)
-    return run_with(cfg, run_dir, tasks, shared, server, FlowerClients(transport, info), progress)
+    transport = FlowerTransport(grid, node_of, config_text, cfg.client_timeout_s, cfg.inject_failures, cfg.seed, run_dir)
+    clients = FlowerClients(transport, info, cfg.checkpoint_keep)
+    return run_with(cfg, run_dir, tasks, shared, server, clients, progress, saved)
 
 
 # The ServerApp of the app `fedrouter flower app DIR` writes for `flwr run`: its run config says what to run.
@@ -195,14 +236,22 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    from fedrouter.cli import parse_sets
-    from fedrouter.experiment import default_run_dir, write_run
+    from fedrouter.cli import parse_sets, saved_config
+    from fedrouter.experiment import default_run_dir, resumable, write_run
     run_config = context.run_config
-    sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
-    cfg = load_config(run_config.get("config") or None, sets)
-    run_dir = Path(run_config.get("out") or default_run_dir(cfg))
-    results = write_run(run_dir, lambda: serve(grid, cfg, run_dir, progress=False,
-                                               node_wait_s=float(run_config.get("node-wait-s", 120))))
+    saved = None
+    if run_config.get("resume"):  # the run in `out`, with its own config, from its newest checkpoint
+        if not run_config.get("out") or run_config.get("config") or run_config.get("set"):
+            raise FedrouterError("resume=true continues the run in out=DIR with its own config.json: give out and no config or set")
+        run_dir = Path(run_config["out"])
+        cfg = load_config(None, saved_config(run_dir))
+        saved = resumable(run_dir)
+    else:
+        sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
+        cfg = load_config(run_config.get("config") or None, sets)
+        run_dir = Path(run_config.get("out") or default_run_dir(cfg))
+    results = write_run(run_dir, lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
+                                               node_wait_s=float(run_config.get("node-wait-s", 120))), claim=saved is None)
     log.warning("fedrouter: %s %s ROUGE-1 %.4f, run directory %s", cfg.method, cfg.scenario, results["rouge1"], run_dir)
 
 
@@ -263,28 +312,66 @@ def _partition(node_config: dict, n_clients: int) -> int:
 
 def serve_message(message_type: str, content: RecordDict, node_config: dict, state) -> RecordDict:
     """One message for this node's client: rebuild the client (the run's world, built once per process,
-    plus its private state from `state`, Flower's context.state), let the method's client part act,
-    store the state back into `state`, and return the reply's content. Raises what the client raises."""
+    plus the private state the server expects it to have: from `state`, Flower's context.state, or from
+    the node's own checkpoint of it), let the method's client part act, keep the new state (in `state`,
+    and in a checkpoint file when it changed), and return the reply's content. Raises what the client raises."""
     run = content[RUN]
     world = _world(run["config"])
     cid = _partition(node_config, world.cfg.n_clients)
-    if message_type != HELLO and int(run["client"]) != cid:
+    if message_type == HELLO:  # discovery: the server does not know yet which client this node holds
+        return to_records(_hello(world, cid))
+    if int(run["client"]) != cid:
         raise FedrouterError(f"the server addressed client {run['client']} but this node holds partition {cid}")
     if run.get("inject_failure"):
         raise InjectedFailure("injected failure")
     workbench, initial_streams = world.workbench(cid)
-    saved = state_from_record(state[STATE]) if STATE in state else {"state": {}, "streams": initial_streams}
+    store = _store(node_config, run, cid, world.cfg.checkpoint_keep)
+    expected = int(run["state_seq"])
+    blob = _expected_state(state, expected, store, cid, {"state": {}, "streams": initial_streams})
+    saved = state_from_bytes(blob)
     workbench.load_stream_state(saved["streams"])
     ctx = ClientContext(cid, workbench, saved["state"])
     # the node enforces the round's time budget itself: a slow client stops and reports, not the server waiting
     with time_budget(world.cfg.client_timeout_s if message_type == MessageType.TRAIN else None):
         reply = _WORK[message_type](from_records(content), ctx, world, node_config)
-    state[STATE] = state_to_record({"state": ctx.state, "streams": workbench.stream_state()})
-    return to_records(reply)
+    new_blob = state_bytes({"state": ctx.state, "streams": workbench.stream_state()})
+    label = expected
+    if new_blob != blob:  # the state after this exchange is a new one: checkpoint it under the exchange's number
+        label = int(run["seq"])
+        if store is not None:
+            store.write(label, new_blob, keep_from=int(run["keep_from"]), keep={expected})
+    state[STATE] = ConfigRecord({"blob": new_blob, "seq": label})
+    if store is not None and message_type == RESUME:
+        store.drop_after(expected)  # what this node did past the server's checkpoint is undone
+    if store is not None and message_type == SAVE:
+        store.remove()  # the run is over
+    return to_records(reply, {NODE: ConfigRecord({"state_seq": label})})
 
 
-def _hello(msg: Message, ctx: ClientContext, world: _World, node_config: dict) -> Message:
-    return Message(config={"partition": ctx.client_id, "tasks": ctx.workbench.tasks, "n_train": ctx.workbench.n_train,
+def _store(node_config: dict, run, cid: int, checkpoint_keep: int) -> NodeStore | None:
+    """Where this node checkpoints its client's state: under its `out-dir` node config if it has one, else
+    under the run directory's path (the same machine's, in a simulation); none when checkpoints are off."""
+    if not checkpoint_keep:
+        return None
+    base = node_config.get("out-dir") or run["dir"]
+    return NodeStore.of(Path(base), str(run["run_id"]), cid) if base else None
+
+
+def _expected_state(state, expected: int, store: NodeStore | None, cid: int, initial: dict) -> bytes:
+    """The bytes of the client state after exchange `expected` (0: the initial state)."""
+    if STATE in state and int(state[STATE]["seq"]) == expected:
+        return state[STATE]["blob"]
+    if expected == 0:
+        return state_bytes(initial)
+    if store is None:
+        raise NodeStateLost(f"client {cid}'s state after exchange {expected} is not in this node's memory and "
+                            "node checkpoints are off (checkpoint_keep = 0)")
+    return store.read(expected, cid)
+
+
+def _hello(world: _World, cid: int) -> Message:
+    workbench, _ = world.workbench(cid)
+    return Message(config={"partition": cid, "tasks": workbench.tasks, "n_train": workbench.n_train,
                            "all_tasks": list(world.data.tasks)})
 
 
@@ -298,7 +385,7 @@ def _save(msg: Message, ctx: ClientContext, world: _World, node_config: dict) ->
 
 
 _WORK = {
-    HELLO: _hello,
+    RESUME: lambda m, ctx, w, nc: Message(),  # loading the expected state is all a resume asks of a node
     SETUP: lambda m, ctx, w, nc: w.client.setup(m, ctx),
     MessageType.TRAIN: lambda m, ctx, w, nc: w.client.fit(m, ctx),
     MessageType.EVALUATE: lambda m, ctx, w, nc: w.client.evaluate(m, ctx),
@@ -345,9 +432,9 @@ def serve_worker(socket_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- simulation runtime
 
-def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=None) -> dict:
+def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=None, saved: dict | None = None) -> dict:
     """`cfg` on Flower's simulation runtime in this process: n_clients virtual SuperNodes (Ray actors,
-    one CPU each); returns the results the ServerApp wrote."""
+    one CPU each); returns the results the ServerApp wrote. `saved`: the server checkpoint to resume from."""
     from flwr.simulation import run_simulation as flower_simulation
 
     for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -359,7 +446,7 @@ def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=Non
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["results"] = serve(grid, cfg, run_dir, progress, shared=shared)
+            outcome["results"] = serve(grid, cfg, run_dir, progress, shared=shared, saved=saved)
         except BaseException as exc:  # carried out of Flower's thread, raised below
             outcome["error"] = exc
 

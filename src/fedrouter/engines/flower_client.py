@@ -15,8 +15,9 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-RUN = "run"  # the record every message carries: the run's config and per-message engine flags
-HELLO, SETUP, SAVE = f"{MessageType.QUERY}.hello", f"{MessageType.QUERY}.setup", f"{MessageType.QUERY}.save"
+RUN = "run"  # the record every message carries: the run's config and per-message engine fields
+NODE = "node"  # the record every reply carries: which state the node's client is in now
+HELLO, SETUP, SAVE, RESUME = (f"{MessageType.QUERY}.{name}" for name in ("hello", "setup", "save", "resume"))
 
 
 def _raise_remote(name: str, text: str):
@@ -67,6 +68,11 @@ def _setup(msg: Message, context: Context) -> Message:
 
 @client_app.query("save")
 def _save(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)
+
+
+@client_app.query("resume")
+def _resume(msg: Message, context: Context) -> Message:
     return _handle(msg, context)
 
 

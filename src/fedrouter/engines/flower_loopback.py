@@ -164,22 +164,42 @@ class LoopbackFederation:
             time.sleep(0.3)
         raise FedrouterError(f"the SuperLink does not listen on {self.port} after {timeout_s} s")
 
-    def run(self, sets: dict, run_dir: Path, timeout_s: float = 900) -> Path:
-        """`flwr run` the app with these config overrides; wait for the run directory to be finished."""
-        run_config = f'set="{" ".join(f"{k}={v}" for k, v in sets.items())}" out="{Path(run_dir).resolve()}" node-wait-s=120'
+    def run(self, sets: dict, run_dir: Path, timeout_s: float = 900, kill_after_round: int | None = None) -> Path:
+        """`flwr run` the app with these config overrides (None: resume the unfinished run in `run_dir`);
+        wait for the run directory to be finished -- or, with `kill_after_round`, SIGKILL the ServerApp
+        once that round's checkpoint is written, as a crash of the server side would."""
+        out = f'out="{Path(run_dir).resolve()}" node-wait-s=120'
+        run_config = f'{out} resume=true' if sets is None else f'set="{" ".join(f"{k}={v}" for k, v in sets.items())}" {out}'
         flwr = self._start("flwr-run", [str(BIN / "flwr"), "run", str(self.app), CONNECTION, "--run-config", run_config, "--stream"])
         deadline = time.monotonic() + timeout_s
+        checkpoint = run_dir / "checkpoints" / f"round-{kill_after_round or 0:05d}.pt"
         while not (run_dir / "results.json").exists() and not (run_dir / "FAILED").exists():
             if time.monotonic() > deadline:
                 raise FedrouterError(f"no result after {timeout_s} s:\n{self.log_tail()}")
-            time.sleep(0.5)
+            if kill_after_round and checkpoint.exists():
+                self._kill_serverapps()
+                stop(flwr)
+                return run_dir
+            time.sleep(0.05 if kill_after_round else 0.5)
         if (run_dir / "FAILED").exists():
             raise FedrouterError(f"the run failed: {(run_dir / 'FAILED').read_text().strip()}\n{self.log_tail()}")
+        if kill_after_round:
+            raise FedrouterError(f"the run finished before round {kill_after_round}'s checkpoint could be caught")
         try:
             flwr.wait(timeout=120)
         except subprocess.TimeoutExpired:
             pass  # the result is written; close() stops it
         return run_dir
+
+    def _kill_serverapps(self) -> None:
+        """SIGKILL the ServerApp process(es) the SuperLink started (found among its descendants by their
+        command line, killed by pid)."""
+        for pid in descendants(self.procs[0].pid):
+            try:
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -31,7 +31,7 @@ class InProcessTransport:
         self.contexts = contexts
         self.progress = progress
         self.inject_failures = inject_failures
-        self._failure_rng = random.Random(f"inject-failures:{seed}")
+        self.failure_rng = random.Random(f"inject-failures:{seed}")
         self.client_timeout_s = client_timeout_s
 
     def _deliver(self, messages: dict[int, Message], handler, desc: str) -> dict[int, Message]:
@@ -45,7 +45,7 @@ class InProcessTransport:
 
     def _fit_one(self, msg: Message, ctx: ClientContext) -> Message:
         try:
-            if self.inject_failures and self._failure_rng.random() < self.inject_failures:
+            if self.inject_failures and self.failure_rng.random() < self.inject_failures:
                 raise InjectedFailure("injected failure")
             start = time.perf_counter()
             with time_budget(self.client_timeout_s):  # training steps past the budget are cut off

@@ -7,7 +7,8 @@ and lists; anything else is refused with a line naming the key. Tensors go as fl
 cannot hold bfloat16); the receiver gets float32.
 
 A client's private state (its `ClientContext.state` and its batch-stream position) never leaves its node:
-it is kept in Flower's `context.state` between messages as bytes written by `torch.save`.
+it is kept in Flower's `context.state` between messages (and in the node's own checkpoint files) as
+bytes written by `torch.save`.
 """
 
 from __future__ import annotations
@@ -69,12 +70,12 @@ def roundtrip(msg: Message) -> Message:
     return from_records(to_records(msg))
 
 
-def state_to_record(state: dict) -> ConfigRecord:
+def state_bytes(state: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    return ConfigRecord({"blob": buffer.getvalue()})
+    return buffer.getvalue()
 
 
-def state_from_record(record: ConfigRecord) -> dict:
-    # The node's own bytes, written by state_to_record above: not input from the network.
-    return torch.load(io.BytesIO(record["blob"]), weights_only=False)
+def state_from_bytes(blob: bytes) -> dict:
+    # The node's own bytes (its context.state, or its own checkpoint file): never input from the network.
+    return torch.load(io.BytesIO(blob), weights_only=False)
