@@ -1,8 +1,12 @@
-"""What a checkpoint costs on the default experiment: its size and the seconds it adds to a round.
+"""What checkpoints cost on the default experiment: their size and the seconds they add to a round.
 
 Builds the default run (FedRouter, dual, 8 clients; `--method` to change), does the setup exchange and
-one round, then writes the checkpoint that round would write `--repeats` times and prints the median
-write time, the file size, and the round's own time for scale.
+one round, then writes what that round's checkpoints would be, `--repeats` times each, and prints the
+median write times and sizes beside the round's own time:
+
+- in-process: the server's one checkpoint file, which holds every client's private state too;
+- Flower: the server's checkpoint (no client state: it stays on the nodes), and on each node the file
+  of its own client's state (`engines.node_store`), written in parallel by the nodes.
 
 Usage: python bench/checkpoint_cost.py [--method fedrouter] [--repeats 5]
 """
@@ -16,9 +20,30 @@ from pathlib import Path
 
 from fedrouter import checkpoint
 from fedrouter.config import load_config
-from fedrouter.engines.inprocess import InProcessTransport
 from fedrouter.engines.loop import Traffic, run_rounds, run_setup
-from fedrouter.experiment import build_world, checkpoint_payload
+from fedrouter.engines.node_store import NodeStore
+from fedrouter.engines.wire import state_bytes
+from fedrouter.experiment import InProcessClients, build_world, checkpoint_payload
+
+
+class _FlowerSide:
+    """What the Flower engine's client side puts in a server checkpoint: counters and draws only."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def state(self):
+        return {"flower": {"run_id": "bench", "seq": 3, "round": 1, "state_seq": dict.fromkeys(range(self.n), 3),
+                           "failure_rng": random.Random(0).getstate(), "checkpoint_seqs": [3]}}
+
+
+def _median_write(write, repeats: int) -> float:
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        write(i)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def main():
@@ -28,23 +53,40 @@ def main():
     args = ap.parse_args()
     cfg = load_config(None, {"method": args.method, "threads": 1})
     _, _, contexts, server, client = build_world(cfg, progress=False)
-    transport, traffic, ids = InProcessTransport(client, contexts, progress=False), Traffic(), sorted(contexts)
-    sampling = random.Random("client-sampling:0")
-    run_setup(server, transport, traffic, ids)
+    clients = InProcessClients(cfg, client, contexts, progress=False)
+    traffic, ids, sampling = Traffic(), clients.ids, random.Random("client-sampling:0")
+    run_setup(server, clients.transport, traffic, ids)
     start = time.perf_counter()
-    history = run_rounds(server, transport, traffic, ids, 1, 1.0, 0, progress=False, rng=sampling)
+    history = run_rounds(server, clients.transport, traffic, ids, 1, 1.0, 0, progress=False, rng=sampling)
     round_s = time.perf_counter() - start
-    payload = checkpoint_payload(server, contexts, sampling, transport, traffic, history, {}, {}, {})
-    times = []
+
+    def pct(seconds: float) -> str:
+        return f"+{seconds / round_s * 100:.1f}% per round"
+
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
-            t = time.perf_counter()
-            path = checkpoint.save(Path(tmp), i + 1, payload, keep=2)
-            times.append(time.perf_counter() - t)
-        size = path.stat().st_size
-    print(f"{args.method}, default experiment ({len(ids)} clients): checkpoint {size / 1e6:.2f} MB, "
-          f"write {statistics.median(times) * 1000:.0f} ms (median of {args.repeats}); one round {round_s:.1f} s "
-          f"-> +{statistics.median(times) / round_s * 100:.1f}% per round")
+        inprocess, flower = Path(tmp) / "inprocess", Path(tmp) / "flower"
+        inprocess.mkdir(), flower.mkdir()
+        payload = checkpoint_payload(server, clients, sampling, traffic, history, {}, {}, {})
+        write_s = _median_write(lambda i: checkpoint.save(inprocess, i + 1, payload, keep=2), args.repeats)
+        size = checkpoint.path_of(inprocess, args.repeats).stat().st_size
+        print(f"{args.method}, default experiment ({len(ids)} clients), one round {round_s:.1f} s")
+        print(f"  in-process: checkpoint {size / 1e6:.2f} MB, write {write_s * 1000:.0f} ms (median of {args.repeats}), {pct(write_s)}")
+
+        flower_payload = checkpoint_payload(server, _FlowerSide(len(ids)), sampling, traffic, history, {}, {}, {})
+        server_s = _median_write(lambda i: checkpoint.save(flower, i + 1, flower_payload, keep=2), args.repeats)
+        server_size = checkpoint.path_of(flower, args.repeats).stat().st_size
+        node_s, node_sizes = [], []
+        for cid, ctx in sorted(contexts.items()):
+            store = NodeStore.of(flower, "bench", cid)
+            # what a node serialises and writes after a message that changed its client's state
+            blob_of = lambda: state_bytes({"state": ctx.state, "streams": ctx.workbench.stream_state()})  # noqa: E731
+            node_s.append(_median_write(lambda i: store.write(i + 1, blob_of(), keep_from=i + 1, keep=set()), args.repeats))
+            node_sizes.append(len(blob_of()))
+        slowest = max(node_s)
+        print(f"  flower: server checkpoint {server_size / 1e6:.2f} MB, write {server_s * 1000:.0f} ms; per node: "
+              f"client state {statistics.median(node_sizes) / 1e6:.2f} MB (largest {max(node_sizes) / 1e6:.2f}), "
+              f"serialise + write {statistics.median(node_s) * 1000:.0f} ms (slowest node {slowest * 1000:.0f} ms); "
+              f"nodes write in parallel: {pct(server_s + slowest)}")
 
 
 if __name__ == "__main__":
