@@ -220,6 +220,21 @@ def test_a_restarted_node_reloads_its_clients_state_and_the_run_is_unchanged(tmp
     _same(tmp_path / "inprocess", tmp_path / "flower")
 
 
+def test_a_restarted_node_that_lost_its_files_too_stops_the_run(tmp_path, tiny_overrides, tiny_model_dir):
+    cfg = load_config(None, {**tiny_overrides, "method": "local", "n_clients": 2, "rounds": 3})
+    grid = LocalGrid(_partitions(2), restart_in_round={1: 3})
+    real_send = grid.send_and_receive
+
+    def send_and_receive(messages, timeout=None):  # the restarted node comes back with an empty disk too
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == "3" for m in messages):
+            shutil.rmtree(tmp_path / "flower" / "checkpoints" / "nodes", ignore_errors=True)
+        return real_send(messages, timeout)
+
+    grid.send_and_receive = send_and_receive
+    with pytest.raises(FedrouterError, match=r"client 1: NodeStateLost: client 1's state after exchange \d+ is not on this node"):
+        _serve(cfg, tmp_path / "flower", grid)
+
+
 def test_a_node_without_its_saved_state_stops_the_resume_with_the_reason(tmp_path, tiny_overrides, tiny_model_dir):
     cfg = load_config(None, {**tiny_overrides, "method": "local", "n_clients": 2, "rounds": 3})
 

@@ -112,7 +112,12 @@ class FlowerTransport:
         for cid in messages:
             if self.inject_failures and self.failure_rng.random() < self.inject_failures:
                 flags[cid] = {"inject_failure": True}
-        return self._exchange(messages, MessageType.TRAIN, flags)
+        replies = self._exchange(messages, MessageType.TRAIN, flags)
+        for cid, reply in sorted(replies.items()):
+            # a node that lost its client's state would fail every round from now on: not a flaky client
+            if reply.config.get("failed", "").startswith(NodeStateLost.__name__):
+                raise FedrouterError(f"client {cid}: {reply.config['failed']}")
+        return replies
 
     def evaluate(self, messages):
         return self.exchange_all(messages, MessageType.EVALUATE, "evaluation")
