@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from conftest import assert_same_run  # noqa: E402
 
 from fedrouter.config import load_config  # noqa: E402
-from fedrouter.engines import flower  # noqa: E402
+from fedrouter.engines import flower, flower_node  # noqa: E402
 from fedrouter.engines.flower_client import client_app  # noqa: E402
 from fedrouter.errors import FedrouterError  # noqa: E402
 from fedrouter.experiment import resumable, run_experiment, write_run  # noqa: E402
@@ -61,7 +61,7 @@ class LocalGrid:
             if msg.metadata.message_type == "train" and self.restart.get(index[node]) == int(msg.metadata.group_id):
                 del self.restart[index[node]]
                 self.contexts[node].state = RecordDict()
-                flower._WORLDS.clear()  # a new process: nothing cached either
+                flower_node._WORLDS.clear()  # a new process: nothing cached either
             try:
                 reply = client_app(msg, self.contexts[node])
             except Exception as exc:
@@ -175,7 +175,7 @@ def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
     assert (out / "FAILED").exists() and not (out / "results.json").exists()
     if damage:
         damage(out)
-    flower._WORLDS.clear()
+    flower_node._WORLDS.clear()
     saved, n = resumable(out), cfg.n_clients
     write_run(out, lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
                                         progress=False, node_wait_s=5, saved=saved), claim=False)

@@ -79,7 +79,7 @@ def run(args) -> int:
         print(f"wrote {path}; run it with: flwr run {args.dir} <connection> --run-config 'set=\"method=fedit\"'")
         return 0
     if args.flower_command == "worker":
-        from fedrouter.engines.flower import serve_worker
+        from fedrouter.engines.flower_node import serve_worker
 
         serve_worker(args.socket)
         return 0

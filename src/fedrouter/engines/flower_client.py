@@ -1,7 +1,7 @@
 """fedrouter's Flower ClientApp: a thin module (no torch at import), because Flower 1.41 starts a fresh
 ClientApp process for every message in a deployment.
 
-Each handler either does the client's work in this process (`fedrouter.engines.flower.serve_message`,
+Each handler either does the client's work in this process (`fedrouter.engines.flower_node.serve_message`,
 which imports torch and builds the model and data), or, when the SuperNode's node config names a
 long-lived worker (`worker=<socket path>`, started with `fedrouter flower worker`), forwards the message
 and the node's context.state to it and takes back the reply and the new state -- the model then stays
@@ -47,7 +47,7 @@ def _handle(msg: Message, context: Context) -> Message:
     if worker:
         content = _via_worker(str(worker), msg, context)
     else:
-        from fedrouter.engines.flower import serve_message
+        from fedrouter.engines.flower_node import serve_message
 
         content = serve_message(msg.metadata.message_type, msg.content, dict(context.node_config), context.state)
     return Message(content, reply_to=msg)
