@@ -245,3 +245,10 @@ def test_a_node_without_its_saved_state_stops_the_resume_with_the_reason(tmp_pat
     with pytest.raises(FedrouterError, match=r"client 1 failed during resuming: NodeStateLost: client 1's state after exchange \d+"):
         _crash_and_resume(cfg, tmp_path / "flower", crash_in_round=2, damage=lose_client_1)
     assert (tmp_path / "flower" / "FAILED").exists() and not (tmp_path / "flower" / "results.json").exists()
+
+    def damage_client_0(run_dir: Path) -> None:
+        for path in (run_dir / "checkpoints" / "nodes").glob("*/client0/state-*.pt"):
+            path.write_bytes(path.read_bytes()[:50])
+
+    with pytest.raises(FedrouterError, match=r"client 0 failed during resuming: NodeStateLost: client 0's state file .* is unreadable"):
+        _crash_and_resume(cfg, tmp_path / "flower2", crash_in_round=2, damage=damage_client_0)

@@ -17,6 +17,15 @@ def test_a_state_reads_back_as_written_and_a_missing_one_names_its_file(tmp_path
         store.read(7, 3)
 
 
+def test_a_write_cut_off_before_its_rename_is_not_a_state(tmp_path):
+    store = NodeStore(tmp_path / "c")
+    store.write(3, b"x", keep_from=0, keep=set())
+    (store.folder / ".state-0000005.pt.tmp").write_bytes(b"half a wr")  # the node died mid-write
+    assert store.seqs() == [3]
+    with pytest.raises(NodeStateLost, match="exchange 5"):
+        store.read(5, 0)
+
+
 def test_pruning_keeps_the_newest_state_at_or_before_the_oldest_kept_checkpoint_and_all_after(tmp_path):
     store = NodeStore(tmp_path / "c")
     for seq in (2, 4, 6):

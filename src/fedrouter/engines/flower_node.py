@@ -139,7 +139,12 @@ def _expected_state(state, expected: int, store: NodeStore | None, cid: int, ini
     if store is None:
         raise NodeStateLost(f"client {cid}'s state after exchange {expected} is not in this node's memory and "
                             "node checkpoints are off (checkpoint_keep = 0)")
-    return store.read(expected, cid)
+    blob = store.read(expected, cid)
+    try:  # written whole (renamed into place), so only a damaged disk makes this fail: say which file
+        state_from_bytes(blob)
+    except Exception as exc:
+        raise NodeStateLost(f"client {cid}'s state file {store.path(expected)} is unreadable ({type(exc).__name__}: {exc})") from None
+    return blob
 
 
 def _hello(world: _World, cid: int) -> Message:
