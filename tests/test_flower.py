@@ -86,24 +86,24 @@ def _assert_same(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, kill_after_round", [("fedit", None), ("fedrouter", 1)])
-def test_flower_simulation_matches_inprocess(method, kill_after_round, tmp_path, tiny_overrides, tiny_model_dir):
-    # fedrouter: the simulation is killed (SIGKILL, Ray and all) after its round-1 checkpoint and resumed
-    # with `fedrouter run --resume`: its nodes reload their clients' states from their own checkpoints.
-    overrides = {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, "rounds": 3, "eval_every": 2}
-    inproc, flower = _both_engines(tmp_path, overrides, kill_after_round)
-    _assert_same(inproc, flower)
-    if method == "fedrouter":  # client-private state (local clusters) lived on the nodes between rounds
-        assert _results(flower)["clustering"]["n_global"] >= 1
-
-
-@pytest.mark.slow
-def test_flower_failing_clients_are_dropped_and_counted_like_inprocess(tmp_path, tiny_overrides, tiny_model_dir):
-    # The ClientApp really raises on its node for the clients the seeded draws pick; the rounds go on.
-    overrides = {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 4, "inject_failures": 0.4}
+def test_flower_simulation_matches_inprocess_failing_clients_included(tmp_path, tiny_overrides, tiny_model_dir):
+    # The ClientApp really raises on its node for the clients the seeded draws pick; the rounds go on,
+    # and the same clients fail in the same rounds as in-process.
+    overrides = {**tiny_overrides, "method": "fedit", "scenario": "dual", "n_clients": 3, "rounds": 4, "eval_every": 2,
+                 "inject_failures": 0.4}
     inproc, flower = _both_engines(tmp_path, overrides)
     failures = _results(flower)["client_failures_per_round"]
     assert len(failures) == 4 and sum(failures) > 0, "the seed must make some client fail"
     reasons = [r["reason"] for r in _results(flower)["rejected_updates"]]
     assert reasons and all(r == "client failed: InjectedFailure: injected failure" for r in reasons)
     _assert_same(inproc, flower)
+
+
+@pytest.mark.slow
+def test_a_killed_flower_simulation_resumes_to_the_inprocess_result(tmp_path, tiny_overrides, tiny_model_dir):
+    # Killed (SIGKILL, Ray and all) after its round-1 checkpoint and resumed with `fedrouter run --resume`:
+    # the nodes reload their clients' private states (FedRouter's local clusters) from their own checkpoints.
+    overrides = {**tiny_overrides, "method": "fedrouter", "scenario": "dual", "n_clients": 3, "rounds": 3, "eval_every": 2}
+    inproc, flower = _both_engines(tmp_path, overrides, kill_after_round=1)
+    _assert_same(inproc, flower)
+    assert _results(flower)["clustering"]["n_global"] >= 1
