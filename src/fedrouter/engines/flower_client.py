@@ -54,33 +54,8 @@ def _handle(msg: Message, context: Context) -> Message:
 
 
 client_app = ClientApp()
-
-
-@client_app.query("hello")
-def _hello(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@client_app.query("setup")
-def _setup(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@client_app.query("save")
-def _save(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@client_app.query("resume")
-def _resume(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@client_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+# One handler for every message fedrouter sends; Flower dispatches on the message type it is registered under.
+for _action in ("hello", "setup", "save", "resume"):
+    client_app.query(_action)(_handle)
+client_app.train()(_handle)
+client_app.evaluate()(_handle)
