@@ -88,3 +88,7 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
     assert "finished run" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path), "--rounds", "3"]) == 2
     assert "give no other config" in capsys.readouterr().err
+    (tmp_path / "results.json").unlink()
+    assert main(["run", "--resume", str(tmp_path)]) == 2  # refused at once, before any model is built
+    assert "no readable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "FAILED").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -115,6 +115,7 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
+    saved = resumable(run_dir) if resume else None  # a run that cannot be resumed is refused before any work
     if cfg.engine == "flower":
         try:
             from fedrouter.engines.flower import run_simulation
@@ -122,11 +123,9 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
             raise FedrouterError(f"engine flower needs Flower ({exc.name} is missing): pip install 'fedrouter[flower]'") from None
         build_data(cfg)  # bad data fails here, before the run directory exists
         shared = build_shared(cfg, progress)
-        saved = resumable(run_dir) if resume else None
         return write_run(run_dir, lambda: run_simulation(cfg, run_dir, progress, shared, saved), start, claim=not resume)
     # Everything that can fail on bad input (data, model) is checked before the run directory exists.
     data, shared, contexts, server, client = build_world(cfg, progress)
-    saved = resumable(run_dir) if resume else None
     clients = InProcessClients(cfg, client, contexts, progress)
     return write_run(run_dir, lambda: run_with(cfg, run_dir, data.tasks, shared, server, clients, progress, saved),
                      start, claim=not resume)
@@ -138,6 +137,8 @@ def write_run(run_dir: Path, produce, start: float | None = None, claim: bool = 
     start = time.perf_counter() if start is None else start
     if claim:
         _claim_run_dir(run_dir)
+    else:  # a resumed run: it is being worked on again
+        (run_dir / "FAILED").unlink(missing_ok=True)
     try:
         results = produce()
     except BaseException as exc:
@@ -151,13 +152,12 @@ def write_run(run_dir: Path, produce, start: float | None = None, claim: bool = 
 
 
 def resumable(run_dir: Path) -> dict:
-    """The newest readable checkpoint of an unfinished run (its FAILED mark cleared), or one clear error."""
+    """The newest readable checkpoint of an unfinished run, or one clear error."""
     if (run_dir / RESULTS).exists():
         raise FedrouterError(f"{run_dir} is a finished run (it has {RESULTS}); nothing to resume")
     saved = checkpoint.load_latest(run_dir)
     if saved is None:
         raise FedrouterError(f"{run_dir} has no readable checkpoint to resume from; run it again from the start")
-    (run_dir / "FAILED").unlink(missing_ok=True)
     return saved
 
 
