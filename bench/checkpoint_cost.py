@@ -20,21 +20,11 @@ from pathlib import Path
 
 from fedrouter import checkpoint
 from fedrouter.config import load_config
+from fedrouter.engines.flower import FlowerClients, FlowerTransport
 from fedrouter.engines.loop import Traffic, run_rounds, run_setup
 from fedrouter.engines.node_store import NodeStore
 from fedrouter.engines.wire import state_bytes
 from fedrouter.experiment import InProcessClients, build_world, checkpoint_payload
-
-
-class _FlowerSide:
-    """What the Flower engine's client side puts in a server checkpoint: counters and draws only."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def state(self):
-        return {"flower": {"run_id": "bench", "seq": 3, "round": 1, "state_seq": dict.fromkeys(range(self.n), 3),
-                           "failure_rng": random.Random(0).getstate(), "checkpoint_seqs": [3]}}
 
 
 def _median_write(write, repeats: int) -> float:
@@ -72,7 +62,9 @@ def main():
         print(f"{args.method}, default experiment ({len(ids)} clients), one round {round_s:.1f} s")
         print(f"  in-process: checkpoint {size / 1e6:.2f} MB, write {write_s * 1000:.0f} ms (median of {args.repeats}), {pct(write_s)}")
 
-        flower_payload = checkpoint_payload(server, _FlowerSide(len(ids)), sampling, traffic, history, {}, {}, {})
+        # the Flower engine's client side as a server checkpoint sees it (no grid needed to read its state)
+        flower_side = FlowerClients(FlowerTransport(None, {cid: cid for cid in ids}, "", None), clients.info(), cfg.checkpoint_keep)
+        flower_payload = checkpoint_payload(server, flower_side, sampling, traffic, history, {}, {}, {})
         server_s = _median_write(lambda i: checkpoint.save(flower, i + 1, flower_payload, keep=2), args.repeats)
         server_size = checkpoint.path_of(flower, args.repeats).stat().st_size
         node_s, node_sizes = [], []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,25 @@ def assert_same_run(a: Path, b: Path, also_ignore: set[str] = frozenset()) -> No
     for name in ra["adapters"]:
         ta, tb = (load_file(str(d / "adapters" / name / "adapter_model.safetensors")) for d in (a, b))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f"adapter {name} differs"
+
+
+def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout_s: float = 240, env: dict | None = None,
+                          log: Path | None = None) -> None:
+    """Run `cmd` (its output in `log`) until `checkpoint` appears, then SIGKILL it and every process below
+    it at once, by pid (a machine that dies does not stop its processes in order)."""
+    from fedrouter.engines.flower_loopback import descendants, kill_now, stop
+
+    out = log.open("w") if log else subprocess.DEVNULL
+    tail = lambda: log.read_text()[-3000:] if log else ""  # noqa: E731
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not checkpoint.exists():
+            assert proc.poll() is None, f"the run ended before it could be killed {tail()}"
+            assert time.monotonic() < deadline, f"no {checkpoint.name} after {timeout_s} s {tail()}"
+            time.sleep(0.02)
+        kill_now([proc.pid, *descendants(proc.pid)])
+    finally:
+        stop(proc)  # whatever was missed above (by pid, with its children)
+        if log:
+            out.close()

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from conftest import assert_same_run  # noqa: E402
+from conftest import assert_same_run, kill_after_checkpoint  # noqa: E402
 
-from fedrouter.engines.flower_loopback import descendants, flower_env, stop  # noqa: E402
+from fedrouter.checkpoint import path_of  # noqa: E402
+from fedrouter.engines.flower_loopback import flower_env, stop  # noqa: E402
 
 
 
@@ -44,26 +42,6 @@ def run_to_end(cmd: list[str], env: dict, log: Path, timeout_s: float) -> int:
             stop(proc)
 
 
-def kill_after_checkpoint(cmd: list[str], env: dict, log: Path, checkpoint: Path, timeout_s: float) -> None:
-    """Run `cmd` until `checkpoint` appears, then SIGKILL it and every process below it at once, by pid
-    (a machine that dies does not stop its processes in order)."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while not checkpoint.exists():
-                assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no {checkpoint.name} after {timeout_s} s: {log.read_text()[-3000:]}"
-                time.sleep(0.05)
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        finally:
-            stop(proc)  # whatever was missed above (by pid, with its children)
-
-
 def _both_engines(tmp_path: Path, overrides: dict, kill_after_round: int | None = None) -> tuple[Path, Path]:
     env = flower_env(tmp_path / "flwr-home")
     inproc, flower = tmp_path / "inprocess", tmp_path / "flower"
@@ -71,8 +49,8 @@ def _both_engines(tmp_path: Path, overrides: dict, kill_after_round: int | None 
     if kill_after_round is None:
         code = run_to_end(_cli(flower, overrides, "--engine", "flower"), env, tmp_path / "flower.log", 600)
     else:
-        kill_after_checkpoint(_cli(flower, overrides, "--engine", "flower"), env, tmp_path / "killed.log",
-                              flower / "checkpoints" / f"round-{kill_after_round:05d}.pt", 600)
+        kill_after_checkpoint(_cli(flower, overrides, "--engine", "flower"), path_of(flower, kill_after_round), 600,
+                              env, tmp_path / "killed.log")
         assert not (flower / "results.json").exists()
         resume = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--resume", str(flower)]
         code = run_to_end(resume, env, tmp_path / "flower.log", 600)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_run
+from conftest import assert_same_run, kill_after_checkpoint
 
+from fedrouter.checkpoint import path_of
 from fedrouter.cli import main
 
 
@@ -30,17 +27,7 @@ def _overrides(tiny_overrides, **extra):
 
 def _kill_after_checkpoint(out: Path, overrides: dict, method: str, after_round: int) -> None:
     cmd = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--method", method, "--out", str(out), *_args(overrides)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = out / "checkpoints" / f"round-{after_round:05d}.pt"
-    try:
-        deadline = time.monotonic() + 240
-        while not target.exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)  # by pid, mid-way through the next round
-        proc.wait()
+    kill_after_checkpoint(cmd, path_of(out, after_round))  # mid-way through the next round
     assert not (out / "results.json").exists(), "the run finished before the kill; make its rounds longer"
 
 

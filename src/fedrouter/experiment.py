@@ -214,7 +214,6 @@ def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, 
     transport, ids = clients.transport, clients.ids
     traffic = Traffic()
     info = clients.info()
-    checkpoints = cfg.checkpoint_keep
     sampling = random.Random(f"client-sampling:{cfg.seed}")
     metrics_path = run_dir / "metrics.jsonl"
     if saved is None:
@@ -247,10 +246,10 @@ def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, 
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         earlier.append(record)
-        if checkpoints:
+        if cfg.checkpoint_keep:
             checkpoint.save(run_dir, record["round"], checkpoint_payload(
                 server, clients, sampling, traffic, earlier, base_reports, setup_report,
-                {**timings, "rounds_s": rounds_before + time.perf_counter() - clock}), checkpoints)
+                {**timings, "rounds_s": rounds_before + time.perf_counter() - clock}), cfg.checkpoint_keep)
 
     try:
         run_rounds(server, transport, traffic, ids, cfg.rounds, cfg.client_fraction, cfg.seed, on_round,

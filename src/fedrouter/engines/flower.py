@@ -53,12 +53,17 @@ class FlowerTransport:
         self.round = 0
         # What the nodes' state checkpoints go by (see engines.node_store): this run's id, the exchange
         # number, the exchange after which each client's state last changed as far as the server knows,
-        # and the exchange of the oldest server checkpoint kept (the nodes keep what resuming it needs).
+        # and the exchange number at each server checkpoint still kept (the nodes keep what resuming needs).
         self.run_id = uuid.uuid4().hex[:12]
         self.run_dir = str(Path(run_dir).resolve()) if run_dir else ""
         self.seq = 0
         self.state_seq = {cid: 0 for cid in node_of}
-        self.keep_from = 0
+        self.checkpoint_seqs: list[int] = []
+
+    @property
+    def keep_from(self) -> int:
+        """The exchange of the oldest server checkpoint kept: a node needs no state older than its newest at it."""
+        return self.checkpoint_seqs[0] if self.checkpoint_seqs else 0
 
     def _exchange(self, messages: dict[int, Message], message_type: str, flags: dict[int, dict] | None = None) -> dict[int, Message]:
         group = str(self.round)
@@ -144,26 +149,22 @@ class FlowerClients:
         self.transport, self._info = transport, info
         self.ids = sorted(info)
         self.checkpoint_keep = checkpoint_keep
-        self.checkpoint_seqs: list[int] = []  # the exchange number at each server checkpoint kept
 
     def state(self) -> dict:
         """What a server checkpoint (taken now) needs of the client side: the transport's counters and
         draws. The clients' private states stay on their nodes, which checkpoint them (engines.node_store)."""
         t = self.transport
-        self.checkpoint_seqs = (self.checkpoint_seqs + [t.seq])[-max(1, self.checkpoint_keep):]
-        t.keep_from = self.checkpoint_seqs[0]
+        t.checkpoint_seqs = (t.checkpoint_seqs + [t.seq])[-max(1, self.checkpoint_keep):]
         return {"flower": {"run_id": t.run_id, "seq": t.seq, "round": t.round, "state_seq": dict(t.state_seq),
-                           "failure_rng": t.failure_rng.getstate(), "checkpoint_seqs": list(self.checkpoint_seqs)}}
+                           "failure_rng": t.failure_rng.getstate(), "checkpoint_seqs": list(t.checkpoint_seqs)}}
 
     def restore(self, saved: dict) -> None:
         """Go back to a server checkpoint: the transport as it was, and every node back to its client's
         state at that point (each reloads it from its own files, or the run stops with the reason)."""
         t, flower = self.transport, saved["flower"]
         t.run_id, t.seq, t.round = flower["run_id"], flower["seq"], flower["round"]
-        t.state_seq = {cid: int(flower["state_seq"][cid]) for cid in self.ids}
+        t.state_seq, t.checkpoint_seqs = dict(flower["state_seq"]), list(flower["checkpoint_seqs"])
         t.failure_rng.setstate(flower["failure_rng"])
-        self.checkpoint_seqs = list(flower["checkpoint_seqs"])
-        t.keep_from = self.checkpoint_seqs[0] if self.checkpoint_seqs else 0
         t.exchange_all({cid: Message() for cid in self.ids}, RESUME, "resuming")
 
     def info(self) -> dict[int, dict]:

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedrouter.checkpoint import path_of
 from fedrouter.errors import FedrouterError
 
 BIN = Path(sys.executable).parent
@@ -52,6 +53,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def kill_now(pids) -> None:
+    """SIGKILL each pid (one already gone is skipped)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop `proc` and everything below it, by pid: SIGTERM, then SIGKILL for whatever is left."""
     pids = [proc.pid, *descendants(proc.pid)]
@@ -63,11 +73,7 @@ def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    for pid in [*pids, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_now([*pids, *descendants(proc.pid)])
     proc.wait()
 
 
@@ -172,7 +178,7 @@ class LoopbackFederation:
         run_config = f'{out} resume=true' if sets is None else f'set="{" ".join(f"{k}={v}" for k, v in sets.items())}" {out}'
         flwr = self._start("flwr-run", [str(BIN / "flwr"), "run", str(self.app), CONNECTION, "--run-config", run_config, "--stream"])
         deadline = time.monotonic() + timeout_s
-        checkpoint = run_dir / "checkpoints" / f"round-{kill_after_round or 0:05d}.pt"
+        checkpoint = path_of(run_dir, kill_after_round or 0)
         while not (run_dir / "results.json").exists() and not (run_dir / "FAILED").exists():
             if time.monotonic() > deadline:
                 raise FedrouterError(f"no result after {timeout_s} s:\n{self.log_tail()}")
@@ -194,12 +200,14 @@ class LoopbackFederation:
     def _kill_serverapps(self) -> None:
         """SIGKILL the ServerApp process(es) the SuperLink started (found among its descendants by their
         command line, killed by pid)."""
+        serverapps = []
         for pid in descendants(self.procs[0].pid):
             try:
                 if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-            except (OSError, ProcessLookupError):
+                    serverapps.append(pid)
+            except OSError:  # gone already
                 pass
+        kill_now(serverapps)
 
     def close(self) -> None:
         for proc in reversed(self.procs):

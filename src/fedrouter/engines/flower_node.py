@@ -100,8 +100,7 @@ def serve_message(message_type: str, content: RecordDict, node_config: dict, sta
     workbench, initial_streams = world.workbench(cid)
     store = _store(node_config, run, cid, world.cfg.checkpoint_keep)
     expected = int(run["state_seq"])
-    blob = _expected_state(state, expected, store, cid, {"state": {}, "streams": initial_streams})
-    saved = state_from_bytes(blob)
+    blob, saved = _expected_state(state, expected, store, cid, {"state": {}, "streams": initial_streams})
     workbench.load_stream_state(saved["streams"])
     ctx = ClientContext(cid, workbench, saved["state"])
     # the node enforces the round's time budget itself: a slow client stops and reports, not the server waiting
@@ -130,21 +129,22 @@ def _store(node_config: dict, run, cid: int, checkpoint_keep: int) -> NodeStore 
     return NodeStore.of(Path(base), str(run["run_id"]), cid) if base else None
 
 
-def _expected_state(state, expected: int, store: NodeStore | None, cid: int, initial: dict) -> bytes:
-    """The bytes of the client state after exchange `expected` (0: the initial state)."""
+def _expected_state(state, expected: int, store: NodeStore | None, cid: int, initial: dict) -> tuple[bytes, dict]:
+    """The client state after exchange `expected` (0: the initial state): its bytes, and it decoded."""
     if STATE in state and int(state[STATE]["seq"]) == expected:
-        return state[STATE]["blob"]
+        blob = state[STATE]["blob"]
+        return blob, state_from_bytes(blob)
     if expected == 0:
-        return state_bytes(initial)
+        blob = state_bytes(initial)
+        return blob, state_from_bytes(blob)  # a copy: the cached initial stream position stays untouched
     if store is None:
         raise NodeStateLost(f"client {cid}'s state after exchange {expected} is not in this node's memory and "
                             "node checkpoints are off (checkpoint_keep = 0)")
     blob = store.read(expected, cid)
     try:  # written whole (renamed into place), so only a damaged disk makes this fail: say which file
-        state_from_bytes(blob)
+        return blob, state_from_bytes(blob)
     except Exception as exc:
         raise NodeStateLost(f"client {cid}'s state file {store.path(expected)} is unreadable ({type(exc).__name__}: {exc})") from None
-    return blob
 
 
 def _hello(world: _World, cid: int) -> Message:
