@@ -58,9 +58,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
     assert main(["run", "--quiet", "--method", "fedit", "--out", str(whole), *_args(overrides)]) == 0
     killed = tmp_path / "killed"
     _kill_after_checkpoint(killed, overrides, "fedit", 3)
-    newest = sorted((killed / "checkpoints").glob("round-*.pt"))[-1]
+    newest = sorted((killed / "checkpoints").glob("round-*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])   # truncated
-    (killed / "checkpoints" / ".round-00009.pt.tmp").write_bytes(b"half a write")  # a kill mid-write
+    (killed / "checkpoints" / ".round-00009.safetensors.0a1b2c3d.tmp").write_bytes(b"half a write")  # a kill mid-write
     assert main(["run", "--quiet", "--resume", str(killed)]) == 0
     assert f"checkpoint {newest.name} is unreadable" in caplog.text
     assert_same_run(whole, killed)

@@ -35,6 +35,13 @@ class ServerOptimizer:
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
+    def state_dict(self) -> dict:
+        """The moments (plain data, for a checkpoint); the settings come from the config."""
+        return {"m": dict(self.m), "v": dict(self.v)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m, self.v = dict(state["m"]), dict(state["v"])
+
     def step(self, current: dict[str, torch.Tensor], average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The new server state from the current one and this round's client average."""
         if self.kind == "fedavg":

@@ -93,6 +93,24 @@ class ServerPart:
         """Extra keys for results.json, from the final evaluation replies by split and client."""
         return {}
 
+    def state_dict(self) -> dict:
+        """The server's state as plain data, for a checkpoint: every attribute but its settings (which a
+        resumed run rebuilds from the same config); an attribute with a `state_dict` of its own (a server
+        optimizer) gives that. Reading it has no side effect."""
+        return {name: value.state_dict() if hasattr(value, "state_dict") else value
+                for name, value in vars(self).items() if name != "settings"}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to a `state_dict()` taken earlier (on a server built from the same config)."""
+        for name, value in state.items():
+            if not name.isidentifier() or name.startswith("__") or callable(getattr(type(self), name, None)):
+                raise ValueError(f"server state names {name!r}, which is not a state attribute")
+            current = getattr(self, name, None)
+            if hasattr(current, "load_state_dict"):
+                current.load_state_dict(value)
+            else:
+                setattr(self, name, value)
+
 
 class ClientPart:
     """Trains on a client's data when asked, and evaluates with the adapter the method prescribes."""
