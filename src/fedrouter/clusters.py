@@ -17,9 +17,7 @@ Prints a short summary and writes everything as JSON (`--out`, default clusters.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -218,17 +216,12 @@ def _strict(value):
     return value
 
 
-def _write_json_atomic(path: Path, payload) -> None:
+def _write_json(path: Path, payload) -> None:
+    from fedrouter.atomic import write_text
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(_strict(payload), handle, indent=2, allow_nan=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(path, json.dumps(_strict(payload), indent=2, allow_nan=False))
     except OSError as exc:
         raise FedrouterError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -268,7 +261,7 @@ def run(args) -> int:
     }
     report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, range(k_min, k_max + 1)))
     report["wall_s"] = time.perf_counter() - start
-    _write_json_atomic(args.out, report)
+    _write_json(args.out, report)
     print(format_summary(report))
     print(f"report: {args.out}")
     return 0

@@ -17,7 +17,6 @@ so `fedrouter report DIR` can rebuild them at any time:
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import statistics
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from fedrouter import rundir
 from fedrouter.errors import FedrouterError
 
 CELLS = "cells"
@@ -104,7 +104,7 @@ def run_cells(configs: dict, cells_dir: Path, jobs: int, echo=print) -> float:
     todo = []
     for name, cfg in configs.items():
         cell_dir = cells_dir / name
-        if (cell_dir / "results.json").is_file():
+        if (cell_dir / rundir.RESULTS).is_file():
             echo(f"{name}: finished earlier, skipped")
             continue
         if cell_dir.exists():
@@ -146,17 +146,16 @@ def run_scaling(method: str, scenario: str, clients: list[int], overrides: dict,
                 jobs: int = 1, echo=print) -> list[dict]:
     """One run per number of clients (seed 0); writes scaling.json and returns its rows."""
     from fedrouter.config import load_config
-    from fedrouter.experiment import write_json_atomic
 
     configs = {f"{method}-{scenario}-n{n}": load_config(config_path, {**overrides, "method": method, "scenario": scenario,
                                                                       "n_clients": n}) for n in clients}
     run_cells(configs, out / SCALING, jobs, echo)
     rows = []
     for n, name in zip(clients, configs):
-        r = json.loads((out / SCALING / name / "results.json").read_text())
+        r = rundir.read_results(out / SCALING / name)
         rows.append({"n_clients": n, "rouge1": r["rouge1"], "generalization": r["generalization"]["rouge1"],
                      "wall_s": r["wall_s"], "rounds_s": r["timings"]["rounds_s"], "bytes_up": r["bytes_up"]})
-    write_json_atomic(out / "scaling.json", {"method": method, "scenario": scenario, "rows": rows})
+    rundir.write_json(out / "scaling.json", {"method": method, "scenario": scenario, "rows": rows})
     return rows
 
 
@@ -169,34 +168,18 @@ def _prepare_models(configs) -> None:
 
 
 def _done_line(i: int, n: int, name: str, cells_dir: Path, seconds: float) -> str:
-    r = json.loads((cells_dir / name / "results.json").read_text())
+    r = rundir.read_results(cells_dir / name)
     return (f"[{i}/{n}] {name}: ROUGE-1 {r['rouge1']:.3f}, all tasks {r['generalization']['rouge1']:.3f} "
             f"({seconds:.0f} s)")
 
 
 # --- tables ------------------------------------------------------------------------------------------
 
-RESULT_KEYS = ("method", "scenario", "seed", "rouge1", "generalization", "per_client", "per_task", "base_rouge1",
-               "bytes_up", "bytes_down", "wall_s")
-
-
-def read_results(path: Path) -> dict:
-    """A run's results.json, or one clear error naming the file when it is unreadable or incomplete."""
-    try:
-        r = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FedrouterError(f"{path} is unreadable or corrupt ({type(exc).__name__}); delete that run to redo it") from None
-    missing = [k for k in RESULT_KEYS if not isinstance(r, dict) or k not in r]
-    if missing:
-        raise FedrouterError(f"{path} lacks {', '.join(missing)}: not a finished fedrouter run")
-    return r
-
-
 def load_cells(out: Path) -> list[dict]:
     """The finished cells' results, one dict each (what the tables are made of)."""
     rows = []
     for path in sorted((out / CELLS).glob("*/results.json")):
-        r = read_results(path)
+        r = rundir.read_results(path.parent)
         clients = [c["rouge1"] for c in r["per_client"]]
         rows.append({
             "method": r["method"], "scenario": r["scenario"], "seed": r["seed"], "rouge1": r["rouge1"],
@@ -308,8 +291,6 @@ SUMMARY_COLUMNS = ["method", "scenario", "seed", "rouge1", "generalization", "ba
 
 def write_tables(out: Path) -> dict:
     """summary.csv, summary.json and table.md from the finished cells under `out`."""
-    from fedrouter.experiment import write_json_atomic
-
     rows = load_cells(out)
     if not rows:
         raise FedrouterError(f"no finished runs under {out / CELLS}; nothing to tabulate")
@@ -318,7 +299,7 @@ def write_tables(out: Path) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     summary = aggregate(rows)
-    write_json_atomic(out / "summary.json", {**summary, "runs": rows})
+    rundir.write_json(out / "summary.json", {**summary, "runs": rows})
     (out / "table.md").write_text(table_markdown(summary))
     return summary
 
@@ -354,7 +335,7 @@ def _csv_list(text: str, what: str) -> list[str]:
 
 
 def run(args) -> int:
-    from fedrouter.cli import parse_sets
+    from fedrouter.config import parse_sets
 
     scenarios = _csv_list(args.scenarios, "scenarios")
     if args.generalization and "single" not in scenarios:

@@ -7,19 +7,14 @@ A run directory holds `config.json` (resolved), `metrics.jsonl` (one line per ro
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import random
-import shutil
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from fedrouter import checkpoint
+from fedrouter import checkpoint, rundir
 from fedrouter.config import Config
 from fedrouter.core.data import build_federated_data
 from fedrouter.core.metrics import merge_per_task
@@ -31,28 +26,8 @@ from fedrouter.errors import FedrouterError
 from fedrouter.methods import load_method
 from fedrouter.methods.base import ClientContext, MethodSetup
 
-RESULTS = "results.json"
-
-
 def default_run_dir(cfg: Config) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.method}-{cfg.scenario}-seed{cfg.seed}-{stamp}"
-
-
-def _claim_run_dir(path: Path) -> Path:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FedrouterError(f"run directory {path} already exists and is not empty; choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FedrouterError(f"cannot create run directory {path}: {exc.strerror}") from None
-    return path
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    return rundir.default_path(cfg.method, cfg.scenario, cfg.seed)
 
 
 def _client_row(cid: int, tasks: list[str], report: dict) -> dict:
@@ -115,7 +90,7 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
-    saved = resumable(run_dir) if resume else None  # a run that cannot be resumed is refused before any work
+    saved = resumable(run_dir, cfg) if resume else None  # a run that cannot be resumed is refused before any work
     if cfg.engine == "flower":
         try:
             from fedrouter.engines.flower import run_simulation
@@ -123,41 +98,46 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
             raise FedrouterError(f"engine flower needs Flower ({exc.name} is missing): pip install 'fedrouter[flower]'") from None
         build_data(cfg)  # bad data fails here, before the run directory exists
         shared = build_shared(cfg, progress)
-        return write_run(run_dir, lambda: run_simulation(cfg, run_dir, progress, shared, saved), start, claim=not resume)
+        return write_run(run_dir, cfg, lambda: run_simulation(cfg, run_dir, progress, shared, saved), start, resume)
     # Everything that can fail on bad input (data, model) is checked before the run directory exists.
     data, shared, contexts, server, client = build_world(cfg, progress)
     clients = InProcessClients(cfg, client, contexts, progress)
-    return write_run(run_dir, lambda: run_with(cfg, run_dir, data.tasks, shared, server, clients, progress, saved),
-                     start, claim=not resume)
+    return write_run(run_dir, cfg, lambda: run_with(cfg, run_dir, data.tasks, shared, server, clients, progress, saved),
+                     start, resume)
 
 
-def write_run(run_dir: Path, produce, start: float | None = None, claim: bool = True) -> dict:
-    """Claim `run_dir`, let `produce()` fill it and return the results, then write results.json last
-    (atomically) -- or FAILED with the reason, so an unfinished run never looks complete."""
+def write_run(run_dir: Path, cfg: Config, produce, start: float | None = None, resume: bool = False) -> dict:
+    """Claim `run_dir` (writing its config.json; a resumed run reopens it), let `produce()` fill it and
+    return the results, then write results.json last -- or FAILED with the reason, so an unfinished run
+    never looks complete. A write that fails (a full disk) ends in one FedrouterError with the reason."""
     start = time.perf_counter() if start is None else start
-    if claim:
-        _claim_run_dir(run_dir)
-    else:  # a resumed run: it is being worked on again
-        (run_dir / "FAILED").unlink(missing_ok=True)
+    if resume:
+        rundir.reopen(run_dir)
+    else:
+        rundir.claim(run_dir, cfg.model_dump())
     try:
         results = produce()
+        results["wall_s"] = time.perf_counter() - start
+        results["run_dir"] = str(run_dir)
+        rundir.finish(run_dir, results)
     except BaseException as exc:
-        (run_dir / "FAILED").write_text(f"{type(exc).__name__}: {exc}\n")
+        unrecorded = rundir.mark_failed(run_dir, exc)
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            also = f"; FAILED could not be written either ({unrecorded})" if unrecorded else ""
+            raise FedrouterError(f"run {run_dir} failed: {exc.strerror or exc}{where}{also}") from None
         raise
-    results["wall_s"] = time.perf_counter() - start
-    results["run_dir"] = str(run_dir)
-    write_json_atomic(run_dir / RESULTS, results)
-    shutil.rmtree(run_dir / checkpoint.DIR, ignore_errors=True)  # a finished run needs none
     return results
 
 
-def resumable(run_dir: Path) -> dict:
-    """The newest readable checkpoint of an unfinished run, or one clear error."""
-    if (run_dir / RESULTS).exists():
-        raise FedrouterError(f"{run_dir} is a finished run (it has {RESULTS}); nothing to resume")
+def resumable(run_dir: Path, cfg: Config) -> dict:
+    """The newest readable checkpoint of an unfinished run written under `cfg`, or one clear error."""
+    if (run_dir / rundir.RESULTS).exists():
+        raise FedrouterError(f"{run_dir} is a finished run (it has {rundir.RESULTS}); nothing to resume")
     saved = checkpoint.load_latest(run_dir)
     if saved is None:
         raise FedrouterError(f"{run_dir} has no readable checkpoint to resume from; run it again from the start")
+    checkpoint.check_belongs(saved, cfg.model_dump(), run_dir / rundir.CONFIG)
     return saved
 
 
@@ -177,7 +157,7 @@ class InProcessClients:
 
     def save_adapters(self, run_dir: Path, shared: SharedModel) -> list[str]:
         """The clients' private adapters, in PEFT format under adapters/client<id>-<name>/."""
-        return save_peft(run_dir, shared, {f"client{cid}-{name}": adapter for cid, ctx in sorted(self.contexts.items())
+        return rundir.save_adapters(run_dir, shared, {f"client{cid}-{name}": adapter for cid, ctx in sorted(self.contexts.items())
                                            for name, adapter in self.client.adapters(ctx).items()})
 
     def save_embedding_map(self, run_dir: Path, seed: int) -> None:
@@ -196,10 +176,10 @@ class InProcessClients:
         self.transport.failure_rng.setstate(saved["failure_rng"])
 
 
-def checkpoint_payload(server, clients, sampling, traffic, history, base_reports, setup_report, timings) -> dict:
+def checkpoint_payload(cfg, server, clients, sampling, traffic, history, base_reports, setup_report, timings) -> dict:
     """Everything the rest of a run depends on, after a round (see `fedrouter.checkpoint`)."""
     return {
-        "server": server, **clients.state(),
+        "config": cfg.model_dump(), "server": server.state_dict(), **clients.state(),
         "torch_rng": torch.get_rng_state(), "sampling_rng": sampling.getstate(), "traffic": (traffic.down, traffic.up),
         "history": list(history), "base_reports": base_reports, "setup_report": setup_report, "timings": timings,
     }
@@ -215,9 +195,8 @@ def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, 
     traffic = Traffic()
     info = clients.info()
     sampling = random.Random(f"client-sampling:{cfg.seed}")
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / rundir.METRICS
     if saved is None:
-        write_json_atomic(run_dir / "config.json", cfg.model_dump())
         clock = time.perf_counter()
         timings = {}
         base_reports = evaluate_clients(server, transport, Traffic(), ids, "test", base=True)
@@ -227,7 +206,7 @@ def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, 
         done, earlier = 0, []
         metrics_path.write_text("")
     else:  # everything as it stood after round `done`
-        server = saved["server"]
+        server.load_state_dict(saved["server"])
         clients.restore(saved)
         torch.set_rng_state(saved["torch_rng"])
         sampling.setstate(saved["sampling_rng"])
@@ -248,7 +227,7 @@ def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, 
         earlier.append(record)
         if cfg.checkpoint_keep:
             checkpoint.save(run_dir, record["round"], checkpoint_payload(
-                server, clients, sampling, traffic, earlier, base_reports, setup_report,
+                cfg, server, clients, sampling, traffic, earlier, base_reports, setup_report,
                 {**timings, "rounds_s": rounds_before + time.perf_counter() - clock}), cfg.checkpoint_keep)
 
     try:
@@ -269,10 +248,10 @@ def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, 
         row["base_rouge1"] = base_reports[cid]["rouge1"]
         row["general_rouge1"] = general_reports[cid]["rouge1"]
 
-    saved = sorted(save_peft(run_dir, shared, server.adapters()) + clients.save_adapters(run_dir, shared))
-    save_router(run_dir, server.router())
+    saved = sorted(rundir.save_adapters(run_dir, shared, server.adapters()) + clients.save_adapters(run_dir, shared))
+    rundir.save_router(run_dir, server.router())
     for filename, tensors in server.tensor_files().items():
-        save_file(tensors, run_dir / filename)
+        rundir.save_tensors(run_dir, filename, tensors)
     clients.save_embedding_map(run_dir, cfg.seed)
     rounds_of_failures = [sum(r["reason"].startswith("client failed") for r in h["rejected"]) for h in history]
     results = {
@@ -303,19 +282,9 @@ def run_with(cfg: Config, run_dir: Path, tasks: list[str], shared: SharedModel, 
         **setup_report,
         **server.report({"test": test_reports, "general": general_reports}),
     }
-    _write_per_client_csv(run_dir / "per_client.csv", per_client)
+    rundir.write_per_client_csv(run_dir, per_client)
     return results
 
-
-def save_peft(run_dir: Path, shared: SharedModel, named: dict) -> list[str]:
-    """Adapters by name, in PEFT format under adapters/<name>/ (loaded into the shared model's slot)."""
-    for name, adapter in named.items():
-        shared.load(adapter)
-        shared.model.save_pretrained(run_dir / "adapters" / name)
-    return sorted(named)
-
-
-EMBEDDING_MAP = "embedding_map.json"
 
 
 def save_embedding_map(run_dir: Path, client, contexts, seed: int, per_client: int = 150) -> None:
@@ -340,28 +309,7 @@ def save_embedding_map(run_dir: Path, client, contexts, seed: int, per_client: i
     xy = PCA(n_components=2, random_state=seed).fit_transform(x) if x.shape[0] > 2 else np.zeros((x.shape[0], 2))
     for point, (a, b) in zip(points, xy):
         point["x"], point["y"] = float(a), float(b)
-    write_json_atomic(run_dir / EMBEDDING_MAP, {"projection": "PCA", "points": points})
-
-
-ROUTER_DIR = "router"
-
-
-def save_router(run_dir: Path, router: dict | None) -> None:
-    """router/centroids.safetensors + router/router.json (cluster -> adapter, embedder): what predict needs."""
-    if router is None:
-        return
-    out = run_dir / ROUTER_DIR
-    out.mkdir()
-    save_file({"centroids": torch.tensor(router["centroids"], dtype=torch.float32).contiguous()}, out / "centroids.safetensors")
-    write_json_atomic(out / "router.json", {"adapters": router["adapters"], "embedder": router["embedder"]})
-
-
-def _write_per_client_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "tasks": "+".join(row["tasks"])})
+    rundir.write_json(run_dir / rundir.EMBEDDING_MAP, {"projection": "PCA", "points": points})
 
 
 def format_summary(results: dict) -> str:

@@ -11,7 +11,6 @@ titled, axes labelled, a legend where there is more than one line.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedrouter.rundir import read_embedding_map, read_metrics  # noqa: E402
 
 MARKERS = "osD^v<>pPX*h"
 
@@ -32,8 +33,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_metrics(run_dir)
 
 
 def round_curves(runs_by_method: dict[str, list[Path]], path: Path, title: str) -> Path:
@@ -63,10 +63,9 @@ def round_curves(runs_by_method: dict[str, list[Path]], path: Path, title: str) 
 
 def embedding_map(run_dir: Path, path: Path) -> Path | None:
     """Training embeddings (2-D PCA): colour = true task, marker = the global cluster FedRouter put them in."""
-    source = run_dir / "embedding_map.json"
-    if not source.exists():
+    points = read_embedding_map(run_dir)
+    if not points:
         return None
-    points = json.loads(source.read_text())["points"]
     tasks = sorted({p["task"] for p in points})
     clusters = sorted({p["cluster"] for p in points})
     colours = plt.get_cmap("tab10")

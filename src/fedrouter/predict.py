@@ -15,6 +15,7 @@ import numpy as np
 
 from fedrouter.errors import FedrouterError
 
+
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="answer prompts with a finished run's adapters and router")
     p.add_argument("run_dir", type=Path)
@@ -35,33 +36,34 @@ def _read_prompts(args) -> list[str]:
 
 
 def load_run(run_dir: Path):
-    """(config, peft model with every saved adapter, tokenizer, router or None) of a finished run."""
+    """(config, peft model with every saved adapter, tokenizer, router or None) of a finished run; every
+    file is checked first (one clear error for a damaged or tampered run directory)."""
     from peft import PeftModel
 
-    from fedrouter.config import Config
+    from fedrouter import rundir
+    from fedrouter.config import load_config
     from fedrouter.core.model import TinyBaseSpec, load_base
-    from fedrouter.experiment import RESULTS
 
-    if not (run_dir / RESULTS).is_file():
-        raise FedrouterError(f"{run_dir} is not a finished run directory (no {RESULTS})")
-    cfg = Config.model_validate(json.loads((run_dir / "config.json").read_text()))
-    base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                TinyBaseSpec(**cfg.tiny.model_dump()), progress=False)
-    router = None
-    if (run_dir / "router" / "router.json").is_file():
-        from safetensors.torch import load_file
-
-        router = json.loads((run_dir / "router" / "router.json").read_text())
-        router["centroids"] = load_file(run_dir / "router" / "centroids.safetensors")["centroids"].numpy()
+    rundir.require_finished(run_dir)
+    cfg = load_config(None, rundir.read_config(run_dir))
+    router = rundir.read_router(run_dir)
+    if router is not None:
         names = router["adapters"]
-    elif (run_dir / "adapters" / "global").is_dir():
+    elif (run_dir / rundir.ADAPTERS / "global").is_dir():
         names = ["global"]
+        rundir.require_adapter(run_dir, "global")
     else:
         raise FedrouterError(f"{run_dir} has neither a router nor a global adapter (method {cfg.method} keeps "
                              "client-private adapters only)")
-    model = PeftModel.from_pretrained(base, run_dir / "adapters" / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(run_dir / "adapters" / name, adapter_name=name)
+    base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                TinyBaseSpec(**cfg.tiny.model_dump()), progress=False)
+    unique = list(dict.fromkeys(names))
+    try:
+        model = PeftModel.from_pretrained(base, rundir.require_adapter(run_dir, unique[0]), adapter_name=unique[0])
+        for name in unique[1:]:
+            model.load_adapter(rundir.require_adapter(run_dir, name), adapter_name=name)
+    except Exception as exc:  # a loading boundary: a damaged or foreign adapter file
+        raise FedrouterError(f"cannot load the run's adapters: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     model.eval()
     return cfg, model, tokenizer, router
 
@@ -91,10 +93,14 @@ def predict(run_dir: Path, prompts: list[str]) -> list[dict]:
 
 
 def run(args) -> int:
+    if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
+        raise FedrouterError(f"--out {args.out}: give a file in an existing folder")
     rows = predict(args.run_dir, _read_prompts(args))
     for row in rows:
         where = row["adapter"] + (f" (distance {row['distance']:.3f})" if row["distance"] is not None else "")
         print(f"[{where}] {row['prompt']}\n  -> {row['answer']}")
     if args.out:
-        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        from fedrouter.atomic import write_text
+
+        write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     return 0

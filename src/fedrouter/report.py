@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from fedrouter.errors import FedrouterError
+from fedrouter.atomic import write_text
+from fedrouter.rundir import read_json, read_results
 
 REPORT = "report.html"
 FIGURES = "figures"
@@ -74,7 +75,7 @@ def _fedrouter_figures(run_dir: Path, figures: Path, prefix: str) -> list[str]:
         sections.append(_image(emb, f"Embedding map of the clients' training data ({run_dir.name})"))
     results_path = run_dir / "results.json"
     if results_path.exists():
-        sil = plots.silhouette_curves(json.loads(results_path.read_text()), figures / f"{prefix}silhouette.png")
+        sil = plots.silhouette_curves(read_json(results_path, "the run's results"), figures / f"{prefix}silhouette.png")
         if sil:
             sections.append(_image(sil, f"Silhouette vs K, local and global clustering ({run_dir.name})"))
     return sections
@@ -115,9 +116,7 @@ def build_report(directory: Path) -> Path:
     elif (directory / "results.json").exists():
         from fedrouter.experiment import format_summary
 
-        from fedrouter.compare import read_results
-
-        results = read_results(directory / "results.json")
+        results = read_results(directory)
         title = f"fedrouter run: {directory.name}"
         sections.append(f"<pre>{html.escape(format_summary(results))}</pre>")
         png = plots.round_curves({results["method"]: [directory]}, figures / "rounds.png", results["method"])
@@ -128,7 +127,7 @@ def build_report(directory: Path) -> Path:
     else:
         title = f"fedrouter scaling: {directory.name}"
     if (directory / "scaling.json").exists():
-        scaling = json.loads((directory / "scaling.json").read_text())
+        scaling = read_json(directory / "scaling.json", "the scaling sweep")
         png = plots.scaling_plot(scaling["rows"], figures / "scaling.png", scaling["method"])
         table = "\n".join(["| clients | ROUGE-1 | all tasks | wall s | training s |", "|---|---|---|---|---|"]
                           + [f"| {r['n_clients']} | {r['rouge1']:.3f} | {r['generalization']:.3f} | {r['wall_s']:.0f} | "
@@ -136,9 +135,7 @@ def build_report(directory: Path) -> Path:
         sections += [f"<h2>Scaling: {html.escape(scaling['method'])}, scenario {html.escape(scaling['scenario'])}</h2>",
                      _markdown_to_html(table), _image(png, "ROUGE-1 and wall time vs number of clients")]
     path = directory / REPORT
-    tmp = path.with_name(f".{REPORT}.tmp")
-    tmp.write_text(_page(title, sections))
-    tmp.replace(path)
+    write_text(path, _page(title, sections))
     return path
 
 

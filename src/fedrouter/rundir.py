@@ -1,0 +1,267 @@
+"""The run directory: its format, written and read here and nowhere else.
+
+```
+<run>/config.json          the resolved config; written when the run claims the directory
+<run>/metrics.jsonl        one line per round
+<run>/checkpoints/         one checkpoint per round (fedrouter.checkpoint); removed when the run ends
+<run>/adapters/<name>/     PEFT format (adapter_config.json + adapter_model.safetensors)
+<run>/router/              centroids.safetensors + router.json (cluster -> adapter, embedder)
+<run>/embedding_map.json   a 2-D map of the clients' training embeddings (FedRouter, in simulation)
+<run>/per_client.csv
+<run>/results.json         written last: a run without it is not finished
+<run>/FAILED               the reason a run stopped (absent while it runs or once it has finished)
+```
+
+Claiming a new directory is atomic (two runs racing for the same `--out`: exactly one wins). Every file is
+written whole or not at all (`fedrouter.atomic`). Readers (`predict`, `report`, `serve`) get one clear
+`FedrouterError` for a directory that is unfinished, damaged or tampered with -- and never unpickle.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from fedrouter import atomic
+from fedrouter.errors import FedrouterError
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+FAILED = "FAILED"
+ADAPTERS = "adapters"
+ROUTER = "router"
+CHECKPOINTS = "checkpoints"
+EMBEDDING_MAP = "embedding_map.json"
+PER_CLIENT = "per_client.csv"
+
+# Names a run directory gives its adapters (cluster2, client3-local, global): a plain name, never a path.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def plain_name(name, what: str) -> str:
+    """`name` if it is a plain file name (letters, digits, '_', '.', '-'; no path, not '.' or '..')."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise FedrouterError(f"{what} {name!r} is not a plain name (letters, digits, '_', '.', '-')")
+    return name
+
+
+def default_path(method: str, scenario: str, seed: int) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{method}-{scenario}-seed{seed}-{stamp}"
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+def claim(run_dir: Path, config: dict) -> Path:
+    """Make `run_dir` this run's (new, or existing and empty) by creating its config.json exclusively: of
+    two runs racing for it, exactly one succeeds. One clear error when it is taken or cannot be written."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if any(run_dir.iterdir()):
+            raise FedrouterError(f"run directory {run_dir} already exists and is not empty; choose another --out")
+        atomic.create_exclusive(run_dir / CONFIG, (json.dumps(config, indent=2) + "\n").encode(), mode=0o644)
+    except FileExistsError:
+        if run_dir.is_dir():  # another run created config.json between our look and our write
+            raise FedrouterError(f"run directory {run_dir} was just claimed by another run; choose another --out") from None
+        raise FedrouterError(f"cannot create run directory {run_dir}: a file of that name exists") from None
+    except OSError as exc:
+        raise FedrouterError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
+    return run_dir
+
+
+def reopen(run_dir: Path) -> None:
+    """A resumed run is being worked on again: it is no longer failed."""
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)
+
+
+def mark_failed(run_dir: Path, exc: BaseException) -> str | None:
+    """Record why the run stopped in FAILED; returns None, or why even that could not be written (a full
+    disk): then an empty FAILED is left if at all possible, so the run never looks complete or running."""
+    reason = f"{type(exc).__name__}: {exc}\n"
+    try:
+        atomic.write_text(Path(run_dir) / FAILED, reason)
+        return None
+    except OSError as write_error:
+        try:
+            os.close(os.open(Path(run_dir) / FAILED, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            pass
+        return write_error.strerror or str(write_error)
+
+
+def finish(run_dir: Path, results: dict) -> None:
+    """results.json, last and atomically; the checkpoints go (a finished run needs none)."""
+    atomic.write_json(Path(run_dir) / RESULTS, results)
+    shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
+
+
+def write_json(path: Path, payload) -> None:
+    atomic.write_json(path, payload)
+
+
+def write_per_client_csv(run_dir: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "tasks": "+".join(row["tasks"])})
+    atomic.write_text(Path(run_dir) / PER_CLIENT, buffer.getvalue())
+
+
+def save_adapters(folder: Path, shared, named: dict) -> list[str]:
+    """Adapters by name, in PEFT format under <folder>/adapters/<name>/ (each loaded into the shared
+    model's slot, then saved by peft)."""
+    for name, adapter in named.items():
+        plain_name(name, "adapter name")
+        shared.load(adapter)
+        shared.model.save_pretrained(Path(folder) / ADAPTERS / name)
+    return sorted(named)
+
+
+def save_tensors(run_dir: Path, filename: str, tensors: dict) -> None:
+    """A method's other tensors (FLoRA's merged update) as one safetensors file in the run directory."""
+    from safetensors.torch import save
+
+    atomic.write_bytes(Path(run_dir) / plain_name(filename, "tensor file"), save(tensors))
+
+
+def save_router(run_dir: Path, router: dict | None) -> None:
+    """router/centroids.safetensors + router/router.json (cluster -> adapter, embedder): what predict needs."""
+    if router is None:
+        return
+    import torch
+    from safetensors.torch import save
+
+    out = Path(run_dir) / ROUTER
+    out.mkdir(exist_ok=True)
+    centroids = torch.tensor(router["centroids"], dtype=torch.float32).contiguous()
+    atomic.write_bytes(out / "centroids.safetensors", save({"centroids": centroids}))
+    atomic.write_json(out / "router.json", {"adapters": router["adapters"], "embedder": router["embedder"]})
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+def read_json(path: Path, what: str):
+    """A JSON file, or one clear error naming it (missing, unreadable, truncated)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedrouterError(f"{what} {path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FedrouterError(f"{what} {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run directory's config.json (as config overrides: every key), or one clear error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).exists():
+        raise FedrouterError(f"{run_dir} is not a run directory (no {CONFIG})")
+    saved = read_json(run_dir / CONFIG, "the run's config")
+    if not isinstance(saved, dict):
+        raise FedrouterError(f"{run_dir / CONFIG} is not a config (a JSON object)")
+    return saved
+
+
+def require_finished(run_dir: Path) -> None:
+    if not (Path(run_dir) / RESULTS).is_file():
+        raise FedrouterError(f"{run_dir} is not a finished run directory (no {RESULTS})")
+
+
+def read_router(run_dir: Path) -> dict | None:
+    """The run's router -- {"centroids": float32 array (k, d), "adapters": k names, "embedder": str} --
+    or None when the run has none; every part checked (one adapter per centroid, plain names that exist)."""
+    folder = Path(run_dir) / ROUTER
+    if not (folder / "router.json").exists():
+        return None
+    router = read_json(folder / "router.json", "the router file")
+    if not isinstance(router, dict) or not isinstance(router.get("adapters"), list) or not isinstance(router.get("embedder"), str):
+        raise FedrouterError(f"{folder / 'router.json'} is not a router (it needs a list 'adapters' and a string 'embedder')")
+    names = [plain_name(n, "the router's adapter") for n in router["adapters"]]
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        centroids = load_file(str(folder / "centroids.safetensors"))["centroids"]
+    except (OSError, SafetensorError, KeyError) as exc:
+        raise FedrouterError(f"{folder / 'centroids.safetensors'} is unreadable or corrupt ({type(exc).__name__})") from None
+    import torch
+
+    if centroids.ndim != 2 or not centroids.is_floating_point() or not bool(torch.isfinite(centroids).all()):
+        raise FedrouterError(f"{folder / 'centroids.safetensors'}: centroids must be a finite (clusters x dimensions) matrix")
+    if len(names) != centroids.shape[0]:
+        raise FedrouterError(f"the router lists {len(names)} adapters for {centroids.shape[0]} centroids")
+    for name in names:
+        require_adapter(run_dir, name)
+    return {"centroids": centroids.float().numpy(), "adapters": names, "embedder": router["embedder"]}
+
+
+def require_adapter(run_dir: Path, name: str) -> Path:
+    path = Path(run_dir) / ADAPTERS / plain_name(name, "adapter")
+    if not (path / "adapter_model.safetensors").is_file() or not (path / "adapter_config.json").is_file():
+        raise FedrouterError(f"adapter {name!r} is missing from {Path(run_dir) / ADAPTERS}")
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rounds ([] when there is none); a bad line is one clear error naming it."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FedrouterError(f"{path} is unreadable ({type(exc).__name__})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise FedrouterError(f"{path}:{number}: not valid JSON (a truncated or damaged file)") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise FedrouterError(f"{path}:{number}: not a round record")
+        rows.append(row)
+    return rows
+
+
+def read_embedding_map(run_dir: Path) -> list[dict] | None:
+    """The embedding map's points ({x, y, task, cluster}), None when the run has none; one clear error
+    for a damaged file."""
+    path = Path(run_dir) / EMBEDDING_MAP
+    if not path.exists():
+        return None
+    payload = read_json(path, "the embedding map")
+    points = payload.get("points") if isinstance(payload, dict) else None
+    ok = isinstance(points, list) and all(
+        isinstance(p, dict) and isinstance(p.get("x"), (int, float)) and isinstance(p.get("y"), (int, float))
+        and isinstance(p.get("task"), str) and isinstance(p.get("cluster"), int) for p in points)
+    if not ok:
+        raise FedrouterError(f"{path} is not an embedding map (a list of points with x, y, task and cluster)")
+    return points
+
+
+# What results.json must hold for the comparison tables and the report.
+RESULT_KEYS = ("method", "scenario", "seed", "rouge1", "generalization", "per_client", "per_task", "base_rouge1",
+               "bytes_up", "bytes_down", "wall_s")
+
+
+def read_results(run_dir: Path) -> dict:
+    """A finished run's results.json, or one clear error naming the file when it is unreadable or incomplete."""
+    path = Path(run_dir) / RESULTS
+    r = read_json(path, "the run's results")
+    missing = [k for k in RESULT_KEYS if not isinstance(r, dict) or k not in r]
+    if missing:
+        raise FedrouterError(f"{path} lacks {', '.join(missing)}: not a finished fedrouter run (delete that run to redo it)")
+    return r
