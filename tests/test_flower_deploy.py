@@ -30,7 +30,8 @@ def test_tls_deployment_with_authenticated_supernodes_runs_fedrouter(tmp_path, t
     with LoopbackFederation(tmp_path / "federation", supernodes=2, tls=True, workers=[0]) as federation:
         federation.run(sets, run_dir, timeout_s=900, kill_after_round=1)
         assert not (run_dir / "results.json").exists()
-        assert list((run_dir / "checkpoints" / "nodes").glob("*/client*/state-*.pt"))  # the nodes' own checkpoints
+        for i in (0, 1):  # each node checkpointed its client in its own folder (its out-dir), not where the server said
+            assert list((federation.node_dir(i) / run_dir.name / "checkpoints" / "nodes").glob(f"*/client{i}/state-*.state"))
         federation.run(None, run_dir, timeout_s=900)  # resume
         started = list(federation.procs)
     inprocess = tmp_path / "inprocess"

@@ -74,6 +74,12 @@ class LocalGrid:
 
 
 @pytest.fixture(autouse=True)
+def _nodes_keep_their_files_in_the_run_directory(tmp_path, monkeypatch):
+    # As in Flower's simulation: every node's folder for a run is <tmp_path>/<run name>, the run directory.
+    monkeypatch.setenv(flower_node.NODE_DIR_ENV, str(tmp_path))
+
+
+@pytest.fixture(autouse=True)
 def _task_identity():
     # Flower's Message needs the identity its runtime sets for the process; this test is that runtime.
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
@@ -88,7 +94,7 @@ def _partitions(n: int, order=None) -> list[dict]:
 
 def _serve(cfg, out: Path, grid) -> dict:
     torch.manual_seed(cfg.seed)
-    return write_run(out, lambda: flower.serve(grid, cfg, out, progress=False, node_wait_s=5))
+    return write_run(out, cfg, lambda: flower.serve(grid, cfg, out, progress=False, node_wait_s=5))
 
 
 def _same(a: Path, b: Path) -> None:
@@ -146,7 +152,10 @@ def test_a_long_lived_worker_serves_every_message_with_the_same_results(tmp_path
 
     from fedrouter.engines.flower_loopback import stop
 
-    socket_path = Path("/tmp") / f"fedrouter-test-{tmp_path.name}.sock"  # Unix socket paths must be short
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="frw", dir="/tmp"))  # this user's only; Unix socket paths must be short
+    socket_path = folder / "node.sock"
     worker = subprocess.Popen([sys.executable, "-m", "fedrouter.cli", "flower", "worker", "--socket", str(socket_path)],
                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.log").open("w"))
     try:
@@ -163,8 +172,7 @@ def test_a_long_lived_worker_serves_every_message_with_the_same_results(tmp_path
         assert worker.poll() is None  # still serving
     finally:
         stop(worker)
-        socket_path.unlink(missing_ok=True)
-        socket_path.with_name(socket_path.name + ".key").unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
@@ -176,9 +184,9 @@ def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
     if damage:
         damage(out)
     flower_node._WORLDS.clear()
-    saved, n = resumable(out), cfg.n_clients
-    write_run(out, lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
-                                        progress=False, node_wait_s=5, saved=saved), claim=False)
+    saved, n = resumable(out, cfg), cfg.n_clients
+    write_run(out, cfg, lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
+                                             progress=False, node_wait_s=5, saved=saved), resume=True)
 
 
 @pytest.mark.slow
@@ -203,12 +211,12 @@ def test_a_corrupt_server_checkpoint_sends_the_nodes_back_to_the_one_before(tmp_
     out = tmp_path / "flower"
 
     def truncate_newest(run_dir: Path) -> None:
-        newest = sorted((run_dir / "checkpoints").glob("round-*.pt"))[-1]
-        assert newest.name == "round-00003.pt"
+        newest = sorted((run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
+        assert newest.name == "round-00003.safetensors"
         newest.write_bytes(newest.read_bytes()[:100])
 
     _crash_and_resume(cfg, out, crash_in_round=4, damage=truncate_newest)
-    assert "round-00003.pt is unreadable" in caplog.text  # so the nodes went back to their round-2 states
+    assert "round-00003.safetensors is unreadable" in caplog.text  # so the nodes went back to their round-2 states
     _same(tmp_path / "inprocess", out)
 
 
@@ -247,7 +255,7 @@ def test_a_node_without_its_saved_state_stops_the_resume_with_the_reason(tmp_pat
     assert (tmp_path / "flower" / "FAILED").exists() and not (tmp_path / "flower" / "results.json").exists()
 
     def damage_client_0(run_dir: Path) -> None:
-        for path in (run_dir / "checkpoints" / "nodes").glob("*/client0/state-*.pt"):
+        for path in (run_dir / "checkpoints" / "nodes").glob("*/client0/state-*.state"):
             path.write_bytes(path.read_bytes()[:50])
 
     with pytest.raises(FedrouterError, match=r"client 0 failed during resuming: NodeStateLost: client 0's state file .* is unreadable"):

@@ -7,20 +7,22 @@ import pytest
 
 from fedrouter.engines.node_store import NodeStateLost, NodeStore
 
+RUN = "0123456789ab"  # a run id as the server makes them
+
 
 def test_a_state_reads_back_as_written_and_a_missing_one_names_its_file(tmp_path):
-    store = NodeStore.of(tmp_path, "run1", 3)
+    store = NodeStore.of(tmp_path, RUN, 3)
     store.write(5, b"after five", keep_from=0, keep=set())
     assert store.read(5, 3) == b"after five"
     assert not list(store.folder.glob(".*.tmp"))  # the temporary file was renamed, not left
-    with pytest.raises(NodeStateLost, match=r"client 3's state after exchange 7 .*state-0000007.pt is missing"):
+    with pytest.raises(NodeStateLost, match=r"client 3's state after exchange 7 .*state-0000007.state is missing"):
         store.read(7, 3)
 
 
 def test_a_write_cut_off_before_its_rename_is_not_a_state(tmp_path):
     store = NodeStore(tmp_path / "c")
     store.write(3, b"x", keep_from=0, keep=set())
-    (store.folder / ".state-0000005.pt.tmp").write_bytes(b"half a wr")  # the node died mid-write
+    (store.folder / ".state-0000005.state.1a2b3c4d.tmp").write_bytes(b"half a wr")  # the node died mid-write
     assert store.seqs() == [3]
     with pytest.raises(NodeStateLost, match="exchange 5"):
         store.read(5, 0)
@@ -43,7 +45,7 @@ def test_pruning_keeps_the_newest_state_at_or_before_the_oldest_kept_checkpoint_
 
 
 def test_a_resume_drops_later_states_and_the_end_of_a_run_removes_its_folders(tmp_path):
-    a, b = NodeStore.of(tmp_path, "run1", 0), NodeStore.of(tmp_path, "run1", 1)
+    a, b = NodeStore.of(tmp_path, RUN, 0), NodeStore.of(tmp_path, RUN, 1)
     for seq in (1, 3, 5):
         a.write(seq, b"x", keep_from=0, keep=set())
     b.write(1, b"x", keep_from=0, keep=set())

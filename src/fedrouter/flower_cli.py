@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedrouter.atomic import write_bytes
 from fedrouter.errors import FedrouterError
 
 # The app's components come from the installed fedrouter package: every node (and the SuperLink's
@@ -48,11 +49,16 @@ resume = false       # true: continue the unfinished run in `out` from its newes
 
 
 def write_app(out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FedrouterError(f"{out} is a file, not a folder for the app")
     path = out / "pyproject.toml"
     if path.exists():
         raise FedrouterError(f"{path} already exists; choose another folder")
-    path.write_text(APP_PYPROJECT)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, APP_PYPROJECT.encode())
+    except OSError as exc:
+        raise FedrouterError(f"cannot write the app in {out}: {exc.strerror or exc}") from None
     return path
 
 
@@ -85,8 +91,6 @@ def run(args) -> int:
         return 0
     from fedrouter.engines.flower_keys import make_keys
 
-    if args.supernodes < 0:
-        raise FedrouterError("--supernodes must be 0 or more")
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     for path in make_keys(args.dir, hosts, args.supernodes, args.days):
         print(path)

@@ -29,10 +29,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedrouter.config import Config, load_config
 from fedrouter.core.train import ClientTimeout
 from fedrouter.engines.flower_client import HELLO, NODE, RESUME, RUN, SAVE, SETUP, client_app
+from fedrouter.engines.flower_node import NODE_DIR_ENV
 from fedrouter.engines.node_store import NodeStateLost
 from fedrouter.engines.wire import from_records, to_records
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import Message, failure_reply
+from fedrouter.rundir import plain_name
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,8 @@ class FlowerTransport:
         # number, the exchange after which each client's state last changed as far as the server knows,
         # and the exchange number at each server checkpoint still kept (the nodes keep what resuming needs).
         self.run_id = uuid.uuid4().hex[:12]
-        self.run_dir = str(Path(run_dir).resolve()) if run_dir else ""
+        # Nodes keep this run's files in a folder of this name under their own out-dir (never a path from here).
+        self.run_name = Path(run_dir).resolve().name if run_dir else "run"
         self.seq = 0
         self.state_seq = {cid: 0 for cid in node_of}
         self.checkpoint_seqs: list[int] = []
@@ -70,7 +73,7 @@ class FlowerTransport:
         self.seq += 1
         outgoing = []
         for cid, msg in messages.items():
-            run = ConfigRecord({"config": self.config_text, "client": cid, "run_id": self.run_id, "dir": self.run_dir,
+            run = ConfigRecord({"config": self.config_text, "client": cid, "run_id": self.run_id, "run": self.run_name,
                                 "seq": self.seq, "state_seq": self.state_seq[cid], "keep_from": self.keep_from,
                                 **(flags or {}).get(cid, {})})
             outgoing.append(FlowerMessage(to_records(msg, {RUN: run}), dst_node_id=self.node_of[cid],
@@ -171,11 +174,10 @@ class FlowerClients:
         return self._info
 
     def save_adapters(self, run_dir: Path, shared) -> list[str]:
-        """Each node saves its clients' private adapters itself (they never travel), under the run
-        directory's path on that node, or under the node's `out-dir` node-config when it has one."""
-        messages = {cid: Message(config={"dir": str(Path(run_dir).resolve())}) for cid in self.ids}
-        replies = self.transport.exchange_all(messages, SAVE, "saving its adapters")
-        return [name for cid in self.ids for name in replies[cid].config["saved"]]
+        """Each node saves its clients' private adapters itself (they never travel), in its own folder for
+        this run (`flower_node.run_folder`: in a simulation, the run directory itself)."""
+        replies = self.transport.exchange_all({cid: Message() for cid in self.ids}, SAVE, "saving its adapters")
+        return [plain_name(name, f"client {cid}'s adapter") for cid in self.ids for name in replies[cid].config["saved"]]
 
     def save_embedding_map(self, run_dir: Path, seed: int) -> None:
         """No embedding map: it would need the clients' embeddings, which a federation does not share."""
@@ -236,22 +238,24 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    from fedrouter.cli import parse_sets, saved_config
+    from fedrouter.config import parse_sets
     from fedrouter.experiment import default_run_dir, resumable, write_run
+    from fedrouter.rundir import read_config
     run_config = context.run_config
     saved = None
     if run_config.get("resume"):  # the run in `out`, with its own config, from its newest checkpoint
         if not run_config.get("out") or run_config.get("config") or run_config.get("set"):
             raise FedrouterError("resume=true continues the run in out=DIR with its own config.json: give out and no config or set")
         run_dir = Path(run_config["out"])
-        cfg = load_config(None, saved_config(run_dir))
-        saved = resumable(run_dir)
+        cfg = load_config(None, read_config(run_dir))
+        saved = resumable(run_dir, cfg)
     else:
         sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
         cfg = load_config(run_config.get("config") or None, sets)
         run_dir = Path(run_config.get("out") or default_run_dir(cfg))
-    results = write_run(run_dir, lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
-                                               node_wait_s=float(run_config.get("node-wait-s", 120))), claim=saved is None)
+    results = write_run(run_dir, cfg, lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
+                                                    node_wait_s=float(run_config.get("node-wait-s", 120))),
+                        resume=saved is not None)
     log.warning("fedrouter: %s %s ROUGE-1 %.4f, run directory %s", cfg.method, cfg.scenario, results["rouge1"], run_dir)
 
 
@@ -276,8 +280,18 @@ def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=Non
             outcome["error"] = exc
 
     cpus = max(1, min(os.cpu_count() or 1, cfg.n_clients))
-    flower_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.n_clients,
-                      backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": cpus}})
+    # The simulated nodes are this machine: their files go in the run directory itself (the node folder
+    # is <FEDROUTER_NODE_DIR>/<run name>); Ray's worker processes inherit the variable.
+    before = os.environ.get(NODE_DIR_ENV)
+    os.environ[NODE_DIR_ENV] = str(Path(run_dir).resolve().parent)
+    try:
+        flower_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.n_clients,
+                          backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": cpus}})
+    finally:
+        if before is None:
+            os.environ.pop(NODE_DIR_ENV, None)
+        else:
+            os.environ[NODE_DIR_ENV] = before
     if "error" in outcome:
         raise outcome["error"]
     if "results" not in outcome:

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
+import shutil
 from pathlib import Path
 
+from fedrouter.atomic import write_bytes
 from fedrouter.errors import FedrouterError
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    # A private key is readable by its owner only from its first byte (created with mode 0600).
+    write_bytes(path, data, mode=0o600 if private else 0o644)
 
 
 def _san(hosts: list[str]):
@@ -45,17 +43,35 @@ def _san(hosts: list[str]):
 
 def make_keys(out: Path, hosts: list[str], supernodes: int, days: int = 365) -> list[Path]:
     """Write the CA, the SuperLink certificate for `hosts` and `supernodes` SuperNode key pairs into `out`."""
+    if not hosts:
+        raise FedrouterError("give at least one host name or IP address for the SuperLink certificate")
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 36500:
+        raise FedrouterError(f"--days must be a whole number of days from 1 to 36500, got {days!r}")
+    if isinstance(supernodes, bool) or not isinstance(supernodes, int) or not 0 <= supernodes <= 10000:
+        raise FedrouterError(f"--supernodes must be 0 to 10000, got {supernodes!r}")
+    if out.exists() and not out.is_dir():
+        raise FedrouterError(f"{out} is a file, not a folder for the keys")
+    existing = [p.name for p in (out / "ca.crt", out / "server.pem") if p.exists()]
+    if existing:
+        raise FedrouterError(f"{out} already holds {', '.join(existing)}; choose an empty folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _make(out, hosts, supernodes, days)
+    except BaseException as exc:
+        if created:  # a folder this call made holds nothing useful after a failure
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise FedrouterError(f"cannot write the keys in {out}: {exc.strerror or exc}") from None
+        raise
+
+
+def _make(out: Path, hosts: list[str], supernodes: int, days: int) -> list[Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    if not hosts:
-        raise FedrouterError("give at least one host name or IP address for the SuperLink certificate")
-    out.mkdir(parents=True, exist_ok=True)
-    existing = [p.name for p in (out / "ca.crt", out / "server.pem") if p.exists()]
-    if existing:
-        raise FedrouterError(f"{out} already holds {', '.join(existing)}; choose an empty folder")
     now = dt.datetime.now(dt.timezone.utc)
     pem = serialization.Encoding.PEM
 

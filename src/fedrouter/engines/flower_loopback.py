@@ -107,7 +107,7 @@ class LoopbackFederation:
         (self.workdir / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n{connection}')
         self.procs: list[subprocess.Popen] = []
-        self._sockets: list[Path] = []
+        self._worker_folders: list[Path] = []
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = (self.logs / f"{name}.log").open("w")
@@ -141,14 +141,22 @@ class LoopbackFederation:
                     raise FedrouterError(f"flwr supernode register failed: {(reg.stdout + reg.stderr).strip()[-500:]}")
             node_security = (["--root-certificates", str(k / "ca.crt"), "--auth-supernode-private-key", str(k / f"supernode-{i}")]
                              if self.tls else ["--insecure"])
-            node_config = f"partition-id={i} num-partitions={self.n}"
+            # each node keeps its files (checkpoints, private adapters) in a folder of its own
+            node_config = f'partition-id={i} num-partitions={self.n} out-dir="{self.node_dir(i)}"'
             if i in self.workers:
                 node_config += f' worker="{self._start_worker(i)}"'  # a string value: quoted
             self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
                                           *node_security, "--port", str(free_port()), "--node-config", node_config])
 
+    def node_dir(self, i: int) -> Path:
+        """Node i's own folder (its `out-dir`): its files for a run are in <node_dir>/<run name>/."""
+        return self.workdir / f"node{i}"
+
     def _start_worker(self, i: int) -> Path:
-        path = Path("/tmp") / f"fedrouter-{self.port}-{i}.sock"  # Unix socket paths must stay short
+        # in a folder only this user can enter (the worker refuses any other); Unix socket paths must stay short
+        folder = Path(tempfile.mkdtemp(prefix=f"frw{i}-", dir="/tmp"))
+        self._worker_folders.append(folder)
+        path = folder / "node.sock"
         key = path.with_name(path.name + ".key")
         proc = self._start(f"worker{i}", [sys.executable, "-m", "fedrouter.cli", "flower", "worker", "--socket", str(path)])
         deadline = time.monotonic() + 120
@@ -156,7 +164,6 @@ class LoopbackFederation:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise FedrouterError(f"the worker of node {i} did not start:\n{self.log_tail()}")
             time.sleep(0.2)
-        self._sockets += [path, key]
         return path
 
     def _wait_for_port(self, proc: subprocess.Popen, timeout_s: float = 90) -> None:
@@ -212,10 +219,10 @@ class LoopbackFederation:
     def close(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
-        for path in self._sockets:
-            path.unlink(missing_ok=True)
         import shutil
 
+        for folder in self._worker_folders:
+            shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(self.env["RAY_TMPDIR"], ignore_errors=True)
 
     def __exit__(self, *exc) -> None:

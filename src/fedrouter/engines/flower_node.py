@@ -14,20 +14,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from fedrouter.config import Config
 from fedrouter.core.train import time_budget
-from fedrouter.engines.flower_client import HELLO, NODE, RESUME, RUN, SAVE, SETUP
+from fedrouter.engines.flower_client import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, WorkerProtocolError, recv_header,
+                                             recv_records, send_parts)
 from fedrouter.engines.inprocess import InjectedFailure
 from fedrouter.engines.node_store import NodeStateLost, NodeStore
 from fedrouter.engines.wire import STATE, from_records, state_bytes, state_from_bytes, to_records
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message
+from fedrouter.rundir import plain_name
 
 log = logging.getLogger(__name__)
+
+# Where a node keeps its runs' files when its node config has no `out-dir` (the simulation runtime sets it
+# to the run directory's parent, so that a simulated node's files land in the run directory itself).
+NODE_DIR_ENV = "FEDROUTER_NODE_DIR"
+
+
+def run_folder(node_config: dict, run) -> Path:
+    """This node's folder for the run: <out-dir>/<run name>, with out-dir from the node's own config
+    (`--node-config out-dir=...`), else $FEDROUTER_NODE_DIR, else ./runs. The server only names the run
+    (a plain name, checked): it never chooses a path on the node."""
+    base = node_config.get("out-dir") or os.environ.get(NODE_DIR_ENV) or "runs"
+    return Path(str(base)).resolve() / plain_name(run["run"], "the run name the server sent")
 
 
 class _World:
@@ -62,11 +77,20 @@ class _World:
 _WORLDS: dict[str, _World] = {}
 
 
-def _world(config_text: str) -> _World:
-    key = hashlib.sha256(config_text.encode()).hexdigest()
+def _world(config_text: str, node_config: dict) -> _World:
+    """The run's world on this node: its config is the server's, but for where files go -- the node's own
+    `cache-dir` node config (else its default cache), never a path the server sent."""
+    cache_dir = node_config.get("cache-dir")
+    key = hashlib.sha256(f"{config_text}\n{cache_dir}".encode()).hexdigest()
     if key not in _WORLDS:
+        from pydantic import ValidationError
+
+        try:
+            cfg = Config.model_validate(json.loads(config_text))
+        except (ValueError, ValidationError) as exc:
+            raise FedrouterError(f"the run config the server sent is not a valid config ({str(exc).splitlines()[0]})") from None
         _WORLDS.clear()  # one run per process at a time: free the previous run's model
-        _WORLDS[key] = _World(Config.model_validate(json.loads(config_text)))
+        _WORLDS[key] = _World(cfg.model_copy(update={"cache_dir": str(cache_dir) if cache_dir else None}))
     return _WORLDS[key]
 
 
@@ -89,7 +113,7 @@ def serve_message(message_type: str, content: RecordDict, node_config: dict, sta
     the node's own checkpoint of it), let the method's client part act, keep the new state (in `state`,
     and in a checkpoint file when it changed), and return the reply's content. Raises what the client raises."""
     run = content[RUN]
-    world = _world(run["config"])
+    world = _world(run["config"], node_config)
     cid = _partition(node_config, world.cfg.n_clients)
     if message_type == HELLO:  # discovery: the server does not know yet which client this node holds
         return to_records(_hello(world, cid))
@@ -105,7 +129,7 @@ def serve_message(message_type: str, content: RecordDict, node_config: dict, sta
     ctx = ClientContext(cid, workbench, saved["state"])
     # the node enforces the round's time budget itself: a slow client stops and reports, not the server waiting
     with time_budget(world.cfg.client_timeout_s if message_type == MessageType.TRAIN else None):
-        reply = _WORK[message_type](from_records(content), ctx, world, node_config)
+        reply = _WORK[message_type](from_records(content), ctx, world, run_folder(node_config, run))
     new_blob = state_bytes({"state": ctx.state, "streams": workbench.stream_state()})
     label = expected
     if new_blob != blob:  # the state after this exchange is a new one: checkpoint it under the exchange's number
@@ -121,12 +145,10 @@ def serve_message(message_type: str, content: RecordDict, node_config: dict, sta
 
 
 def _store(node_config: dict, run, cid: int, checkpoint_keep: int) -> NodeStore | None:
-    """Where this node checkpoints its client's state: under its `out-dir` node config if it has one, else
-    under the run directory's path (the same machine's, in a simulation); none when checkpoints are off."""
+    """Where this node checkpoints its client's state (in its own run folder); none when checkpoints are off."""
     if not checkpoint_keep:
         return None
-    base = node_config.get("out-dir") or run["dir"]
-    return NodeStore.of(Path(base), str(run["run_id"]), cid) if base else None
+    return NodeStore.of(run_folder(node_config, run), run["run_id"], cid)
 
 
 def _expected_state(state, expected: int, store: NodeStore | None, cid: int, initial: dict) -> tuple[bytes, dict]:
@@ -153,56 +175,108 @@ def _hello(world: _World, cid: int) -> Message:
                            "all_tasks": list(world.data.tasks)})
 
 
-def _save(msg: Message, ctx: ClientContext, world: _World, node_config: dict) -> Message:
-    """The client's private adapters, written on this node (they never travel)."""
-    from fedrouter.experiment import save_peft
+def _save(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Message:
+    """The client's private adapters, written in this node's run folder (they never travel)."""
+    from fedrouter.rundir import save_adapters
 
-    out = Path(node_config.get("out-dir") or msg.config["dir"])
     named = {f"client{ctx.client_id}-{name}": a for name, a in world.client.adapters(ctx).items()}
-    return Message(config={"saved": save_peft(out, world.shared, named)})
+    return Message(config={"saved": save_adapters(folder, world.shared, named)})
 
 
 _WORK = {
-    RESUME: lambda m, ctx, w, nc: Message(),  # loading the expected state is all a resume asks of a node
-    SETUP: lambda m, ctx, w, nc: w.client.setup(m, ctx),
-    MessageType.TRAIN: lambda m, ctx, w, nc: w.client.fit(m, ctx),
-    MessageType.EVALUATE: lambda m, ctx, w, nc: w.client.evaluate(m, ctx),
+    RESUME: lambda m, ctx, w, folder: Message(),  # loading the expected state is all a resume asks of a node
+    SETUP: lambda m, ctx, w, folder: w.client.setup(m, ctx),
+    MessageType.TRAIN: lambda m, ctx, w, folder: w.client.fit(m, ctx),
+    MessageType.EVALUATE: lambda m, ctx, w, folder: w.client.evaluate(m, ctx),
     SAVE: _save,
 }
+
+
+def _private_folder(folder: Path) -> None:
+    """The worker's socket and key live in a folder only this user can enter."""
+    if not folder.is_dir():
+        raise FedrouterError(f"the socket's folder {folder} does not exist; create it for this user only: mkdir -m 700 {folder}")
+    info = folder.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise FedrouterError(f"the socket's folder {folder} must belong to this user and be closed to others "
+                             f"(mode {oct(info.st_mode & 0o777)}): chmod 700 {folder}, or use a folder of your own")
+
+
+def _clear_stale(path: Path, kind: str, is_kind) -> None:
+    """Remove a file an earlier worker of this user left at `path`; refuse anything else found there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not is_kind(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise FedrouterError(f"{path} exists and is not a {kind} this user's worker left (owner {info.st_uid}, "
+                             f"mode {oct(info.st_mode & 0o777)}): remove it, or choose another --socket")
+    path.unlink()
 
 
 def serve_worker(socket_path: Path) -> None:
     """A long-lived process beside a SuperNode that does its clients' work, so that the base model and
     the data are loaded once, not once per message (Flower 1.41 starts a fresh ClientApp process for
     every message). The SuperNode's ClientApp forwards each message here when its node config names
-    this socket (`worker=<path>`); the key in `<path>.key` (readable by this user only) authenticates it."""
+    this socket (`worker=<path>`); the key in `<path>.key` (created exclusively, mode 0600, in a folder
+    only this user can enter) authenticates it. A malformed message is refused; the worker goes on."""
     import secrets
+    import signal
+    import stat
+    import sys
     from multiprocessing.connection import Listener
 
-    socket_path = Path(socket_path)
-    socket_path.unlink(missing_ok=True)
-    key = secrets.token_bytes(32)
+    from fedrouter.atomic import create_exclusive
+
+    socket_path = Path(socket_path).absolute()
+    _private_folder(socket_path.parent)
     key_path = socket_path.with_name(socket_path.name + ".key")
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key)
+    _clear_stale(key_path, "key file", stat.S_ISREG)
+    _clear_stale(socket_path, "socket", stat.S_ISSOCK)
+    key = secrets.token_bytes(32)
+    create_exclusive(key_path, key, mode=0o600)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by pid: clean up below
     log.warning("fedrouter worker listening on %s", socket_path)
-    with Listener(str(socket_path), family="AF_UNIX", authkey=key) as listener:
-        while True:
-            try:
-                conn = listener.accept()
-            except Exception as exc:  # a client with a wrong key, or one that hung up: keep serving
-                log.warning("fedrouter worker: refused a connection: %s", exc)
-                continue
-            with conn:
+    try:
+        with Listener(str(socket_path), family="AF_UNIX", authkey=key) as listener:
+            while True:
                 try:
-                    message_type, content, node_config, state = conn.recv()
-                except (EOFError, OSError):
+                    conn = listener.accept()
+                except Exception as exc:  # a client with a wrong key, or one that hung up: keep serving
+                    log.warning("fedrouter worker: refused a connection: %s", exc)
                     continue
-                try:
-                    answer = ("ok", (serve_message(message_type, content, node_config, state), state))
-                except Exception as exc:  # the ClientApp raises it again, so Flower reports an error reply
-                    answer = ("error", (type(exc).__name__, str(exc)))
-                try:
-                    conn.send(answer)
-                except OSError as exc:  # the ClientApp is gone (its node stopped it): serve the next one
-                    log.warning("fedrouter worker: could not reply: %s", exc)
+                with conn:
+                    _serve_connection(conn)
+    finally:
+        key_path.unlink(missing_ok=True)
+        socket_path.unlink(missing_ok=True)
+
+
+def _serve_connection(conn) -> None:
+    """One forwarded message: read it (refusing a malformed one), serve it, send the reply and new state."""
+    try:
+        header = recv_header(conn)
+        message_type, node_config = header.get("type"), header.get("node_config")
+        if not isinstance(message_type, str) or not isinstance(node_config, dict) or not all(
+                isinstance(v, (str, int, float, bool)) for v in node_config.values()):
+            raise WorkerProtocolError("the header needs a string 'type' and a flat 'node_config' object")
+        content, state = recv_records(conn, 2)
+    except (EOFError, OSError):
+        return  # the ClientApp hung up
+    except WorkerProtocolError as exc:
+        log.warning("fedrouter worker: refused a malformed message: %s", exc)
+        _reply(conn, {"status": "error", "name": "WorkerProtocolError", "text": str(exc)})
+        return
+    try:
+        reply = serve_message(message_type, content, node_config, state)
+        answer = ({"status": "ok"}, reply, state)
+    except Exception as exc:  # the ClientApp raises it again, so Flower reports an error reply
+        answer = ({"status": "error", "name": type(exc).__name__, "text": str(exc)},)
+    _reply(conn, *answer)
+
+
+def _reply(conn, header: dict, *records) -> None:
+    try:
+        send_parts(conn, header, *records)
+    except OSError as exc:  # the ClientApp is gone (its node stopped it): serve the next one
+        log.warning("fedrouter worker: could not reply: %s", exc)

@@ -3,7 +3,7 @@
 The server's checkpoint (`fedrouter.checkpoint`) cannot hold a Flower client's private state: that never
 leaves its node. So the node keeps it. The server numbers its exchanges (`seq`: one per batch of
 messages, setup, a round's training, an evaluation); after every message that changed its client's state,
-the node writes the state to `state-<seq>.pt` in this folder, atomically, and its reply tells the server
+the node writes the state to `state-<seq>.state` in this folder, atomically, and its reply tells the server
 that seq. The server remembers, per client, the seq of the state it knows of (a reply that never reached
 it does not count), records that in its own checkpoint, and sends it with every message. A node whose
 in-memory state is not that one -- the SuperNode restarted, or the run was resumed as a new Flower run --
@@ -13,6 +13,10 @@ Pruning: with every message the server also sends `keep_from`, the seq of its ol
 resume from any kept checkpoint needs the node's newest file at or before that checkpoint, so the node
 deletes only files older than its newest one at or before `keep_from` -- and never the one the server
 currently expects.
+
+Paths: the folder is `<node's run folder>/checkpoints/nodes/<run id>/client<i>`, where the run folder comes
+from the node's own configuration (`flower_node.run_folder`) and the run id must be a plain identifier:
+nothing a server sends can point a node at a file outside its own folder.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import re
 import shutil
 from pathlib import Path
 
-from fedrouter.checkpoint import DIR, write_atomic
+from fedrouter.atomic import write_bytes
+from fedrouter.checkpoint import DIR
+from fedrouter.errors import FedrouterError
 
-_NAME = re.compile(r"state-(\d+)\.pt")
+_NAME = re.compile(r"state-(\d+)\.state")
+RUN_ID = re.compile(r"[0-9a-f]{12}")
 
 
 class NodeStateLost(RuntimeError):
@@ -35,12 +42,17 @@ class NodeStore:
         self.folder = Path(folder)
 
     @classmethod
-    def of(cls, base: Path, run_id: str, client_id: int) -> "NodeStore":
-        """The folder of one client of one run under `base` (the node's out-dir, or the run directory)."""
-        return cls(Path(base) / DIR / "nodes" / run_id / f"client{client_id}")
+    def of(cls, run_folder: Path, run_id, client_id: int) -> "NodeStore":
+        """The folder of one client of one run under the node's own `run_folder`; a run id that is not a
+        plain identifier (a path, `..`) is refused."""
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            raise FedrouterError(f"the server sent run id {str(run_id)[:40]!r}, which is not a run id (12 hex digits)")
+        if isinstance(client_id, bool) or not isinstance(client_id, int) or client_id < 0:
+            raise FedrouterError(f"client id {client_id!r} is not a non-negative integer")
+        return cls(Path(run_folder) / DIR / "nodes" / run_id / f"client{client_id}")
 
     def path(self, seq: int) -> Path:
-        return self.folder / f"state-{seq:07d}.pt"
+        return self.folder / f"state-{int(seq):07d}.state"
 
     def seqs(self) -> list[int]:
         if not self.folder.is_dir():
@@ -58,7 +70,7 @@ class NodeStore:
     def write(self, seq: int, blob: bytes, keep_from: int, keep: set[int]) -> None:
         """`blob` as the state after exchange `seq`, then the files no kept checkpoint needs removed."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path(seq), blob)
+        write_bytes(self.path(seq), blob, mode=0o600)
         seqs = self.seqs()
         oldest_needed = max((s for s in seqs if s <= keep_from), default=None)
         for s in seqs:

@@ -8,12 +8,11 @@ cannot hold bfloat16); the receiver gets float32.
 
 A client's private state (its `ClientContext.state` and its batch-stream position) never leaves its node:
 it is kept in Flower's `context.state` between messages (and in the node's own checkpoint files) as
-bytes written by `torch.save`.
+`fedrouter.core.statefile` bytes (safetensors + JSON), which read back without running any code.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedrouter.core import statefile
 from fedrouter.methods.base import Message
 
 ARRAYS, CONFIG = "arrays", "config"
@@ -71,11 +71,9 @@ def roundtrip(msg: Message) -> Message:
 
 
 def state_bytes(state: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
+    return statefile.dumps(state)
 
 
 def state_from_bytes(blob: bytes) -> dict:
-    # The node's own bytes (its context.state, or its own checkpoint file): never input from the network.
-    return torch.load(io.BytesIO(blob), weights_only=False)
+    """A state `state_bytes` wrote; `statefile.UnreadableState` for anything else (nothing is executed)."""
+    return statefile.loads(blob)
