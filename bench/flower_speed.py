@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedrouter.cli import parse_sets
+from fedrouter.config import parse_sets
 from fedrouter.engines.flower_loopback import LoopbackFederation, flower_env, stop
 
 

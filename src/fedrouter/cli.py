@@ -51,47 +51,23 @@ def _add_run_parser(sub) -> None:
                    help="continue an interrupted run from its newest checkpoint, with the run's own config")
 
 
-def parse_sets(items: list[str]) -> dict:
-    """--set KEY=VALUE items as typed config overrides."""
-    from fedrouter.config import parse_value
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise FedrouterError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
 def _overrides(args) -> dict:
+    from fedrouter.config import parse_sets
+
     out = {key: getattr(args, key) for key in RUN_FLAGS if getattr(args, key) is not None}
     out.update(parse_sets(args.sets))
     return out
 
 
-def saved_config(run_dir: Path) -> dict:
-    """A run directory's config.json as overrides (every key), or one clear error."""
-    import json
-
-    path = run_dir / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FedrouterError(f"{run_dir} is not a run directory (no config.json)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FedrouterError(f"{path} is unreadable: {exc}") from None
-    return saved
-
-
 def _cmd_run(args) -> int:
     from fedrouter.config import load_config
     from fedrouter.experiment import format_summary, run_experiment
+    from fedrouter.rundir import read_config
 
     if args.resume:
         if args.config or args.out or _overrides(args):
             raise FedrouterError("--resume continues a run with its own config.json: give no other config, flag or --out")
-        cfg = load_config(None, saved_config(args.resume))
+        cfg = load_config(None, read_config(args.resume))
     else:
         cfg = load_config(args.config, _overrides(args))
     if args.quiet or not sys.stderr.isatty():
@@ -131,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except FedrouterError as exc:
         print(f"fedrouter: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's problem (a full disk, a missing permission): one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"fedrouter: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedrouter: interrupted", file=sys.stderr)

@@ -1,16 +1,20 @@
 """The experiment config: one pydantic model, from defaults, a TOML file and command-line overrides.
 
-Unknown keys are errors (a typo must not silently fall back to a default). `load_config` turns every
-validation problem into one `FedrouterError` line naming the key.
+Unknown keys are errors (a typo must not silently fall back to a default), and values are taken strictly:
+a number must be a finite number (`lr = inf` is refused), an integer an integer (`rounds = true` is not 1).
+`load_config` turns every validation problem into one `FedrouterError` line naming the key.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedrouter.core.data import SCENARIOS
 from fedrouter.core.train import DEFAULT_TEMPLATE
@@ -18,7 +22,7 @@ from fedrouter.errors import FedrouterError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class LoraSection(_Strict):
@@ -40,14 +44,20 @@ class TinySection(_Strict):
     num_heads: int = Field(4, gt=0)
     pretrain_steps: int = Field(1500, gt=0)
     pretrain_documents: int = Field(20000, gt=10)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"tiny.hidden_size ({self.hidden_size}) must be a multiple of tiny.num_heads ({self.num_heads})")
+        return self
 
 
 class Config(_Strict):
     # what to run
     method: str = "fedrouter"
     scenario: str = "dual"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     engine: Literal["inprocess", "flower"] = "inprocess"  # flower: Flower's simulation runtime (pip install .[flower])
     # federation (paper defaults: 8 clients, 25 rounds, 10 local steps, batch 16)
     n_clients: int = Field(8, gt=0)
@@ -106,9 +116,43 @@ class Config(_Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template_has_slot(cls, v: str) -> str:
-        if "{instruction}" not in v:
-            raise ValueError("must contain '{instruction}'")
+        return check_template(v)
+
+    @field_validator("method_options")
+    @classmethod
+    def _finite_options(cls, v: dict) -> dict:
+        bad = _non_finite(v)
+        if bad:
+            raise ValueError(f"{bad} is not a finite number")
         return v
+
+
+def check_template(template: str) -> str:
+    """`template` if it inserts the instruction -- `{instruction}`, with no other field, conversion or
+    format spec -- at least once; ValueError naming the problem otherwise."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
+    for name, spec, conversion in fields:
+        if name != "instruction" or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"may only hold the field {{instruction}}, not {shown}")
+    if not fields:
+        raise ValueError("must insert the input with {instruction} ({{instruction}} is a literal, not the field)")
+    return template
+
+
+def _non_finite(value, where: str = "method_options") -> str | None:
+    """Where in `value` (nested dicts and lists) a float is NaN or infinite, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := _non_finite(v, f"{where}.{k}"))), None)
+    if isinstance(value, list):
+        return next((w for i, v in enumerate(value) if (w := _non_finite(v, f"{where}[{i}]"))), None)
+    return None
 
 
 def _one_line(err: ValidationError) -> str:
@@ -128,6 +172,22 @@ def _set_dotted(target: dict, dotted: str, value: Any) -> None:
             raise FedrouterError(f"config: {dotted!r}: {k!r} is not a section")
         target = node
     target[keys[-1]] = value
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def parse_sets(items: list[str]) -> dict:
+    """--set KEY=VALUE items as typed config overrides (dotted keys such as lora.r)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise FedrouterError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if not _KEY.fullmatch(key):
+            raise FedrouterError(f"--set {item!r}: {key!r} is not a config key (such as rounds or lora.r)")
+        out[key] = parse_value(value)
+    return out
 
 
 def parse_value(text: str) -> Any:

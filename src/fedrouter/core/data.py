@@ -97,6 +97,12 @@ def read_jsonl_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
                     if not isinstance(row.get(key), str):
                         problem = "missing" if key not in row else "not a string"
                         raise FedrouterError(f"{path}:{lineno}: field {key!r} is {problem}")
+                    try:
+                        row[key].encode("utf-8")
+                    except UnicodeEncodeError as exc:  # a lone surrogate such as \ud800: no text, and no tokenizer takes it
+                        bad = row[key][exc.start]
+                        raise FedrouterError(f"{path}:{lineno}: field {key!r} holds an invalid character "
+                                             f"(a lone surrogate, \\u{ord(bad):04x})") from None
                 rows.append(row)
     except (OSError, UnicodeDecodeError) as exc:
         raise FedrouterError(f"cannot read data file {path}: {exc}") from None
@@ -117,6 +123,7 @@ class _Pools:
     def __init__(self, source: str, task_field: str, seed: int):
         self.source, self.seed = source, seed
         self._next = {}  # (task, split) -> next unused index
+        self._streams: dict[tuple[str, str], synthetic.ExampleStream] = {}
         if source == SYNTHETIC:
             self.tasks = list(synthetic.TASKS)
             self._pool = {}
@@ -140,8 +147,10 @@ class _Pools:
         start = self._next.get((task, split), 0)
         self._next[(task, split)] = start + n
         if self.source == SYNTHETIC:
-            # One long seeded stream per (task, split): slices never repeat across clients.
-            return synthetic.generate_examples(task, start + n, seed=f"{self.seed}:{split}")[start:]
+            # One long seeded stream per (task, split), continued: slices never repeat across clients.
+            if (task, split) not in self._streams:
+                self._streams[(task, split)] = synthetic.ExampleStream(task, seed=f"{self.seed}:{split}")
+            return self._streams[(task, split)].take(n)
         return self._pool[(task, split)][start : start + n]
 
 
@@ -203,8 +212,12 @@ def build_federated_data(
             raise FedrouterError(f"client {empty[0]} would get no {split} examples: the data is too small for {n_clients} clients")
         per_split[split] = wanted
 
+    from tqdm import tqdm
+
     clients = []
-    for cid in range(n_clients):
+    # A bar only where building takes a while (thousands of clients); leave=False keeps small runs quiet.
+    for cid in tqdm(range(n_clients), desc="building client data", unit="client", leave=False,
+                    disable=True if n_clients < 500 else None):
         train = [ex for t, n in per_split["train"][cid].items() for ex in pools.take(t, "train", n)]
         test = [ex for t, n in per_split["test"][cid].items() for ex in pools.take(t, "test", n)]
         random.Random(f"{seed}:client{cid}").shuffle(train)

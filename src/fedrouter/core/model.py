@@ -158,7 +158,10 @@ def ensure_tiny_base(spec: TinyBaseSpec | None = None, cache_dir: Path | None = 
     target = cache_dir / f"tiny-{spec.cache_key()}"
     if (target / "config.json").exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedrouterError(f"cannot create the model cache {cache_dir}: {exc.strerror or exc} (set cache_dir or $FEDROUTER_CACHE)") from None
     log.info("building the tiny base model in %s (once)", target)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     try:
@@ -184,9 +187,11 @@ def load_base(name: str, cache_dir: Path | None = None, tiny_spec: TinyBaseSpec 
     path = str(ensure_tiny_base(tiny_spec, cache_dir, progress)) if name == TINY else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        # Weights come as safetensors, or through torch.load(weights_only=True): a pickle payload is refused.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise FedrouterError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a loading boundary: whatever fails here is the user's model reference or files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FedrouterError(f"cannot load model {name!r}: {type(exc).__name__}: {first[:300]}") from None
     if tokenizer.pad_token is None:  # most causal LMs ship without one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)

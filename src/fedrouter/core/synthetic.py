@@ -113,16 +113,27 @@ TASKS: dict[str, Generator] = {
 }
 
 
+class ExampleStream:
+    """The endless seeded sequence of `task`'s examples for `seed`: `take(n)` gives the next n, so that
+    consecutive slices (clients drawing disjoint examples) cost what they hold, not what came before."""
+
+    def __init__(self, task: str, seed: int | str):
+        if task not in TASKS:
+            raise KeyError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
+        self.task, self._make = task, TASKS[task]
+        self._rng = random.Random(f"{task}:{seed}")
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            instruction, output = self._make(self._rng)
+            out.append({"instruction": instruction, "output": output, "task": self.task})
+        return out
+
+
 def generate_examples(task: str, n: int, seed: int | str) -> list[dict]:
     """`n` examples of `task` in the data schema ({instruction, output, task}), determined by `seed`."""
-    if task not in TASKS:
-        raise KeyError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
-    rng = random.Random(f"{task}:{seed}")
-    out = []
-    for _ in range(n):
-        instruction, output = TASKS[task](rng)
-        out.append({"instruction": instruction, "output": output, "task": task})
-    return out
+    return ExampleStream(task, seed).take(n)
 
 
 def _generic_sentence(rng: random.Random, cast: dict[str, list[str]]) -> str:
