@@ -1,0 +1,218 @@
+"""Nothing read back is unpickled, and a server cannot choose a path on a node.
+
+Each attack carries a pickle payload that, if it were ever unpickled, would create a marker file: the
+crafted checkpoint, node state file and worker message are refused with one line, and the marker never
+appears. Run ids and run names from a server that are paths (`../`, absolute) are refused before any file
+is touched. Key files are created exclusively with mode 0600; a planted one is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrouter.cli import main
+from fedrouter.core.statefile import UnreadableState
+
+
+class Payload:
+    """Unpickling this touches `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def torch_pickle(marker: Path) -> bytes:
+    """What `torch.save` of a crafted object writes (torch.load(weights_only=False) would run it)."""
+    buffer = io.BytesIO()
+    torch.save({"server": Payload(marker), "format": 2, "round": 1}, buffer)
+    return buffer.getvalue()
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("fedrouter: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys, caplog):
+    from fedrouter import checkpoint
+    from fedrouter.config import Config
+
+    marker = tmp_path / "ran"
+    run_dir = tmp_path / "handed-to-you"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(Config().model_dump()))
+    for name in ("round-00002.safetensors", "round-00001.pt"):  # today's name, and the old pickle one
+        (run_dir / "checkpoints" / name).write_bytes(torch_pickle(marker))
+    (run_dir / "checkpoints" / "round-00001.safetensors").write_bytes(pickle.dumps(Payload(marker)))
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    assert "no readable checkpoint" in _one_error_line(capsys.readouterr().err)
+    assert "round-00002.safetensors is unreadable" in caplog.text
+    with pytest.raises(UnreadableState):
+        checkpoint.read(run_dir / "checkpoints" / "round-00001.safetensors")
+    assert not marker.exists()
+
+
+def test_a_crafted_node_state_file_is_refused_and_runs_nothing(tmp_path):
+    pytest.importorskip("flwr")
+    from fedrouter.engines import flower_node
+    from fedrouter.engines.node_store import NodeStateLost, NodeStore
+    from fedrouter.engines.wire import state_from_bytes
+
+    marker = tmp_path / "ran"
+    with pytest.raises(UnreadableState):
+        state_from_bytes(torch_pickle(marker))
+    store = NodeStore.of(tmp_path / "node", "0123456789ab", 0)
+    store.write(4, torch_pickle(marker), keep_from=0, keep=set())  # planted where the node keeps state 4
+    with pytest.raises(NodeStateLost, match=r"state-0000004.state is unreadable"):
+        flower_node._expected_state({}, 4, store, 0, {"state": {}, "streams": {}})
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("run_id", ["../../victim", "/tmp/victim", "0123456789ab/../..", "", 5])
+def test_a_run_id_that_is_a_path_is_refused(tmp_path, run_id):
+    from fedrouter.engines.node_store import NodeStore
+    from fedrouter.errors import FedrouterError
+
+    with pytest.raises(FedrouterError, match="not a run id"):
+        NodeStore.of(tmp_path, run_id, 0)
+
+
+@pytest.mark.parametrize("run_name", ["..", "../victim", "/tmp/victim", "a/b", ".hidden", ""])
+def test_a_run_name_that_is_a_path_is_refused(tmp_path, run_name):
+    pytest.importorskip("flwr")
+    from fedrouter.engines.flower_node import run_folder
+    from fedrouter.errors import FedrouterError
+
+    with pytest.raises(FedrouterError, match="not a plain name"):
+        run_folder({"out-dir": str(tmp_path)}, {"run": run_name})
+    assert run_folder({"out-dir": str(tmp_path)}, {"run": "fedit-dual-seed0"}) == tmp_path.resolve() / "fedit-dual-seed0"
+
+
+def test_a_save_message_with_a_crafted_run_id_deletes_nothing_outside_the_node(tmp_path, tiny_overrides, tiny_model_dir):
+    # The attack of issue 13: a SAVE whose run id walks out of the node's folder made the node rmtree it.
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedrouter.config import load_config
+    from fedrouter.engines.flower_client import RUN, SAVE
+    from fedrouter.engines.flower_node import serve_message
+    from fedrouter.errors import FedrouterError
+
+    victim = tmp_path / "victim"
+    (victim / "client0").mkdir(parents=True)
+    (victim / "client0" / "precious").write_text("keep me")
+    cfg = load_config(None, {**tiny_overrides, "method": "local"})
+    node = tmp_path / "node"
+    for run_id in ("../../../../victim", str(victim)):
+        run = ConfigRecord({"config": json.dumps(cfg.model_dump()), "client": 0, "run_id": run_id, "run": "r",
+                            "seq": 1, "state_seq": 0, "keep_from": 0})
+        with pytest.raises(FedrouterError, match="not a run id"):
+            serve_message(SAVE, RecordDict({RUN: run}), {"partition-id": 0, "out-dir": str(node)}, RecordDict())
+    assert (victim / "client0" / "precious").read_text() == "keep me"
+
+
+def _start_worker(folder: Path, log: Path) -> tuple[subprocess.Popen, Path]:
+    socket_path = folder / "node.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fedrouter.cli", "flower", "worker", "--socket", str(socket_path)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    deadline = time.monotonic() + 120
+    while not (socket_path.exists() and Path(str(socket_path) + ".key").exists()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return proc, socket_path
+
+
+def test_a_worker_refuses_pickled_and_malformed_messages_and_keeps_serving(tmp_path):
+    pytest.importorskip("flwr")
+    from multiprocessing.connection import Client
+
+    from fedrouter.engines.flower_loopback import stop
+
+    marker = tmp_path / "ran"
+    folder = Path(tempfile.mkdtemp(prefix="frw", dir="/tmp"))
+    proc, socket_path = _start_worker(folder, tmp_path / "worker.log")
+    try:
+        key_path = Path(str(socket_path) + ".key")
+        assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+        key = key_path.read_bytes()
+        attacks = [
+            [pickle.dumps(("train", Payload(marker), {}, Payload(marker)))],  # what `conn.recv()` used to unpickle
+            [json.dumps({"type": "train", "node_config": {}}).encode(), pickle.dumps(Payload(marker)), b"x"],
+            [b"\xff not json"],
+            [json.dumps({"type": "train", "node_config": {"a": {"nested": 1}}}).encode()],
+        ]
+        for parts in attacks:
+            with Client(str(socket_path), family="AF_UNIX", authkey=key) as conn:
+                for part in parts:
+                    conn.send_bytes(part)
+                reply = json.loads(conn.recv_bytes())
+            assert reply["status"] == "error" and reply["name"] == "WorkerProtocolError", reply
+            assert proc.poll() is None  # still serving
+        with pytest.raises(Exception):  # a wrong key is refused at the handshake
+            Client(str(socket_path), family="AF_UNIX", authkey=b"wrong" * 6)
+        assert proc.poll() is None
+        assert not marker.exists()
+    finally:
+        stop(proc)
+    assert not socket_path.exists() and not key_path.exists()  # stopped by pid: it cleaned up
+    os.rmdir(folder)
+
+
+def test_a_worker_refuses_a_planted_key_an_open_folder_and_a_missing_one(tmp_path, capsys):
+    folder = Path(tempfile.mkdtemp(prefix="frw", dir="/tmp"))
+    try:
+        planted = folder / "node.sock.key"
+        planted.write_bytes(b"the attacker reads what gets written here")
+        planted.chmod(0o666)
+        assert main(["flower", "worker", "--socket", str(folder / "node.sock")]) == 2
+        assert "is not a key file this user's worker left" in _one_error_line(capsys.readouterr().err)
+        assert planted.read_bytes() == b"the attacker reads what gets written here"  # never written to
+        planted.unlink()
+        folder.chmod(0o755)  # others may enter
+        assert main(["flower", "worker", "--socket", str(folder / "node.sock")]) == 2
+        assert "closed to others" in _one_error_line(capsys.readouterr().err)
+        assert main(["flower", "worker", "--socket", str(folder / "missing" / "node.sock")]) == 2
+        assert "does not exist" in _one_error_line(capsys.readouterr().err)
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+
+
+def test_private_keys_are_never_readable_by_others(tmp_path):
+    pytest.importorskip("cryptography")
+    from fedrouter.engines.flower_keys import make_keys
+
+    written = make_keys(tmp_path / "keys", ["127.0.0.1"], supernodes=2)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}
+    assert modes["ca.key"] == modes["server.key"] == modes["supernode-0"] == modes["supernode-1"] == 0o600
+    assert modes["ca.crt"] == modes["supernode-0.pub"] == 0o644
+    assert not list((tmp_path / "keys").glob(".*"))  # no temporary file left
+
+
+def test_no_source_file_unpickles_what_it_reads():
+    src = Path(__file__).resolve().parents[1] / "src"
+    offenders = []
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        for needle in ("weights_only=False", "pickle.load", ".recv()", "allow_pickle=True"):
+            if needle in text:
+                offenders.append(f"{path.relative_to(src)}: {needle}")
+    assert not offenders
