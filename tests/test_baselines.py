@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from fedrouter.cli import main
 from fedrouter.core.aggregate import weighted_average
 from fedrouter.methods import METHODS, fedsa, ffa
-from fedrouter.methods.base import ClientContext, Message, MethodSetup, lora_matrices
+from fedrouter.methods.base import ClientContext, Message, MethodSetup
+from fedrouter.methods.common import lora_matrices
 from fedrouter.methods.fedprox import proximal_term
 
 SETUP = MethodSetup(seed=0, rounds=1)
@@ -37,7 +38,9 @@ class FakeWorkbench:
 
     def __init__(self, result):
         self.result, self.n_train, self.calls = result, 7, []
-        self.shared = SimpleNamespace(initial_adapter={A: torch.ones(1, 2), B: torch.zeros(2, 1)})
+
+    def initial_adapter(self, rank=None):
+        return {A: torch.ones(1, 2), B: torch.zeros(2, 1)}
 
     def train(self, adapter, round_idx, **kw):
         self.calls.append((adapter, kw))

@@ -8,9 +8,10 @@ import torch
 
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import Message, MethodSetup
-from fedrouter.methods.base import pack_under as _pack
-from fedrouter.methods.base import unpack_under as _unpack
-from fedrouter.methods.fedrouter import OracleServer, Server, StarServer, parse_options
+from fedrouter.methods.common import pack_under as _pack
+from fedrouter.methods.common import unpack_under as _unpack
+from fedrouter.methods import options_for
+from fedrouter.methods.fedrouter import OracleServer, Server, StarServer
 
 INIT = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
 
@@ -98,4 +99,4 @@ def test_pack_unpack_round_trip():
 @pytest.mark.parametrize("options", [{"n_local": 0}, {"n_global": "many"}, {"router": "nearest"}, {"typo": 1}])
 def test_bad_options_are_one_line_errors(options):
     with pytest.raises(FedrouterError):
-        parse_options(options)
+        options_for("fedrouter", options)

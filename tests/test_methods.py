@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from fedrouter.engines.inprocess import InProcessTransport
-from fedrouter.engines.loop import Traffic, evaluate_clients, run_rounds, sample_clients
+from fedrouter.engines.loop import RoundLoop, Traffic, sample_clients
 from fedrouter.methods import METHODS, load_method
 from fedrouter.methods import fedit, local
-from fedrouter.methods.base import ClientContext, Message, MethodSetup, mean_fit_metrics
+from fedrouter.methods.base import ClientContext, Message, MethodSetup
+from fedrouter.methods.common import mean_fit_metrics
 
 SETUP = MethodSetup(seed=0, rounds=1)
 
@@ -34,11 +35,6 @@ class FakeStats:
     steps: int = 2
 
 
-class FakeShared:
-    def __init__(self, initial):
-        self.initial_adapter = initial
-
-
 class FakeWorkbench:
     """Records what it was asked to train from; returns a fixed adapter."""
 
@@ -46,9 +42,12 @@ class FakeWorkbench:
         self.result = result
         self.n_train = n_train
         self.calls = []
-        self.shared = FakeShared(initial if initial is not None else _initial())
+        self._initial = initial if initial is not None else _initial()
 
-    def train(self, adapter, round_idx, steps=None, regularizer=None):
+    def initial_adapter(self, rank=None):
+        return self._initial
+
+    def train(self, adapter, round_idx, steps=None, **capabilities):
         self.calls.append((adapter, round_idx))
         return self.result, FakeStats()
 
@@ -164,7 +163,9 @@ def test_local_client_never_uploads_and_keeps_its_adapter():
     assert client.eval_adapter(Message(), ctx) is trained
     report = client.evaluate(Message(config={"split": "general"}), ctx)
     assert report.config["adapter"] is trained and report.config["split"] == "general"
-    assert client.evaluate(Message(config={"base": True}), ctx).config["adapter"] is None
+    # the untrained base is evaluated by the engine, with no adapter at all
+    base = InProcessTransport(client, {0: ctx}, progress=False).evaluate({0: Message(config={"base": True})})
+    assert base[0].config["adapter"] is None
 
 
 def test_local_client_never_trained_evaluates_initial_adapter():
@@ -239,15 +240,22 @@ class EchoClient:
         return Message(config={"split": msg.config["split"], "base": msg.config["base"], "n_arrays": len(msg.arrays)})
 
 
+class BaseOnlyWorkbench:
+    """The engine evaluates the untrained base itself: what its workbench reports for adapter None."""
+
+    def evaluate(self, adapter, split="test"):
+        return {"split": split, "base": adapter is None, "n_arrays": 0}
+
+
 def test_run_rounds_with_fedit_counts_traffic_and_records_rounds():
     init = {"w": torch.zeros(2, 2)}
     server = fedit.Server(MethodSetup(seed=0, rounds=3), init, [0, 1])
-    contexts = {cid: ClientContext(cid, workbench=None) for cid in (0, 1)}
+    contexts = {cid: ClientContext(cid, workbench=BaseOnlyWorkbench()) for cid in (0, 1)}
     transport = InProcessTransport(EchoClient(), contexts, progress=False)
-    traffic = Traffic()
+    loop = RoundLoop(server, transport, [0, 1], rounds=3, client_fraction=1.0, seed=0, progress=False)
+    traffic = loop.traffic
     seen = []
-    history = run_rounds(server, transport, traffic, [0, 1], rounds=3, client_fraction=1.0, seed=0,
-                         on_round=seen.append, progress=False)
+    history = loop.run(on_round=seen.append)
     assert [h["round"] for h in history] == [1, 2, 3]
     assert seen == history
     # each round every client gets 4 floats down and sends 4 floats up
@@ -259,10 +267,10 @@ def test_run_rounds_with_fedit_counts_traffic_and_records_rounds():
     # loss weighted by n_examples (1 and 2): (0 * 1 + 1 * 2) / 3
     assert history[0]["train_loss"] == pytest.approx(2 / 3)
 
-    reports = evaluate_clients(server, transport, traffic, [0, 1], "general")
+    reports = loop.evaluate("general")
     assert reports == {0: {"split": "general", "base": False, "n_arrays": 1}, 1: {"split": "general", "base": False, "n_arrays": 1}}
     assert traffic.down == 96 + 32
-    base = evaluate_clients(server, transport, Traffic(), [0, 1], "test", base=True)
+    base = loop.evaluate("test", base=True)
     assert base[0] == {"split": "test", "base": True, "n_arrays": 0}  # the base needs no adapter
 
 
@@ -270,6 +278,6 @@ def test_run_rounds_client_fraction_selects_subsets():
     server = fedit.Server(MethodSetup(seed=0, rounds=4), {"w": torch.zeros(1)}, list(range(6)))
     contexts = {cid: ClientContext(cid, workbench=None) for cid in range(6)}
     transport = InProcessTransport(EchoClient(), contexts, progress=False)
-    history = run_rounds(server, transport, Traffic(), list(range(6)), rounds=4, client_fraction=0.5, seed=3, progress=False)
+    history = RoundLoop(server, transport, list(range(6)), rounds=4, client_fraction=0.5, seed=3, progress=False).run()
     assert all(h["clients"] == 3 for h in history)
     assert history[-1]["bytes_up"] == 4 * 3 * 4

@@ -316,10 +316,24 @@ def local_then_global(
         chosen[c] = len(centroids[c])
         if curve is not None:
             local_curves[c] = curve
-    stacked = np.concatenate([centroids[c] for c in clients])
-    global_centroids, global_curve = cluster_global(stacked, n_global, seed, k_range)
-    mapping = {c: nearest(centroids[c], global_centroids) for c in clients}
+    global_centroids, mapping, global_curve = server_step(centroids, n_global, seed, k_range)
     return Clustering(centroids, labels, global_centroids, mapping, chosen, len(global_centroids), local_curves, global_curve)
+
+
+def server_step(local_centroids: dict[int, np.ndarray], n_global: int | Auto, seed: int = 0, k_range=range(2, 13)):
+    """FedRouter's server step, the one both the method and `fedrouter clusters` run: K-Means over every
+    client's local centroids (in client order), and each local cluster mapped to the global centroid
+    nearest its centroid -> (global centroids, {client: global cluster per local cluster}, curve or None)."""
+    clients = sorted(local_centroids)
+    stacked = np.concatenate([np.asarray(local_centroids[c]) for c in clients])
+    global_centroids, curve = cluster_global(stacked, n_global, seed, k_range)
+    return global_centroids, {c: nearest(local_centroids[c], global_centroids) for c in clients}, curve
+
+
+def majority_cluster(votes: dict) -> dict:
+    """Per task, the global cluster most of its examples went to (the lower id on a tie), from
+    {task: Counter(cluster -> examples)}: how clusters are matched to tasks for reporting."""
+    return {task: min(counts, key=lambda k: (-counts[k], k)) for task, counts in sorted(votes.items())}
 
 
 def _cluster_local(x, n_local, seed, k_range, who: str):

@@ -247,3 +247,11 @@ def embed_cached(embedder, texts: list[str], cache_dir) -> np.ndarray:
     except OSError as exc:  # a read-only or full cache costs speed, not the result
         log.warning("cannot write the embedding cache in %s: %s", folder, exc)
     return vectors
+
+
+def project_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(n, 2): a PCA projection of embeddings for a map (zeros when there are too few points for one)."""
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(x)
+    return PCA(n_components=2, random_state=seed).fit_transform(x) if x.shape[0] > 2 else np.zeros((x.shape[0], 2))

@@ -1,9 +1,10 @@
 """One frozen base model with one LoRA slot, shared by every client that lives in this process.
 
 Clients differ only in the adapter weights loaded into the slot and in their data, so 8 or 64 simulated
-clients cost one base model of memory. `ClientWorkbench` is a client's view: its encoded data, its own
-seeded batch stream, and train/evaluate calls that take adapter weights in and give adapter weights back.
-Nothing here knows about federation.
+clients cost one base model of memory. `ClientWorkbench` is a client's view -- the `Workbench` a method
+sees (`fedrouter.methods.base`): its data, its own seeded batch stream, and train / evaluate / embed calls
+that take adapter weights in and give adapter weights back; the peft model stays behind it. Nothing here
+knows about federation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedrouter.core.data import ClientData
+from fedrouter.core.embed import BaseModelEmbedder, embed_cached, resolve_embedder
 from fedrouter.core.generate import generate
 from fedrouter.core.metrics import score_predictions
 from fedrouter.core.model import LoraSettings, adapter_parameters, attach_lora, get_adapter_state, set_adapter_state
@@ -39,13 +41,16 @@ class TrainSettings:
 class SharedModel:
     """The base model wrapped by peft with a single adapter slot, plus what every client needs of it."""
 
-    def __init__(self, base_model, tokenizer, lora: LoraSettings, settings: TrainSettings, seed: int = 0):
+    def __init__(self, base_model, tokenizer, lora: LoraSettings, settings: TrainSettings, seed: int = 0,
+                 cache_dir=None):
         torch.manual_seed(seed)  # LoRA A's initialisation: the run's initial adapter
         self.model = attach_lora(base_model, lora)
         self.tokenizer = tokenizer
         self.settings = settings
         self.lora = lora
         self.seed = seed
+        self.cache_dir = cache_dir  # where embeddings are cached (None: the default cache)
+        self._embedders: dict[str, object] = {}  # by spec: loaded once per process
         self.initial_adapter: Adapter = get_adapter_state(self.model)
         self._initial_by_slot: dict[str, Adapter] = {"default": self.initial_adapter}
         # A frozen dense update added to the base weights (FLoRA's merged rounds, FedDPA's partner adapter):
@@ -89,6 +94,28 @@ class SharedModel:
     def scaling(self, r: int) -> float:
         """LoRA's alpha / r for a slot of rank r."""
         return self.lora.alpha / r
+
+    def slot_of(self, adapter: Adapter) -> str:
+        """The slot an adapter's rank belongs in (its A matrices' rows)."""
+        rank = next((t.shape[0] for name, t in adapter.items() if ".lora_A." in name), self.lora.r)
+        return self.slot_for_rank(int(rank))
+
+    def embedder(self, spec: str):
+        """The embedder `spec` names ("base", "minilm", an encoder id or path), loaded once."""
+        if spec not in self._embedders:
+            self._embedders[spec] = resolve_embedder(spec, self.model, self.tokenizer)
+        return self._embedders[spec]
+
+    def embed(self, texts: list[str], spec: str = "base", adapter: Adapter | None = None):
+        """Embeddings of `texts` (n, d): frozen and cached on disk by `spec`; or, with `adapter`, the base
+        model's mean-pooled last hidden state with that adapter active (not cached: it depends on it)."""
+        if adapter is None:
+            from fedrouter.core.model import default_cache_dir
+
+            return embed_cached(self.embedder(spec), texts, self.cache_dir or default_cache_dir())
+        self.use_base_delta(None)
+        self.load(adapter)
+        return BaseModelEmbedder(self.model, self.tokenizer, with_adapter=True).embed(texts)
 
     def use_base_delta(self, delta: dict[str, torch.Tensor] | None) -> None:
         """Make the base weights original + delta[module] (None: the original base). Cheap when unchanged.
@@ -244,20 +271,40 @@ class ClientWorkbench:
     def n_train(self) -> int:
         return len(self.train_examples)
 
-    def train(self, adapter: Adapter, round_idx: int, steps: int | None = None, regularizer=None,
+    def examples(self, split: str) -> list[dict]:
+        """The client's examples of a split: "train", "test" (its own tasks) or "general" (every task)."""
+        return self.train_data if split == "train" else self.splits[split][0]
+
+    def initial_adapter(self, rank: int | None = None) -> Adapter:
+        """The run's shared initial adapter (every client derives the same), or that of another LoRA rank."""
+        if rank is None or rank == self.shared.lora.r:
+            return self.shared.initial_adapter
+        return self.shared.initial_adapter_of(self.shared.slot_for_rank(rank))
+
+    def lora_rank(self) -> int:
+        return self.shared.lora.r
+
+    def lora_scaling(self, rank: int | None = None) -> float:
+        return self.shared.scaling(rank or self.shared.lora.r)
+
+    def embed(self, texts: list[str], embedder: str = "base", *, adapter: Adapter | None = None):
+        return self.shared.embed(texts, embedder, adapter)
+
+    def train(self, adapter: Adapter, round_idx: int, steps: int | None = None, *, penalty=None,
               subset: tuple[str, list[int]] | None = None, trainable: str | None = None,
-              base_delta: dict | None = None, slot: str = "default") -> tuple[Adapter, TrainStats]:
+              base_update: dict | None = None) -> tuple[Adapter, TrainStats]:
         """Start from `adapter`, run the round's local steps at the round's learning rate, return the result.
 
         `subset` = (name, example indices) trains on those examples only, from a stream of their own that
         continues across rounds (FedRouter trains one local cluster at a time). `trainable` = "lora_A" or
         "lora_B" updates only those matrices (FFA-LoRA freezes A); the others stay exactly as given.
-        `regularizer(live)` gets the live adapter parameters by name and returns a loss term (FedProx).
-        `base_delta` ({module: dense update}) is added to the frozen base first (FLoRA's merged rounds,
-        FedDPA's frozen partner adapter); `slot` trains an adapter slot of another rank (FLoRA).
+        `penalty(live)` gets the live adapter parameters by name and returns a loss term (FedProx).
+        `base_update` ({module: dense update}) is added to the frozen base first (FLoRA's merged rounds,
+        FedDPA's frozen partner adapter). An adapter of another LoRA rank trains in a slot of that rank.
         """
         s = self.shared.settings
-        self.shared.use_base_delta(base_delta)
+        slot = self.shared.slot_of(adapter)
+        self.shared.use_base_delta(base_update)
         self.shared.load(adapter, slot)
         lr = round_lr(s.lr, round_idx, s.total_rounds, s.min_lr_ratio)
         stream = self._stream if subset is None else self._subset_stream(*subset)
@@ -270,7 +317,7 @@ class ClientWorkbench:
                 torch.manual_seed(self.seed * 1_000_003 + self.client_id * 10_007 + self._train_calls)
                 stats = train_steps(
                     self.shared.model, params, stream, steps or s.local_steps, lr, s.weight_decay,
-                    regularizer=(lambda: regularizer(live)) if regularizer else None,
+                    regularizer=(lambda: penalty(live)) if penalty else None,
                 )
         finally:
             self.shared.model.set_adapter("default")
@@ -316,12 +363,12 @@ class ClientWorkbench:
         for name, indices, st in state["subsets"]:  # recreated in creation order: their seeds depend on it
             self._subset_stream(name, indices).load_state_dict(st)
 
-    def evaluate(self, adapter: Adapter | None, split: str = "test", base_delta: dict | None = None) -> dict:
+    def evaluate(self, adapter: Adapter | None, split: str = "test", *, base_update: dict | None = None) -> dict:
         """Per-task ROUGE/exact-match report on `split` ("test": own tasks; "general": every task).
 
-        `base_delta` evaluates on base + that dense update (FLoRA's merged model, with adapter None)."""
+        `base_update` evaluates on base + that dense update (FLoRA's merged model, with adapter None)."""
         examples, encoded = self.splits[split]
-        self.shared.use_base_delta(base_delta)
+        self.shared.use_base_delta(base_update)
         return _score(examples, self.shared.predict(encoded, adapter))
 
     def evaluate_weighted(self, adapters: list[Adapter], weights: torch.Tensor, split: str = "test") -> dict:

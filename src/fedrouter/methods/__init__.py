@@ -1,8 +1,18 @@
-"""Federated methods, each one module with a server part and a client part (variants share a module)."""
+"""Federated methods, each one module with a server part and a client part (variants share a module).
+
+The registry below names them. A method module declares its options as `OPTIONS` (name -> default) and,
+where a value needs more than its type, a `check_options(name, options)` that raises one clear error;
+`options_for` is the one place options are read: unknown names, wrong types and the module's own checks,
+with the registry supplying the method's name for the messages. The config validates them this way before
+any work, and the parts get the completed dict in `MethodSetup.options`.
+"""
 
 from __future__ import annotations
 
 import importlib
+import math
+
+from fedrouter.errors import FedrouterError
 
 # name -> (module under fedrouter.methods, server part class, client part class)
 METHODS = {
@@ -22,8 +32,44 @@ METHODS = {
 }
 
 
+def _module(name: str):
+    return importlib.import_module(f"fedrouter.methods.{METHODS[name][0]}")
+
+
 def load_method(name: str):
     """(ServerClass, ClientClass) of the method registered as `name`."""
-    module_name, server, client = METHODS[name]
-    module = importlib.import_module(f"fedrouter.methods.{module_name}")
+    _, server, client = METHODS[name]
+    module = _module(name)
     return getattr(module, server), getattr(module, client)
+
+
+def _kind_ok(value, default) -> bool:
+    if default is None:  # anything; the module's check_options decides
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, type(default)) and not isinstance(value, bool)
+
+
+def options_for(name: str, options: dict) -> dict:
+    """`options` over the method's declared defaults, each checked: unknown names, values of the wrong
+    kind (a float option takes an int; bools are never numbers) and the module's own rules."""
+    module = _module(name)
+    defaults = module.OPTIONS
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        known = ", ".join(defaults) or "none"
+        raise FedrouterError(f"{name}: unknown method option(s) {', '.join(unknown)}; known: {known}")
+    out = {**defaults, **options}
+    loose = getattr(module, "LOOSE", set())  # options of more than one kind ("auto" or a number)
+    for key, default in defaults.items():
+        if key not in loose and not _kind_ok(out[key], default):
+            kind = {bool: "true or false", float: "a finite number", int: "an integer", str: "a string"}.get(
+                type(default), type(default).__name__)
+            raise FedrouterError(f"{name}: option {key} must be {kind}, got {out[key]!r}")
+    check = getattr(module, "check_options", None)
+    if check is not None:
+        check(name, out)
+    return out

@@ -2,18 +2,22 @@
 
 A `Message` is plain data -- named float tensors plus a small JSON-able dict -- so it maps one-to-one onto
 Flower's ArrayRecord / ConfigRecord. Client-private state (a local adapter, private B matrices, local
-centroids) lives in `ClientContext.state`, which the engine keeps per client and never shows the server.
+cluster labels) lives in `ClientContext.state`, which the engine keeps per client and never shows the
+server. A client part reaches the model only through its `Workbench`: train, evaluate, embed, its data
+and the run's initial adapter -- never the peft model itself. This module holds only these protocols;
+the helpers methods share are in `fedrouter.methods.common`.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from fedrouter.core.workbench import Adapter, ClientWorkbench
-from fedrouter.errors import FedrouterError
+Adapter = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -26,23 +30,69 @@ class Message:
         return sum(t.numel() * 4 for t in self.arrays.values())
 
 
-@dataclass
-class ClientContext:
-    """What the engine hands a client part: its workbench (data + shared model) and private state."""
+class Workbench(Protocol):
+    """What a client part may do with the shared model and its own data (the engine provides it).
+
+    Capabilities, each a general one that any method may use:
+    - `train(adapter, round_idx, ...)`: the round's local steps from `adapter` (its rank picks the slot), on
+      all examples or a named `subset`, updating only the `trainable` matrices ("lora_A" / "lora_B"),
+      with a `penalty(live parameters)` added to the loss, on top of a frozen dense `base_update`;
+    - `evaluate*`: ROUGE on a split with one adapter, one adapter per example (`evaluate_routed`), or a
+      per-example weighted mix of adapters (`evaluate_weighted`);
+    - `embed(texts, embedder)`: frozen embeddings of texts (cached), or with `adapter` active;
+    - `loss(adapter)`: mean training loss on the first examples.
+    """
 
     client_id: int
-    workbench: ClientWorkbench
+    tasks: list[str]
+    n_train: int
+
+    def examples(self, split: str) -> list[dict]: ...
+
+    def initial_adapter(self, rank: int | None = None) -> Adapter: ...
+
+    def lora_rank(self) -> int: ...
+
+    def lora_scaling(self, rank: int | None = None) -> float: ...
+
+    def train(self, adapter: Adapter, round_idx: int, *, subset: tuple[str, list[int]] | None = None,
+              trainable: str | None = None, penalty=None, base_update: dict | None = None): ...
+
+    def loss(self, adapter: Adapter, n_examples: int = 32) -> float: ...
+
+    def evaluate(self, adapter: Adapter | None, split: str = "test", *, base_update: dict | None = None) -> dict: ...
+
+    def evaluate_routed(self, adapters: dict[str, Adapter], assignment: list[str], split: str = "test",
+                        mixed: bool = False) -> dict: ...
+
+    def evaluate_weighted(self, adapters: list[Adapter], weights: torch.Tensor, split: str = "test") -> dict: ...
+
+    def embed(self, texts: list[str], embedder: str = "base", *, adapter: Adapter | None = None) -> np.ndarray: ...
+
+
+@dataclass
+class ClientContext:
+    """What the engine hands a client part: its workbench (data + capabilities) and private state."""
+
+    client_id: int
+    workbench: Workbench
     state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class MethodSetup:
-    """What both parts of a method are built from: the run's seed and rounds, and the method's options."""
+    """What both parts of a method are built from: the run's seed and rounds, and the method's options
+    (already checked and completed with their defaults by the registry, `fedrouter.methods.options_for`)."""
 
     seed: int
     rounds: int
     options: dict[str, Any] = field(default_factory=dict)
-    cache_dir: str | None = None  # where a method may cache derived data (e.g. embeddings); None = default
+
+
+def with_defaults(part, options: dict) -> dict:
+    """`options` over the defaults its method module declares (`OPTIONS`), for a part built directly
+    (the registry has checked and completed them already when the config made the part)."""
+    return {**getattr(sys.modules[type(part).__module__], "OPTIONS", {}), **options}
 
 
 class ServerPart:
@@ -50,6 +100,7 @@ class ServerPart:
 
     def __init__(self, setup: MethodSetup, initial_adapter: Adapter, client_ids: list[int]):
         self.settings = setup
+        self.options = with_defaults(self, setup.options)
         self.client_ids = list(client_ids)
 
     def configure_setup(self, client_ids: list[int]) -> dict[int, Message]:
@@ -113,10 +164,12 @@ class ServerPart:
 
 
 class ClientPart:
-    """Trains on a client's data when asked, and evaluates with the adapter the method prescribes."""
+    """Trains on a client's data when asked, and evaluates with the adapter the method prescribes. (The
+    untrained base is evaluated by the engine itself: no method needs to know about it.)"""
 
     def __init__(self, setup: MethodSetup):
         self.settings = setup
+        self.options = with_defaults(self, setup.options)
 
     def setup(self, msg: Message, ctx: ClientContext) -> Message:
         return Message()
@@ -129,10 +182,8 @@ class ClientPart:
         raise NotImplementedError
 
     def evaluate(self, msg: Message, ctx: ClientContext) -> Message:
-        """Report on msg.config["split"]; with msg.config["base"] the untrained base is evaluated."""
-        split = msg.config.get("split", "test")
-        adapter = None if msg.config.get("base") else self.eval_adapter(msg, ctx)
-        return Message(config=ctx.workbench.evaluate(adapter, split))
+        """Report on msg.config["split"] ("test": the client's own tasks; "general": every task)."""
+        return Message(config=ctx.workbench.evaluate(self.eval_adapter(msg, ctx), msg.config.get("split", "test")))
 
     def adapters(self, ctx: ClientContext) -> dict[str, Adapter]:
         """The client-private adapters worth saving, by name."""
@@ -143,81 +194,3 @@ class ClientPart:
         federation): FedRouter gives {"vectors": (n, d) training embeddings, "tasks": [...], "clusters":
         [global cluster per example]}. None by default."""
         return None
-
-
-def lora_matrices(adapter: Adapter, kind: str, exclude: bool = False) -> Adapter:
-    """The adapter's `kind` ("lora_A" or "lora_B") matrices, or with exclude=True all the others."""
-    marker = f".{kind}."
-    return {k: v for k, v in adapter.items() if (marker in k) != exclude}
-
-
-def fit_reply(adapter: Adapter | None, stats, n_examples: int) -> Message:
-    """The usual reply of a training client: its adapter (if uploaded) and how it trained."""
-    return Message(
-        arrays=adapter or {},
-        config={"n_examples": n_examples, "loss": stats.loss, "tokens": stats.tokens, "train_s": stats.seconds},
-    )
-
-
-def failure_reply(exc: BaseException) -> Message:
-    """What an engine hands the server for a client that raised instead of replying."""
-    return Message(config={"failed": f"{type(exc).__name__}: {exc}"})
-
-
-def mean_fit_metrics(replies: dict[int, Message]) -> dict[str, float]:
-    """Example-weighted training loss and summed tokens over a round's replies."""
-    n = sum(r.config["n_examples"] for r in replies.values())
-    return {
-        "train_loss": sum(r.config["loss"] * r.config["n_examples"] for r in replies.values()) / max(1, n),
-        "tokens": sum(r.config["tokens"] for r in replies.values()),
-        "clients": len(replies),
-    }
-
-
-def read_options(method: str, options: dict, defaults: dict) -> dict:
-    """`options` over `defaults`, each checked against its default's type; one clear error otherwise.
-
-    A float option takes an int too; bools are never numbers; a default of None accepts anything (the
-    method checks it).
-    """
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        known = ", ".join(defaults) or "none"
-        raise FedrouterError(f"{method}: unknown method option(s) {', '.join(unknown)}; known: {known}")
-    out = {**defaults, **options}
-    for key, default in defaults.items():
-        value = out[key]
-        if default is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-        if not ok:
-            kind = {bool: "true or false", float: "a number", int: "an integer", str: "a string"}.get(type(default), type(default).__name__)
-            raise FedrouterError(f"{method}: option {key} must be {kind}, got {value!r}")
-    return out
-
-
-def pack_under(prefix: str, adapter: Adapter) -> dict[str, torch.Tensor]:
-    """An adapter's tensors under "<prefix>/<name>", so several can share one message."""
-    return {f"{prefix}/{name}": t for name, t in adapter.items()}
-
-
-def unpack_under(arrays: dict[str, torch.Tensor], prefix: str) -> Adapter:
-    """The adapter `pack_under(prefix, ...)` put into `arrays`."""
-    cut = len(prefix) + 1
-    return {key[cut:]: t for key, t in arrays.items() if key.startswith(prefix + "/")}
-
-
-def pack(adapters: dict[int, Adapter]) -> dict[str, torch.Tensor]:
-    """Several numbered adapters in one message's arrays: adapter k under prefix "k"."""
-    return {key: t for k, a in adapters.items() for key, t in pack_under(str(k), a).items()}
-
-
-def unpack(arrays: dict[str, torch.Tensor]) -> dict[int, Adapter]:
-    """The inverse of `pack`."""
-    numbers = sorted({int(key.split("/", 1)[0]) for key in arrays})
-    return {k: unpack_under(arrays, str(k)) for k in numbers}

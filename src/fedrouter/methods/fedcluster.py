@@ -15,12 +15,16 @@ import numpy as np
 import torch
 
 from fedrouter.core.cluster import agglomerative, cosine_distance_matrix
-from fedrouter.errors import FedrouterError
 from fedrouter.methods import fedit
-from fedrouter.methods.base import mean_fit_metrics, read_options
 from fedrouter.methods.clustered import ClusteredServer
+from fedrouter.methods.common import mean_fit_metrics, require
 
 OPTIONS = {"cluster_round": 5, "n_clusters": 4}
+
+
+def check_options(method: str, opts: dict) -> None:
+    for key in OPTIONS:
+        require(opts[key] >= 1, method, f"{key} must be a positive integer, got {opts[key]!r}")
 
 Client = fedit.Client
 
@@ -33,10 +37,6 @@ def flat_update(adapter: dict, start: dict) -> np.ndarray:
 class Server(ClusteredServer):
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        self.options = read_options("fedcluster", setup.options, OPTIONS)
-        for key in OPTIONS:
-            if self.options[key] < 1:
-                raise FedrouterError(f"fedcluster: {key} must be a positive integer, got {self.options[key]!r}")
         # Clustering at round R needs round R to happen; clamp so a short run still clusters at its end.
         self.cluster_round = min(self.options["cluster_round"], setup.rounds)
         self.cluster_of = {cid: 0 for cid in client_ids}  # one group, i.e. FedIT, until the clustering round

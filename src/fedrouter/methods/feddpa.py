@@ -23,12 +23,17 @@ import numpy as np
 import torch
 
 from fedrouter.core import lowrank
-from fedrouter.core.embed import BaseModelEmbedder
-from fedrouter.errors import FedrouterError
 from fedrouter.methods import fedit
-from fedrouter.methods.base import ClientPart, Message, fit_reply, read_options
+from fedrouter.methods.base import ClientPart, Message
+from fedrouter.methods.common import fit_reply, require
 
 OPTIONS = {**fedit.OPTIONS, "mix": 0.5, "instances": 5, "local_scale": 0.5}
+
+
+def check_options(method: str, opts: dict) -> None:
+    fedit.check_options(method, opts)
+    require(0 < opts["mix"] < 1 and opts["instances"] >= 1 and opts["local_scale"] >= 0, method,
+            "mix must be in (0, 1), instances a positive integer, local_scale >= 0")
 
 
 def global_weights(test_vectors: np.ndarray, local_vectors: np.ndarray, local_scale: float) -> np.ndarray:
@@ -47,8 +52,6 @@ def scale_b(adapter: dict, factor: float) -> dict:
 
 
 class Server(fedit.Server):
-    NAME, OPTIONS = "feddpa", OPTIONS
-
     def report(self, evaluations):
         """The global adapter's mean weight lambda on the clients' own tasks and on every task."""
         return {"feddpa_lambda": {split: float(np.mean([r["lambda"]["mean"] for r in reports.values()]))
@@ -56,20 +59,14 @@ class Server(fedit.Server):
 
 
 class Client(ClientPart):
-    def __init__(self, setup):
-        super().__init__(setup)
-        self.options = read_options("feddpa", setup.options, OPTIONS)
-        if not 0 < self.options["mix"] < 1 or self.options["instances"] < 1 or self.options["local_scale"] < 0:
-            raise FedrouterError("feddpa: mix must be in (0, 1), instances a positive integer, local_scale >= 0")
-
     def fit(self, msg, ctx):
         wb, mix = ctx.workbench, self.options["mix"]
         global_adapter, round_idx = msg.arrays, msg.config["round"]
-        local = ctx.state.get("local") or wb.shared.initial_adapter
+        local = ctx.state.get("local") or wb.initial_adapter()
         # Local phase: the slot holds (1 - mix) * L so that the trained model is W + mix*G + (1-mix)*L
         # exactly, with mix*G frozen in the base; L is recovered by undoing the factor.
-        frozen_global = lowrank.dense_update(global_adapter, wb.shared.scaling(wb.shared.lora.r) * mix)
-        trained, _ = wb.train(scale_b(local, 1 - mix), round_idx, base_delta=frozen_global)
+        frozen_global = lowrank.dense_update(global_adapter, wb.lora_scaling() * mix)
+        trained, _ = wb.train(scale_b(local, 1 - mix), round_idx, base_update=frozen_global)
         ctx.state["local"] = scale_b(trained, 1 / (1 - mix))
         # Global phase: G alone, uploaded.
         adapter, stats = wb.train(global_adapter, round_idx)
@@ -78,22 +75,18 @@ class Client(ClientPart):
     def weights(self, ctx, split: str) -> torch.Tensor:
         """(examples, 2): per test input, [lambda for G, 1 - lambda for L]."""
         wb = ctx.workbench
-        examples, _ = wb.splits[split]
+        examples, train = wb.examples(split), wb.examples("train")
         rng = random.Random(f"feddpa:{self.settings.seed}:{ctx.client_id}")
-        reference = rng.sample(wb.train_data, min(self.options["instances"], len(wb.train_data)))
-        wb.shared.use_base_delta(None)
-        wb.shared.load(ctx.state.get("local") or wb.shared.initial_adapter)
-        embedder = BaseModelEmbedder(wb.shared.model, wb.shared.tokenizer, with_adapter=True)
-        lam = global_weights(embedder.embed([e["instruction"] for e in examples]),
-                             embedder.embed([e["instruction"] for e in reference]), self.options["local_scale"])
+        reference = rng.sample(train, min(self.options["instances"], len(train)))
+        local = ctx.state.get("local") or wb.initial_adapter()  # the representation with L active
+        lam = global_weights(wb.embed([e["instruction"] for e in examples], adapter=local),
+                             wb.embed([e["instruction"] for e in reference], adapter=local), self.options["local_scale"])
         ctx.state.setdefault("lambda", {})[split] = lam.tolist()
         return torch.tensor(np.stack([lam, 1 - lam], axis=1))
 
     def evaluate(self, msg, ctx):
-        if msg.config.get("base"):
-            return super().evaluate(msg, ctx)
         split = msg.config.get("split", "test")
-        local = ctx.state.get("local") or ctx.workbench.shared.initial_adapter
+        local = ctx.state.get("local") or ctx.workbench.initial_adapter()
         report = ctx.workbench.evaluate_weighted([msg.arrays, local], self.weights(ctx, split), split)
         lam = ctx.state["lambda"][split]
         report["lambda"] = {"mean": float(np.mean(lam)), "min": float(np.min(lam)), "max": float(np.max(lam))}

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from fedrouter.core.aggregate import coordinate_median, trimmed_mean, weighted_average
 from fedrouter.core.server_opt import DEFAULT_LR, KINDS, ServerOptimizer
-from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import ClientPart, Message, ServerPart, fit_reply, mean_fit_metrics, read_options
+from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.common import fit_reply, mean_fit_metrics, require
 
 OPTIONS = {"aggregation": "mean", "trim": 0.1,
            "server_opt": "fedavg", "server_lr": None, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
@@ -30,26 +30,24 @@ def aggregate(opts: dict, states: list[dict], weights: list[float]) -> dict:
     return weighted_average(states, weights)
 
 
-def check_aggregation(method: str, opts: dict) -> None:
-    if opts["aggregation"] not in AGGREGATIONS:
-        raise FedrouterError(f"{method}: aggregation must be one of {', '.join(AGGREGATIONS)}, got {opts['aggregation']!r}")
-    if not 0 <= opts["trim"] < 0.5:
-        raise FedrouterError(f"{method}: trim must be in [0, 0.5), got {opts['trim']!r}")
-
-
-def server_optimizer(method: str, opts: dict) -> ServerOptimizer:
-    """The server optimizer the options name, with one clear error for a bad choice."""
-    kind = opts["server_opt"]
-    if kind not in KINDS:
-        raise FedrouterError(f"{method}: server_opt must be one of {', '.join(KINDS)}, got {kind!r}")
-    lr = DEFAULT_LR[kind] if opts["server_lr"] is None else opts["server_lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-        raise FedrouterError(f"{method}: server_lr must be a positive number, got {lr!r}")
+def check_options(method: str, opts: dict) -> None:
+    """The averaging options every FedIT-style method shares."""
+    require(opts["aggregation"] in AGGREGATIONS, method,
+            f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {opts['aggregation']!r}")
+    require(0 <= opts["trim"] < 0.5, method, f"trim must be in [0, 0.5), got {opts['trim']!r}")
+    require(opts["server_opt"] in KINDS, method, f"server_opt must be one of {', '.join(KINDS)}, got {opts['server_opt']!r}")
+    lr = opts["server_lr"]
+    require(lr is None or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0), method,
+            f"server_lr must be a positive number, got {lr!r}")
     for key in ("beta1", "beta2"):
-        if not 0 <= opts[key] < 1:
-            raise FedrouterError(f"{method}: {key} must be in [0, 1), got {opts[key]!r}")
-    if opts["tau"] <= 0:
-        raise FedrouterError(f"{method}: tau must be positive, got {opts['tau']!r}")
+        require(0 <= opts[key] < 1, method, f"{key} must be in [0, 1), got {opts[key]!r}")
+    require(opts["tau"] > 0, method, f"tau must be positive, got {opts['tau']!r}")
+
+
+def server_optimizer(opts: dict) -> ServerOptimizer:
+    """The server optimizer the (checked) options name."""
+    kind = opts["server_opt"]
+    lr = DEFAULT_LR[kind] if opts["server_lr"] is None else opts["server_lr"]
     return ServerOptimizer(kind, float(lr), opts["beta1"], opts["beta2"], opts["tau"])
 
 
@@ -58,17 +56,12 @@ class Server(ServerPart):
     average, through the configured server optimizer. FedIT: all of it travels; FedSA-LoRA and FFA-LoRA
     override `travelling` (A only, B only)."""
 
-    NAME = "fedit"
-    OPTIONS = OPTIONS
-
     def travelling(self, adapter: dict) -> dict:
         return adapter
 
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        self.options = read_options(self.NAME, setup.options, self.OPTIONS)
-        check_aggregation(self.NAME, self.options)
-        self.optimizer = server_optimizer(self.NAME, self.options)
+        self.optimizer = server_optimizer(self.options)
         self.initial_adapter = initial_adapter
         self.global_adapter = self.travelling(initial_adapter)
 

@@ -20,11 +20,15 @@ import numpy as np
 
 from fedrouter.core import lowrank
 from fedrouter.core.cluster import agglomerative_auto, cosine_distance_matrix
-from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import ClientPart, Message, fit_reply, mean_fit_metrics, read_options
+from fedrouter.methods.base import ClientPart, Message
 from fedrouter.methods.clustered import ClusteredServer
+from fedrouter.methods.common import InitialOnce, fit_reply, mean_fit_metrics, own_adapter, require
 
 OPTIONS = {"warmup_rounds": 5, "max_clusters": 4}
+
+
+def check_options(method: str, opts: dict) -> None:
+    require(opts["warmup_rounds"] >= 1 and opts["max_clusters"] >= 2, method, "warmup_rounds must be >= 1 and max_clusters >= 2")
 
 
 def b_distance(adapters: list[dict]) -> np.ndarray:
@@ -37,27 +41,21 @@ def b_distance(adapters: list[dict]) -> np.ndarray:
 class Server(ClusteredServer):
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        self.options = read_options("fedlease", setup.options, OPTIONS)
-        if self.options["warmup_rounds"] < 1 or self.options["max_clusters"] < 2:
-            raise FedrouterError("fedlease: warmup_rounds must be >= 1 and max_clusters >= 2")
         self.warmup = min(self.options["warmup_rounds"], setup.rounds)
-        self.initial_adapter = initial_adapter
-        self.started: set[int] = set()
+        self.initial_shapes = {n: tuple(t.shape) for n, t in initial_adapter.items()}
+        self.initial = InitialOnce(initial_adapter)
         self.silhouette: dict[int, float] = {}
 
     def configure_fit(self, round_idx, client_ids):
         if round_idx >= self.warmup:
             return self.clustered_messages(client_ids, {"round": round_idx})
-        messages = {}
-        for cid in client_ids:  # warm-up: the initial adapter once, then the client continues its own
-            arrays = {} if cid in self.started else dict(self.initial_adapter)
-            self.started.add(cid)
-            messages[cid] = Message(arrays, {"round": round_idx, "warmup": True, "upload": round_idx + 1 == self.warmup})
-        return messages
+        # warm-up: the initial adapter once, then the client continues its own
+        config = {"round": round_idx, "warmup": True, "upload": round_idx + 1 == self.warmup}
+        return {cid: Message(self.initial.arrays_for(cid), dict(config)) for cid in client_ids}
 
     def expected_upload(self, client_id, sent):
         if sent.config.get("warmup"):  # warm-up: the client's own adapter, and only at the last round
-            return {n: tuple(t.shape) for n, t in self.initial_adapter.items()} if sent.config["upload"] else {}
+            return dict(self.initial_shapes) if sent.config["upload"] else {}
         return super().expected_upload(client_id, sent)
 
     def aggregate_fit(self, round_idx, replies):
@@ -86,12 +84,10 @@ class Server(ClusteredServer):
 class Client(ClientPart):
     def fit(self, msg, ctx):
         if msg.config.get("warmup"):
-            # the initialisation comes once; a client that failed that round starts from its own copy
-            start = ctx.state.get("warmup") or msg.arrays or ctx.workbench.shared.initial_adapter
-            ctx.state["warmup"], stats = ctx.workbench.train(start, msg.config["round"])
+            ctx.state["warmup"], stats = ctx.workbench.train(own_adapter(ctx, "warmup", msg), msg.config["round"])
             return fit_reply(ctx.state["warmup"] if msg.config["upload"] else None, stats, ctx.workbench.n_train)
         adapter, stats = ctx.workbench.train(msg.arrays, msg.config["round"])
         return fit_reply(adapter, stats, ctx.workbench.n_train)
 
     def eval_adapter(self, msg, ctx):
-        return msg.arrays or ctx.state.get("warmup") or ctx.workbench.shared.initial_adapter
+        return msg.arrays or ctx.state.get("warmup") or ctx.workbench.initial_adapter()

@@ -7,15 +7,18 @@ plus FedIT's server optimizer options.
 
 from __future__ import annotations
 
-from fedrouter.errors import FedrouterError
 from fedrouter.methods import fedit
-from fedrouter.methods.base import fit_reply, read_options
+from fedrouter.methods.common import fit_reply, require
 
 OPTIONS = {**fedit.OPTIONS, "mu": 0.01}
 
 
-class Server(fedit.Server):
-    NAME, OPTIONS = "fedprox", OPTIONS
+def check_options(method: str, opts: dict) -> None:
+    fedit.check_options(method, opts)
+    require(opts["mu"] >= 0, method, f"mu must be a non-negative number, got {opts['mu']!r}")
+
+
+Server = fedit.Server
 
 
 def proximal_term(global_adapter: dict, mu: float):
@@ -29,12 +32,7 @@ def proximal_term(global_adapter: dict, mu: float):
 
 
 class Client(fedit.Client):
-    def __init__(self, setup):
-        super().__init__(setup)
-        self.mu = read_options("fedprox", setup.options, OPTIONS)["mu"]
-        if self.mu < 0:
-            raise FedrouterError(f"fedprox: mu must be a non-negative number, got {self.mu!r}")
-
     def fit(self, msg, ctx):
-        adapter, stats = ctx.workbench.train(msg.arrays, msg.config["round"], regularizer=proximal_term(msg.arrays, self.mu))
+        penalty = proximal_term(msg.arrays, self.options["mu"])
+        adapter, stats = ctx.workbench.train(msg.arrays, msg.config["round"], penalty=penalty)
         return fit_reply(adapter, stats, ctx.workbench.n_train)

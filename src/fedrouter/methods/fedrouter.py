@@ -26,31 +26,27 @@ import numpy as np
 import torch
 
 from fedrouter.core.aggregate import weighted_average
-from fedrouter.core.cluster import adjusted_rand, cluster_global, cluster_local, clustering_accuracy, nearest, route
-from fedrouter.core.embed import embed_cached, resolve_embedder
-from fedrouter.core.model import default_cache_dir
-from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import ClientPart, Message, ServerPart, pack_under, unpack_under
+from fedrouter.core.cluster import (adjusted_rand, cluster_local, clustering_accuracy, majority_cluster, route,
+                                    server_step)
+from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.common import pack_under, require, unpack_under
 
-DEFAULTS = {"embedder": "base", "n_local": "auto", "n_global": "auto", "k_min": 2, "k_max": 8, "router": "local",
-            "mixed_batch": False}
+OPTIONS = {"embedder": "base", "n_local": "auto", "n_global": "auto", "k_min": 2, "k_max": 8, "router": "local",
+           "mixed_batch": False}
+LOOSE = {"n_local", "n_global"}  # "auto" or a positive integer: check_options decides
 
 
-def parse_options(options: dict) -> dict:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise FedrouterError(f"fedrouter: unknown method option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    out = {**DEFAULTS, **options}
+def check_options(method: str, opts: dict) -> None:
     for key in ("n_local", "n_global"):
-        value = out[key]
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise FedrouterError(f"fedrouter: {key} must be a positive integer or 'auto', got {value!r}")
-    if not isinstance(out["mixed_batch"], bool):
-        raise FedrouterError(f"fedrouter: mixed_batch must be true or false, got {out['mixed_batch']!r}")
-    if out["router"] not in ("local", "global"):
-        raise FedrouterError(f"fedrouter: router must be 'local' or 'global', got {out['router']!r}")
-    return out
+        value = opts[key]
+        require(value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), method,
+                f"{key} must be a positive integer or 'auto', got {value!r}")
+    require(opts["router"] in ("local", "global"), method, f"router must be 'local' or 'global', got {opts['router']!r}")
+    require(1 <= opts["k_min"] <= opts["k_max"], method, "k_min and k_max must satisfy 1 <= k_min <= k_max")
 
+
+def k_range(opts: dict) -> range:
+    return range(opts["k_min"], opts["k_max"] + 1)
 
 
 class Server(ServerPart):
@@ -59,7 +55,6 @@ class Server(ServerPart):
 
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        self.options = parse_options(setup.options)
         self.initial_adapter = initial_adapter
         self.cluster_adapters: dict[int, dict] = {}
         self.global_centroids: np.ndarray | None = None
@@ -85,10 +80,9 @@ class Server(ServerPart):
             self.oracle_task_cluster = {t: g for g, t in enumerate(tasks)}
             curve = None
         else:
-            all_centroids = np.concatenate([centroids[cid] for cid in clients])
-            k_range = range(self.options["k_min"], self.options["k_max"] + 1)
-            self.global_centroids, curve = cluster_global(all_centroids, self.options["n_global"], self.settings.seed, k_range)
-            self.local_to_global = {cid: nearest(centroids[cid], self.global_centroids).tolist() for cid in clients}
+            self.global_centroids, mapping, curve = server_step(centroids, self.options["n_global"], self.settings.seed,
+                                                                k_range(self.options))
+            self.local_to_global = {cid: m.tolist() for cid, m in mapping.items()}
         self.cluster_adapters = {g: dict(self.initial_adapter) for g in range(len(self.global_centroids))}
         self.global_silhouette = curve
         return {}
@@ -161,7 +155,7 @@ class Server(ServerPart):
             for l, counts in enumerate(cfg["task_counts"]):
                 for task, n in counts.items():
                     task_votes.setdefault(task, Counter())[self.local_to_global[cid][l]] += n
-        task_cluster = {t: votes.most_common(1)[0][0] for t, votes in task_votes.items()}
+        task_cluster = majority_cluster(task_votes)
         router = {}
         for split, replies in evaluations.items():
             hit = total = 0
@@ -186,22 +180,13 @@ class Server(ServerPart):
 
 
 class Client(ClientPart):
-    def __init__(self, setup):
-        super().__init__(setup)
-        self.options = parse_options(setup.options)
-        self._embedder = None  # loaded once per process, shared by the clients living in it
-
-    def _embed(self, ctx, texts: list[str]) -> np.ndarray:
-        if self._embedder is None:
-            shared = ctx.workbench.shared
-            self._embedder = resolve_embedder(self.options["embedder"], shared.model, shared.tokenizer)
-        return embed_cached(self._embedder, texts, self.settings.cache_dir or default_cache_dir())
+    def _embed(self, ctx, examples: list[dict]) -> np.ndarray:
+        return ctx.workbench.embed([e["instruction"] for e in examples], self.options["embedder"])
 
     def setup(self, msg, ctx):
-        wb = ctx.workbench
-        instructions = [e["instruction"] for e in wb.train_data]
-        tasks = [e["task"] for e in wb.train_data]
-        x = self._embed(ctx, instructions)
+        train = ctx.workbench.examples("train")
+        tasks = [e["task"] for e in train]
+        x = self._embed(ctx, train)
         curve = None
         if msg.config.get("oracle"):
             local_tasks = sorted(set(tasks))
@@ -209,10 +194,8 @@ class Client(ClientPart):
             centroids = np.stack([x[labels == l].mean(axis=0) for l in range(len(local_tasks))])
         else:
             local_tasks = None
-            k_range = range(self.options["k_min"], self.options["k_max"] + 1)
-            centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range)
-        ctx.state["local_labels"] = labels
-        ctx.state["vectors"], ctx.state["tasks"] = x, tasks
+            centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options))
+        ctx.state["local_labels"] = labels  # (the embeddings are cached on disk: diagnostics reads them back)
         task_counts = [dict(Counter(t for t, l in zip(tasks, labels) if l == k)) for k in range(len(centroids))]
         config = {"n_local": len(centroids), "task_counts": task_counts, "silhouette": curve,
                   "local_accuracy": clustering_accuracy(tasks, labels), "local_ari": adjusted_rand(tasks, labels)}
@@ -236,12 +219,10 @@ class Client(ClientPart):
 
     def evaluate(self, msg, ctx):
         split = msg.config.get("split", "test")
-        if msg.config.get("base"):
-            return super().evaluate(msg, ctx)
-        examples, _ = ctx.workbench.splits[split]
+        examples = ctx.workbench.examples(split)
         ctx.state["global_of"] = dict(enumerate(msg.config["mapping"]))  # local -> global cluster, for plots
         centroids = msg.arrays["centroids"].numpy()
-        x = self._embed(ctx, [e["instruction"] for e in examples])
+        x = self._embed(ctx, examples)
         mode = "global" if split == "general" else msg.config.get("router", "local")
         routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None)
         if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
@@ -256,10 +237,11 @@ class Client(ClientPart):
 
 
     def diagnostics(self, ctx):
-        if "vectors" not in ctx.state:
+        if "local_labels" not in ctx.state:
             return None
+        train = ctx.workbench.examples("train")
         global_of = ctx.state.get("global_of", {})
-        return {"vectors": ctx.state["vectors"], "tasks": ctx.state["tasks"],
+        return {"vectors": self._embed(ctx, train), "tasks": [e["task"] for e in train],
                 "clusters": [global_of.get(int(l), -1) for l in ctx.state["local_labels"]]}
 
 

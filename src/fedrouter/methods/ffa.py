@@ -8,25 +8,18 @@ clients' B·A equals (average B)·A exactly, so averaging loses nothing.
 from __future__ import annotations
 
 from fedrouter.methods import fedit
-from fedrouter.methods.base import ClientPart, fit_reply, lora_matrices
+from fedrouter.methods.common import PartialAdapterClient, lora_matrices
 
 TRAINED = "lora_B"
+OPTIONS = fedit.OPTIONS
+check_options = fedit.check_options
 
 
 class Server(fedit.Server):
-    NAME = "ffa"
-
     def travelling(self, adapter):
         return lora_matrices(adapter, TRAINED)
 
 
-class Client(ClientPart):
-    def _adapter(self, global_b: dict, ctx) -> dict:
-        return {**lora_matrices(ctx.workbench.shared.initial_adapter, TRAINED, exclude=True), **global_b}
-
-    def fit(self, msg, ctx):
-        adapter, stats = ctx.workbench.train(self._adapter(msg.arrays, ctx), msg.config["round"], trainable=TRAINED)
-        return fit_reply(lora_matrices(adapter, TRAINED), stats, ctx.workbench.n_train)
-
-    def eval_adapter(self, msg, ctx):
-        return self._adapter(msg.arrays, ctx)
+class Client(PartialAdapterClient):
+    # A stays the run's shared seeded initialisation, frozen; only B trains and travels.
+    TRAVELS, REST_IS_PRIVATE = TRAINED, False

@@ -17,10 +17,17 @@ rank ranks[i % len(ranks)]).
 from __future__ import annotations
 
 from fedrouter.core import lowrank
-from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import ClientPart, Message, ServerPart, fit_reply, mean_fit_metrics, pack, read_options, unpack
+from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.common import fit_reply, mean_fit_metrics, pack, require, unpack
 
 OPTIONS = {"ranks": None}
+
+
+def check_options(method: str, opts: dict) -> None:
+    ranks = opts["ranks"]
+    require(ranks is None or (isinstance(ranks, list) and ranks and all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)), method,
+        f"ranks must be a non-empty list of positive integers, got {ranks!r}")
 
 
 def rank_of(ranks: list[int] | None, client_id: int) -> int | None:
@@ -30,11 +37,7 @@ def rank_of(ranks: list[int] | None, client_id: int) -> int | None:
 class Server(ServerPart):
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        ranks = read_options("flora", setup.options, OPTIONS)["ranks"]
-        if ranks is not None and (not isinstance(ranks, list) or not ranks
-                                  or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks)):
-            raise FedrouterError(f"flora: ranks must be a non-empty list of positive integers, got {ranks!r}")
-        self.ranks = ranks
+        self.ranks = self.options["ranks"]
         self.initial_shapes = {name: tuple(t.shape) for name, t in initial_adapter.items()}
         self.stacked: dict[int, dict] = {}    # round -> that round's stacked module
         self.seen: dict[int, int] = {}        # client -> rounds of stacked modules it already merged
@@ -88,17 +91,14 @@ class Client(ClientPart):
 
     def fit(self, msg, ctx):
         merged = self._merge(msg, ctx)
-        shared = ctx.workbench.shared
-        r = msg.config["rank"] or shared.lora.r
-        slot = shared.slot_for_rank(r)
-        adapter, stats = ctx.workbench.train(shared.initial_adapter_of(slot), msg.config["round"],
-                                             base_delta=merged, slot=slot)
-        reply = fit_reply(adapter, stats, ctx.workbench.n_train)
-        reply.config["scaling"] = shared.scaling(r)
+        wb = ctx.workbench
+        r = msg.config["rank"] or wb.lora_rank()
+        # a fresh adapter of this client's rank each round, trained on top of the merged update
+        adapter, stats = wb.train(wb.initial_adapter(rank=r), msg.config["round"], base_update=merged)
+        reply = fit_reply(adapter, stats, wb.n_train)
+        reply.config["scaling"] = wb.lora_scaling(r)
         return reply
 
     def evaluate(self, msg, ctx):
-        if msg.config.get("base"):
-            return super().evaluate(msg, ctx)
         merged = self._merge(msg, ctx)
-        return Message(config=ctx.workbench.evaluate(None, msg.config.get("split", "test"), base_delta=merged))
+        return Message(config=ctx.workbench.evaluate(None, msg.config.get("split", "test"), base_update=merged))

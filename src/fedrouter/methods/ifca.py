@@ -19,9 +19,15 @@ import torch
 
 from fedrouter.core.aggregate import average_per_cluster
 from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import ClientPart, Message, ServerPart, fit_reply, mean_fit_metrics, pack, read_options, unpack
+from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.common import fit_reply, mean_fit_metrics, pack, require, unpack
 
 OPTIONS = {"k": 4, "init_std": 0.01, "loss_examples": 32}
+
+
+def check_options(method: str, opts: dict) -> None:
+    require(opts["k"] >= 1 and opts["init_std"] >= 0 and opts["loss_examples"] >= 1, method,
+            "k and loss_examples must be positive integers and init_std non-negative")
 
 
 def initial_clusters(initial_adapter: dict, k: int, init_std: float, seed: int) -> dict[int, dict]:
@@ -48,9 +54,6 @@ def lowest_loss(losses: dict[int, float]) -> int:
 class Server(ServerPart):
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        self.options = read_options("ifca", setup.options, OPTIONS)
-        if self.options["k"] < 1 or self.options["init_std"] < 0:
-            raise FedrouterError("ifca: k must be a positive integer and init_std non-negative")
         self.clusters = initial_clusters(initial_adapter, self.options["k"], self.options["init_std"], setup.seed)
         self.choice: dict[int, int] = {}
 
@@ -82,12 +85,8 @@ class Server(ServerPart):
 
 
 class Client(ClientPart):
-    def __init__(self, setup):
-        super().__init__(setup)
-        self.loss_examples = read_options("ifca", setup.options, OPTIONS)["loss_examples"]
-
     def choose(self, clusters: dict[int, dict], ctx) -> tuple[int, dict[int, float]]:
-        losses = {k: ctx.workbench.loss(a, self.loss_examples) for k, a in clusters.items()}
+        losses = {k: ctx.workbench.loss(a, self.options["loss_examples"]) for k, a in clusters.items()}
         return lowest_loss(losses), losses
 
     def fit(self, msg, ctx):

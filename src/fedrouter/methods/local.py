@@ -5,23 +5,20 @@ The reference point of personalization: no communication of weights, no help fro
 
 from __future__ import annotations
 
-from fedrouter.methods.base import ClientPart, Message, ServerPart, fit_reply, mean_fit_metrics
+from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.common import InitialOnce, fit_reply, mean_fit_metrics, own_adapter
+
+OPTIONS: dict = {}
 
 
 class Server(ServerPart):
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
         # Clients start from the run's shared initialisation, sent once with their first task.
-        self.initial_adapter = initial_adapter
-        self._started: set[int] = set()
+        self.initial = InitialOnce(initial_adapter)
 
     def configure_fit(self, round_idx, client_ids):
-        out = {}
-        for cid in client_ids:
-            arrays = {} if cid in self._started else dict(self.initial_adapter)
-            self._started.add(cid)
-            out[cid] = Message(arrays, {"round": round_idx})
-        return out
+        return {cid: Message(self.initial.arrays_for(cid), {"round": round_idx}) for cid in client_ids}
 
     def expected_upload(self, client_id, sent):
         return {}  # nothing leaves a Local client
@@ -32,15 +29,12 @@ class Server(ServerPart):
 
 class Client(ClientPart):
     def fit(self, msg, ctx):
-        # The server sends the initialisation once; a client that failed that round gets nothing later,
-        # and starts from the same shared initialisation it holds anyway.
-        start = ctx.state.get("adapter") or msg.arrays or ctx.workbench.shared.initial_adapter
-        ctx.state["adapter"], stats = ctx.workbench.train(start, msg.config["round"])
+        ctx.state["adapter"], stats = ctx.workbench.train(own_adapter(ctx, "adapter", msg), msg.config["round"])
         return fit_reply(None, stats, ctx.workbench.n_train)
 
     def eval_adapter(self, msg, ctx):
         # A client never selected for training evaluates the untrained initialisation (LoRA B = 0).
-        return ctx.state.get("adapter") or ctx.workbench.shared.initial_adapter
+        return ctx.state.get("adapter") or ctx.workbench.initial_adapter()
 
     def adapters(self, ctx):
         return {"local": ctx.state["adapter"]} if "adapter" in ctx.state else {}

@@ -1,0 +1,118 @@
+"""Steps several methods share, written once: the usual training reply and round metrics, packing several
+adapters into one message, sending the run's initial adapter once, and the client of the methods that
+send only part of the adapter (FedSA-LoRA, FFA-LoRA)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedrouter.errors import FedrouterError
+from fedrouter.methods.base import Adapter, ClientContext, ClientPart, Message
+
+
+def lora_matrices(adapter: Adapter, kind: str, exclude: bool = False) -> Adapter:
+    """The adapter's `kind` ("lora_A" or "lora_B") matrices, or with exclude=True all the others."""
+    marker = f".{kind}."
+    return {k: v for k, v in adapter.items() if (marker in k) != exclude}
+
+
+def fit_reply(adapter: Adapter | None, stats, n_examples: int) -> Message:
+    """The usual reply of a training client: its adapter (if uploaded) and how it trained."""
+    return Message(
+        arrays=adapter or {},
+        config={"n_examples": n_examples, "loss": stats.loss, "tokens": stats.tokens, "train_s": stats.seconds},
+    )
+
+
+def mean_fit_metrics(replies: dict[int, Message]) -> dict[str, float]:
+    """Example-weighted training loss and summed tokens over a round's replies."""
+    n = sum(r.config["n_examples"] for r in replies.values())
+    return {
+        "train_loss": sum(r.config["loss"] * r.config["n_examples"] for r in replies.values()) / max(1, n),
+        "tokens": sum(r.config["tokens"] for r in replies.values()),
+        "clients": len(replies),
+    }
+
+
+def require(ok: bool, method: str, problem: str) -> None:
+    """One clear error for an option value the method cannot use."""
+    if not ok:
+        raise FedrouterError(f"{method}: {problem}")
+
+
+def pack_under(prefix: str, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """An adapter's tensors under "<prefix>/<name>", so several can share one message."""
+    return {f"{prefix}/{name}": t for name, t in adapter.items()}
+
+
+def unpack_under(arrays: dict[str, torch.Tensor], prefix: str) -> Adapter:
+    """The adapter `pack_under(prefix, ...)` put into `arrays`."""
+    cut = len(prefix) + 1
+    return {key[cut:]: t for key, t in arrays.items() if key.startswith(prefix + "/")}
+
+
+def pack(adapters: dict[int, Adapter]) -> dict[str, torch.Tensor]:
+    """Several numbered adapters in one message's arrays: adapter k under prefix "k"."""
+    return {key: t for k, a in adapters.items() for key, t in pack_under(str(k), a).items()}
+
+
+def unpack(arrays: dict[str, torch.Tensor]) -> dict[int, Adapter]:
+    """The inverse of `pack`."""
+    numbers = sorted({int(key.split("/", 1)[0]) for key in arrays})
+    return {k: unpack_under(arrays, str(k)) for k in numbers}
+
+
+class InitialOnce:
+    """The server side of "every client starts from the run's initial adapter, sent once": the arrays for
+    a client's message are the initial adapter the first time it is selected, nothing afterwards (Local,
+    FedLEASE's warm-up). Its client side is `own_adapter`."""
+
+    def __init__(self, initial_adapter: Adapter):
+        self.initial_adapter = initial_adapter
+        self.started: set[int] = set()
+
+    def arrays_for(self, client_id: int) -> dict:
+        arrays = {} if client_id in self.started else dict(self.initial_adapter)
+        self.started.add(client_id)
+        return arrays
+
+    def state_dict(self) -> dict:
+        return {"started": set(self.started)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started = set(state["started"])
+
+
+def own_adapter(ctx: ClientContext, key: str, msg: Message) -> Adapter:
+    """The adapter a client continues from: its own (in state[key]), else the initial one the server sent
+    once -- or, for a client that failed the round it came in, the same initialisation it holds anyway."""
+    return ctx.state.get(key) or msg.arrays or ctx.workbench.initial_adapter()
+
+
+class PartialAdapterClient(ClientPart):
+    """A client that exchanges only the `TRAVELS` matrices ("lora_A" or "lora_B") of its adapter.
+
+    The rest is either the client's own, trained and kept private (`REST_IS_PRIVATE`, FedSA-LoRA's B), or
+    the run's shared initialisation, frozen (FFA-LoRA's A): then only the travelling part is trained."""
+
+    TRAVELS = "lora_A"
+    REST_IS_PRIVATE = True
+
+    @property
+    def _private_key(self) -> str:
+        return "B" if self.TRAVELS == "lora_A" else "A"  # what the client keeps: the other matrices
+
+    def _adapter(self, travelling: Adapter, ctx: ClientContext) -> Adapter:
+        rest = ctx.state.get(self._private_key) if self.REST_IS_PRIVATE else None
+        rest = rest or lora_matrices(ctx.workbench.initial_adapter(), self.TRAVELS, exclude=True)
+        return {**travelling, **rest} if self.REST_IS_PRIVATE else {**rest, **travelling}
+
+    def fit(self, msg, ctx):
+        trainable = None if self.REST_IS_PRIVATE else self.TRAVELS
+        adapter, stats = ctx.workbench.train(self._adapter(msg.arrays, ctx), msg.config["round"], trainable=trainable)
+        if self.REST_IS_PRIVATE:
+            ctx.state[self._private_key] = lora_matrices(adapter, self.TRAVELS, exclude=True)
+        return fit_reply(lora_matrices(adapter, self.TRAVELS), stats, ctx.workbench.n_train)
+
+    def eval_adapter(self, msg, ctx):
+        return self._adapter(msg.arrays, ctx)
