@@ -98,7 +98,7 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout_s: float = 2
                           log: Path | None = None) -> None:
     """Run `cmd` (its output in `log`) until `checkpoint` appears, then SIGKILL it and every process below
     it at once, by pid (a machine that dies does not stop its processes in order)."""
-    from fedrouter.engines.flower_loopback import descendants, kill_now, stop
+    from fedrouter.testing import descendants, kill_now, stop
 
     out = log.open("w") if log else subprocess.DEVNULL
     tail = lambda: log.read_text()[-3000:] if log else ""  # noqa: E731

@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from fedrouter.config import Config, load_config, parse_value
 from fedrouter.errors import FedrouterError
@@ -30,7 +31,7 @@ def test_overrides_applied_including_dotted():
 
 def test_config_is_frozen():
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.rounds = 3
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("flwr", reason="the flower extra is not installed")
 from conftest import assert_same_run, kill_after_checkpoint  # noqa: E402
 
 from fedrouter.checkpoint import path_of  # noqa: E402
-from fedrouter.engines.flower_loopback import flower_env, stop  # noqa: E402
+from fedrouter.testing import flower_env, stop  # noqa: E402
 
 
 

@@ -17,7 +17,7 @@ from conftest import TINY_OVERRIDES, assert_same_run  # noqa: E402
 from fedrouter.config import load_config  # noqa: E402
 from fedrouter.experiment import run_experiment  # noqa: E402
 
-from fedrouter.engines.flower_loopback import LoopbackFederation, descendants  # noqa: E402
+from fedrouter.testing import LoopbackFederation, descendants  # noqa: E402
 
 
 @pytest.mark.slow
@@ -58,8 +58,8 @@ def test_an_unregistered_supernode_is_refused(tmp_path, tiny_model_dir):
     # waits for it in vain and says so (node-wait-s), instead of training with a stranger.
     import subprocess
 
-    from fedrouter.engines.flower_keys import make_keys
-    from fedrouter.engines.flower_loopback import BIN
+    from fedrouter.engines.flower.keys import make_keys
+    from fedrouter.testing import BIN
 
     with LoopbackFederation(tmp_path / "federation", supernodes=0, tls=True) as federation:
         make_keys(tmp_path / "stranger", ["127.0.0.1"], supernodes=1)

@@ -21,10 +21,11 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from conftest import assert_same_run  # noqa: E402
 
 from fedrouter.config import load_config  # noqa: E402
-from fedrouter.engines import flower, flower_node  # noqa: E402
+from fedrouter import rundir  # noqa: E402
+from fedrouter.engines.flower import node as flower_node, server as flower  # noqa: E402
 from fedrouter.engines.flower_client import client_app  # noqa: E402
 from fedrouter.errors import FedrouterError  # noqa: E402
-from fedrouter.experiment import resumable, run_experiment, write_run  # noqa: E402
+from fedrouter.experiment import run_experiment  # noqa: E402
 from fedrouter.methods import METHODS  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def _partitions(n: int, order=None) -> list[dict]:
 
 def _serve(cfg, out: Path, grid) -> dict:
     torch.manual_seed(cfg.seed)
-    return write_run(out, cfg, lambda: flower.serve(grid, cfg, out, progress=False, node_wait_s=5))
+    return rundir.write_run(out, cfg.model_dump(), lambda: flower.serve(grid, cfg, out, progress=False, node_wait_s=5))
 
 
 def _same(a: Path, b: Path) -> None:
@@ -150,7 +151,7 @@ def test_a_long_lived_worker_serves_every_message_with_the_same_results(tmp_path
     import sys
     import time
 
-    from fedrouter.engines.flower_loopback import stop
+    from fedrouter.testing import stop
 
     import tempfile
 
@@ -184,8 +185,8 @@ def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
     if damage:
         damage(out)
     flower_node._WORLDS.clear()
-    saved, n = resumable(out, cfg), cfg.n_clients
-    write_run(out, cfg, lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
+    saved, n = rundir.resumable(out, cfg.model_dump()), cfg.n_clients
+    rundir.write_run(out, cfg.model_dump(), lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
                                              progress=False, node_wait_s=5, saved=saved), resume=True)
 
 

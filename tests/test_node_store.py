@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedrouter.engines.node_store import NodeStateLost, NodeStore
+from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
 
 RUN = "0123456789ab"  # a run id as the server makes them
 

@@ -69,9 +69,9 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys, capl
 
 def test_a_crafted_node_state_file_is_refused_and_runs_nothing(tmp_path):
     pytest.importorskip("flwr")
-    from fedrouter.engines import flower_node
-    from fedrouter.engines.node_store import NodeStateLost, NodeStore
-    from fedrouter.engines.wire import state_from_bytes
+    from fedrouter.engines.flower import node as flower_node
+    from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
+    from fedrouter.engines.flower.wire import state_from_bytes
 
     marker = tmp_path / "ran"
     with pytest.raises(UnreadableState):
@@ -85,7 +85,7 @@ def test_a_crafted_node_state_file_is_refused_and_runs_nothing(tmp_path):
 
 @pytest.mark.parametrize("run_id", ["../../victim", "/tmp/victim", "0123456789ab/../..", "", 5])
 def test_a_run_id_that_is_a_path_is_refused(tmp_path, run_id):
-    from fedrouter.engines.node_store import NodeStore
+    from fedrouter.engines.flower.node_store import NodeStore
     from fedrouter.errors import FedrouterError
 
     with pytest.raises(FedrouterError, match="not a run id"):
@@ -95,7 +95,7 @@ def test_a_run_id_that_is_a_path_is_refused(tmp_path, run_id):
 @pytest.mark.parametrize("run_name", ["..", "../victim", "/tmp/victim", "a/b", ".hidden", ""])
 def test_a_run_name_that_is_a_path_is_refused(tmp_path, run_name):
     pytest.importorskip("flwr")
-    from fedrouter.engines.flower_node import run_folder
+    from fedrouter.engines.flower.node import run_folder
     from fedrouter.errors import FedrouterError
 
     with pytest.raises(FedrouterError, match="not a plain name"):
@@ -109,8 +109,8 @@ def test_a_save_message_with_a_crafted_run_id_deletes_nothing_outside_the_node(t
     from flwr.app import ConfigRecord, RecordDict
 
     from fedrouter.config import load_config
-    from fedrouter.engines.flower_client import RUN, SAVE
-    from fedrouter.engines.flower_node import serve_message
+    from fedrouter.engines.flower.protocol import RUN, SAVE
+    from fedrouter.engines.flower.node import serve_message
     from fedrouter.errors import FedrouterError
 
     victim = tmp_path / "victim"
@@ -141,7 +141,7 @@ def test_a_worker_refuses_pickled_and_malformed_messages_and_keeps_serving(tmp_p
     pytest.importorskip("flwr")
     from multiprocessing.connection import Client
 
-    from fedrouter.engines.flower_loopback import stop
+    from fedrouter.testing import stop
 
     marker = tmp_path / "ran"
     folder = Path(tempfile.mkdtemp(prefix="frw", dir="/tmp"))
@@ -163,7 +163,9 @@ def test_a_worker_refuses_pickled_and_malformed_messages_and_keeps_serving(tmp_p
                 reply = json.loads(conn.recv_bytes())
             assert reply["status"] == "error" and reply["name"] == "WorkerProtocolError", reply
             assert proc.poll() is None  # still serving
-        with pytest.raises(Exception):  # a wrong key is refused at the handshake
+        from multiprocessing import AuthenticationError
+
+        with pytest.raises(AuthenticationError):  # a wrong key is refused at the handshake
             Client(str(socket_path), family="AF_UNIX", authkey=b"wrong" * 6)
         assert proc.poll() is None
         assert not marker.exists()
@@ -198,7 +200,7 @@ def test_a_worker_refuses_a_planted_key_an_open_folder_and_a_missing_one(tmp_pat
 
 def test_private_keys_are_never_readable_by_others(tmp_path):
     pytest.importorskip("cryptography")
-    from fedrouter.engines.flower_keys import make_keys
+    from fedrouter.engines.flower.keys import make_keys
 
     written = make_keys(tmp_path / "keys", ["127.0.0.1"], supernodes=2)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedrouter.engines.loop import Traffic, run_rounds, screen_updates, update_norm, update_problem
+from fedrouter.engines.loop import RoundLoop, screen_updates, update_norm, update_problem
 from fedrouter.methods import fedit
 from fedrouter.methods.base import Message, MethodSetup
 
@@ -84,7 +84,7 @@ def test_a_round_with_no_acceptable_update_keeps_the_state(caplog):
     server = _server()
     good = {c: upd([1.0, 2.0], [[3.0], [4.0]]) for c in range(5)}
     bad = {c: Message({A: torch.zeros(1, 2)}, {"n_examples": 1, "loss": 1.0, "tokens": 1}) for c in range(5)}
-    history = run_rounds(server, ScriptedTransport({0: good, 1: bad}), Traffic(), [0, 1, 2, 3, 4], 2, 1.0, 0, progress=False)
+    history = RoundLoop(server, ScriptedTransport({0: good, 1: bad}), [0, 1, 2, 3, 4], 2, 1.0, 0, progress=False).run()
     assert torch.equal(server.global_adapter[A], torch.tensor([[1.0, 2.0]]))  # round 1's result, kept
     assert history[0]["rejected"] == [] and len(history[1]["rejected"]) == 5
     assert history[1]["skipped"].startswith("0 acceptable update(s)")
@@ -118,7 +118,7 @@ def _contexts(n):
 def test_a_client_that_raises_is_dropped_and_the_round_goes_on():
     server = _server()
     transport = InProcessTransport(AddOne(failing={1}), _contexts(5), progress=False)
-    history = run_rounds(server, transport, Traffic(), [0, 1, 2, 3, 4], 2, 1.0, 0, progress=False)
+    history = RoundLoop(server, transport, [0, 1, 2, 3, 4], 2, 1.0, 0, progress=False).run()
     assert torch.equal(server.global_adapter[A], torch.full((1, 2), 2.0))  # two rounds of +1 from the others
     assert [r["client"] for h in history for r in h["rejected"]] == [1, 1]
     assert history[0]["rejected"][0]["reason"] == "client failed: ValueError: boom"
@@ -127,7 +127,7 @@ def test_a_client_that_raises_is_dropped_and_the_round_goes_on():
 def test_every_client_failing_with_an_error_stops_the_run():
     transport = InProcessTransport(AddOne(failing={0, 1}), _contexts(2), progress=False)
     with pytest.raises(FedrouterError, match="every client failed; the first: ValueError: boom"):
-        run_rounds(_server(), transport, Traffic(), [0, 1], 1, 1.0, 0, progress=False)
+        RoundLoop(_server(), transport, [0, 1], 1, 1.0, 0, progress=False).run()
 
 
 def test_injected_failures_are_seeded_and_min_updates_keeps_the_state():
@@ -135,7 +135,7 @@ def test_injected_failures_are_seeded_and_min_updates_keeps_the_state():
     for _ in range(2):
         server = _server()
         transport = InProcessTransport(AddOne(), _contexts(5), progress=False, inject_failures=0.5, seed=3)
-        history = run_rounds(server, transport, Traffic(), [0, 1, 2, 3, 4], 6, 1.0, 0, progress=False, min_updates=3)
+        history = RoundLoop(server, transport, [0, 1, 2, 3, 4], 6, 1.0, 0, progress=False, min_updates=3).run()
         rates.append([len(h["rejected"]) for h in history])
         skipped = [h for h in history if "skipped" in h]
         assert all(len(h["rejected"]) > 2 for h in skipped)                       # fewer than 3 were left
@@ -173,7 +173,7 @@ class Sleepy(AddOne):
 def test_a_client_over_the_time_budget_is_dropped():
     server = _server()
     transport = InProcessTransport(Sleepy(), _contexts(5), progress=False, client_timeout_s=0.15)
-    history = run_rounds(server, transport, Traffic(), [0, 1, 2, 3, 4], 1, 1.0, 0, progress=False)
+    history = RoundLoop(server, transport, [0, 1, 2, 3, 4], 1, 1.0, 0, progress=False).run()
     assert [r["client"] for r in history[0]["rejected"]] == [2]
     assert history[0]["rejected"][0]["reason"].startswith("client failed: ClientTimeout: took 0.")
     assert torch.equal(server.global_adapter[A], torch.ones(1, 2))

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedrouter.engines.wire import config_json, roundtrip, state_bytes, state_from_bytes  # noqa: E402
+from fedrouter.engines.flower.wire import config_json, roundtrip, state_bytes, state_from_bytes  # noqa: E402
 from fedrouter.methods.base import Message  # noqa: E402
 
 

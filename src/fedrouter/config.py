@@ -20,6 +20,8 @@ from fedrouter.core.data import SCENARIOS
 from fedrouter.core.train import DEFAULT_TEMPLATE
 from fedrouter.errors import FedrouterError
 
+CONFIG_FILE = "config.json"  # a run directory's resolved config (see fedrouter.rundir)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -126,6 +128,52 @@ class Config(_Strict):
             raise ValueError(f"{bad} is not a finite number")
         return v
 
+    @model_validator(mode="after")
+    def _method_options(self):
+        """The method's options, checked by the method's own declaration before any work."""
+        from fedrouter.methods import options_for
+
+        try:
+            options_for(self.method, self.method_options)
+        except FedrouterError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+# --- the one mapping from the config to the core's settings ---------------------------------------------
+
+def train_settings(cfg: Config):
+    from fedrouter.core.workbench import TrainSettings
+
+    return TrainSettings(
+        local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay, total_rounds=cfg.rounds, max_seq_len=cfg.max_seq_len,
+        max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size, prompt_template=cfg.prompt_template,
+    )
+
+
+def lora_settings(cfg: Config):
+    from fedrouter.core.model import LoraSettings
+
+    return LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.target_modules))
+
+
+def tiny_spec(cfg: Config):
+    from fedrouter.core.model import TinyBaseSpec
+
+    return TinyBaseSpec(**cfg.tiny.model_dump())
+
+
+def cache_dir(cfg: Config) -> Path | None:
+    return Path(cfg.cache_dir) if cfg.cache_dir else None
+
+
+def method_options(cfg: Config) -> dict:
+    """The method's options completed with its defaults (already checked when the config was made)."""
+    from fedrouter.methods import options_for
+
+    return options_for(cfg.method, cfg.method_options)
+
 
 def check_template(template: str) -> str:
     """`template` if it inserts the instruction -- `{instruction}`, with no other field, conversion or
@@ -157,11 +205,11 @@ def _non_finite(value, where: str = "method_options") -> str | None:
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"config: unknown key {where!r}"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"config: {where}: {msg}"
+    return f"config: {where}: {msg}" if where else f"config: {msg}"
 
 
 def _set_dotted(target: dict, dotted: str, value: Any) -> None:
@@ -217,3 +265,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return Config.model_validate(raw)
     except ValidationError as err:
         raise FedrouterError(_one_line(err)) from None
+
+
+def load_saved(run_dir: str | Path) -> Config:
+    """A run directory's own config (its config.json), validated as any config; one clear error when it
+    is missing or damaged."""
+    import json
+
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        raise FedrouterError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FedrouterError(f"the run's config {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
+    if not isinstance(saved, dict):
+        raise FedrouterError(f"{path} is not a config (a JSON object)")
+    return load_config(None, saved)

@@ -26,21 +26,23 @@ import logging
 import os
 import re
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
-from fedrouter import atomic
+from fedrouter import atomic, checkpoint
+from fedrouter.config import CONFIG_FILE
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
+CONFIG = CONFIG_FILE
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 FAILED = "FAILED"
 ADAPTERS = "adapters"
 ROUTER = "router"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = checkpoint.DIR
 EMBEDDING_MAP = "embedding_map.json"
 PER_CLIENT = "per_client.csv"
 
@@ -85,6 +87,43 @@ def reopen(run_dir: Path) -> None:
     (Path(run_dir) / FAILED).unlink(missing_ok=True)
 
 
+def resumable(run_dir: Path, config: dict) -> dict:
+    """The newest readable checkpoint of the unfinished run in `run_dir`, written under `config`; one
+    clear error when there is none or the config differs (before any work)."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESULTS).exists():
+        raise FedrouterError(f"{run_dir} is a finished run (it has {RESULTS}); nothing to resume")
+    saved = checkpoint.load_latest(run_dir)
+    if saved is None:
+        raise FedrouterError(f"{run_dir} has no readable checkpoint to resume from; run it again from the start")
+    checkpoint.check_belongs(saved, config, run_dir / CONFIG)
+    return saved
+
+
+def write_run(run_dir: Path, config: dict, produce, resume: bool = False, start: float | None = None) -> dict:
+    """Claim `run_dir` (writing its config.json; a resumed run reopens it), let `produce()` fill it and
+    return the results, then write results.json last -- or FAILED with the reason, so an unfinished run
+    never looks complete. A write that fails (a full disk) ends in one FedrouterError with the reason."""
+    start = time.perf_counter() if start is None else start
+    if resume:
+        reopen(run_dir)
+    else:
+        claim(run_dir, config)
+    try:
+        results = produce()
+        results["wall_s"] = time.perf_counter() - start
+        results["run_dir"] = str(run_dir)
+        finish(run_dir, results)
+    except BaseException as exc:
+        unrecorded = mark_failed(run_dir, exc)
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            also = f"; FAILED could not be written either ({unrecorded})" if unrecorded else ""
+            raise FedrouterError(f"run {run_dir} failed: {exc.strerror or exc}{where}{also}") from None
+        raise
+    return results
+
+
 def mark_failed(run_dir: Path, exc: BaseException) -> str | None:
     """Record why the run stopped in FAILED; returns None, or why even that could not be written (a full
     disk): then an empty FAILED is left if at all possible, so the run never looks complete or running."""
@@ -108,6 +147,34 @@ def finish(run_dir: Path, results: dict) -> None:
 
 def write_json(path: Path, payload) -> None:
     atomic.write_json(path, payload)
+
+
+class MetricsLog:
+    """metrics.jsonl as the run goes: one line per round, flushed as it is written. It starts from the
+    rounds `earlier` (none for a new run; a resumed run's rounds up to its checkpoint, so that rounds a
+    killed process recorded past it are dropped)."""
+
+    def __init__(self, run_dir: Path, earlier: list[dict]):
+        self.path, self.earlier = Path(run_dir) / METRICS, list(earlier)
+        self.handle = None
+
+    def __enter__(self) -> "MetricsLog":
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.earlier))
+        self.handle = self.path.open("a")
+        return self
+
+    def append(self, record: dict) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+def save_embedding_map(run_dir: Path, points: list[dict] | None) -> None:
+    """The 2-D map of the clients' training embeddings (points with x, y, task, cluster), if there is one."""
+    if points:
+        atomic.write_json(Path(run_dir) / EMBEDDING_MAP, {"projection": "PCA", "points": points})
 
 
 def write_per_client_csv(run_dir: Path, rows: list[dict]) -> None:
@@ -160,17 +227,6 @@ def read_json(path: Path, what: str):
         raise FedrouterError(f"{what} {path} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise FedrouterError(f"{what} {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
-
-
-def read_config(run_dir: Path) -> dict:
-    """A run directory's config.json (as config overrides: every key), or one clear error."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).exists():
-        raise FedrouterError(f"{run_dir} is not a run directory (no {CONFIG})")
-    saved = read_json(run_dir / CONFIG, "the run's config")
-    if not isinstance(saved, dict):
-        raise FedrouterError(f"{run_dir / CONFIG} is not a config (a JSON object)")
-    return saved
 
 
 def require_finished(run_dir: Path) -> None:

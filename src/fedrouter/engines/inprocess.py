@@ -6,15 +6,15 @@ memory grows with adapters and data, not with the number of clients.
 
 from __future__ import annotations
 
-import random
 import time
+from pathlib import Path
 
+from fedrouter import rundir
 from fedrouter.core.train import ClientTimeout, time_budget
-from fedrouter.methods.base import ClientContext, ClientPart, Message, failure_reply
+from fedrouter.engines.protocol import FailurePlan, InjectedFailure, failure_reply
+from fedrouter.methods.base import ClientContext, ClientPart, Message
 
-
-class InjectedFailure(RuntimeError):
-    """A client crash simulated by `inject_failures` (raised before the client does anything)."""
+__all__ = ["InProcessTransport", "InProcessClients", "InjectedFailure"]
 
 
 class InProcessTransport:
@@ -30,8 +30,7 @@ class InProcessTransport:
         self.client_part = client_part
         self.contexts = contexts
         self.progress = progress
-        self.inject_failures = inject_failures
-        self.failure_rng = random.Random(f"inject-failures:{seed}")
+        self.failures = FailurePlan(inject_failures, seed)
         self.client_timeout_s = client_timeout_s
 
     def _deliver(self, messages: dict[int, Message], handler, desc: str) -> dict[int, Message]:
@@ -45,7 +44,7 @@ class InProcessTransport:
 
     def _fit_one(self, msg: Message, ctx: ClientContext) -> Message:
         try:
-            if self.inject_failures and self.failure_rng.random() < self.inject_failures:
+            if self.failures.fails():
                 raise InjectedFailure("injected failure")
             start = time.perf_counter()
             with time_budget(self.client_timeout_s):  # training steps past the budget are cut off
@@ -60,5 +59,68 @@ class InProcessTransport:
     def fit(self, messages):
         return self._deliver(messages, self._fit_one, "clients training")
 
+    def _evaluate_one(self, msg: Message, ctx: ClientContext) -> Message:
+        if msg.config.get("base"):  # the untrained base: the engine's job, not the method's
+            return Message(config=ctx.workbench.evaluate(None, msg.config.get("split", "test")))
+        return self.client_part.evaluate(msg, ctx)
+
     def evaluate(self, messages):
-        return self._deliver(messages, self.client_part.evaluate, "clients evaluating")
+        return self._deliver(messages, self._evaluate_one, "clients evaluating")
+
+
+class InProcessClients:
+    """The client side as the in-process engine holds it: every client's context in this process."""
+
+    engine = "inprocess"
+
+    def __init__(self, client: ClientPart, contexts: dict[int, ClientContext], progress: bool = True,
+                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None):
+        self.client, self.contexts = client, contexts
+        self.transport = InProcessTransport(client, contexts, progress, inject_failures, seed, client_timeout_s)
+        self.ids = sorted(contexts)
+
+    def info(self) -> dict[int, dict]:
+        return {cid: {"tasks": ctx.workbench.tasks, "n_train": ctx.workbench.n_train} for cid, ctx in self.contexts.items()}
+
+    def save_adapters(self, run_dir: Path, shared) -> list[str]:
+        """The clients' private adapters, in PEFT format under adapters/client<id>-<name>/."""
+        return rundir.save_adapters(run_dir, shared, {f"client{cid}-{name}": adapter for cid, ctx in sorted(self.contexts.items())
+                                                      for name, adapter in self.client.adapters(ctx).items()})
+
+    def embedding_map(self, seed: int, per_client: int = 150) -> list[dict] | None:
+        """A 2-D PCA of (a sample of) the clients' training embeddings with true task and global cluster;
+        only methods whose clients embed their data (FedRouter) have one."""
+        import numpy as np
+
+        from fedrouter.core.embed import project_2d
+
+        rng = np.random.default_rng(seed)
+        vectors, points = [], []
+        for cid, ctx in sorted(self.contexts.items()):
+            diag = self.client.diagnostics(ctx)
+            if not diag:
+                continue
+            n = len(diag["tasks"])
+            keep = np.sort(rng.choice(n, size=min(per_client, n), replace=False))
+            vectors.append(np.asarray(diag["vectors"])[keep])
+            points += [{"client": cid, "task": diag["tasks"][i], "cluster": int(diag["clusters"][i])} for i in keep]
+        if not points:
+            return None
+        for point, (a, b) in zip(points, project_2d(np.concatenate(vectors), seed)):
+            point["x"], point["y"] = float(a), float(b)
+        return points
+
+    def mark_checkpoint(self) -> None:
+        """Nothing to do: every client's state is in this process, and goes into the checkpoint itself."""
+
+    def state(self) -> dict:
+        """Private states, stream positions, failure draws."""
+        return {"client_states": {cid: ctx.state for cid, ctx in self.contexts.items()},
+                "streams": {cid: ctx.workbench.stream_state() for cid, ctx in self.contexts.items()},
+                "failure_rng": self.transport.failures.state()}
+
+    def restore(self, saved: dict) -> None:
+        for cid, ctx in self.contexts.items():
+            ctx.state = saved["client_states"][cid]
+            ctx.workbench.load_stream_state(saved["streams"][cid])
+        self.transport.failures.restore(saved["failure_rng"])

@@ -1,8 +1,9 @@
 """The server's round loop, written once for every engine.
 
-An engine supplies a `Transport`: something that delivers one message per client to the client parts
-and brings back their replies. The loop knows nothing about how (a function call in-process, a Flower
-Grid across machines); it counts the bytes each way and records per-round metrics.
+An engine supplies a `Transport` (`engines.protocol`): something that delivers one message per client to
+the client parts and brings back their replies. The loop knows nothing about how (a function call
+in-process, a Flower Grid across machines); it samples clients, screens their updates, counts the bytes
+each way and records per-round metrics.
 """
 
 from __future__ import annotations
@@ -11,22 +12,15 @@ import logging
 import random
 import statistics
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
+from fedrouter.engines.protocol import Transport
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import Message, ServerPart
 
 log = logging.getLogger(__name__)
-
-
-class Transport(Protocol):
-    def setup(self, messages: dict[int, Message]) -> dict[int, Message]: ...
-
-    def fit(self, messages: dict[int, Message]) -> dict[int, Message]: ...
-
-    def evaluate(self, messages: dict[int, Message]) -> dict[int, Message]: ...
 
 
 class Traffic:
@@ -110,76 +104,90 @@ def screen_updates(server: ServerPart, messages: dict[int, Message], replies: di
     return kept, rejected
 
 
-def run_setup(server: ServerPart, transport: Transport, traffic: Traffic, client_ids: list[int]) -> dict:
-    """The method's one-time exchange before training, if it has one."""
-    messages = server.configure_setup(client_ids)
-    if not messages:
-        return {}
-    replies = transport.setup(messages)
-    traffic.count(messages, replies)
-    return server.aggregate_setup(replies)
+class RoundLoop:
+    """The server's side of the rounds, written once for every engine: the one-time setup exchange, the
+    training rounds (sampling, screening, aggregation, one record per round) and evaluations. It owns the
+    client-sampling generator, the traffic counters and the round history, and gives them to a checkpoint
+    (`state`) and takes them back (`restore`)."""
 
+    def __init__(self, server: ServerPart, transport: Transport, client_ids: list[int], rounds: int,
+                 client_fraction: float = 1.0, seed: int = 0, progress: bool = True, norm_ratio: float = 0.0,
+                 min_updates: int = 1):
+        self.server, self.transport, self.client_ids = server, transport, list(client_ids)
+        self.rounds, self.client_fraction = rounds, client_fraction
+        self.progress, self.norm_ratio, self.min_updates = progress, norm_ratio, min_updates
+        self.sampling = random.Random(f"client-sampling:{seed}")
+        self.traffic = Traffic()
+        self.history: list[dict] = []
 
-def run_rounds(
-    server: ServerPart,
-    transport: Transport,
-    traffic: Traffic,
-    client_ids: list[int],
-    rounds: int,
-    client_fraction: float,
-    seed: int,
-    on_round: Callable[[dict], None] | None = None,
-    progress: bool = True,
-    norm_ratio: float = 0.0,
-    min_updates: int = 1,
-    start_round: int = 0,
-    rng: random.Random | None = None,
-) -> list[dict]:
-    """Run `rounds` training rounds; return (and pass to `on_round`) one metrics dict per round.
+    def setup(self) -> dict:
+        """The method's one-time exchange before training, if it has one."""
+        messages = self.server.configure_setup(self.client_ids)
+        if not messages:
+            return {}
+        replies = self.transport.setup(messages)
+        self.traffic.count(messages, replies)
+        return self.server.aggregate_setup(replies)
 
-    Replies are screened before aggregation (`screen_updates`); a round left with fewer than
-    `min_updates` acceptable replies keeps the server's state as it was and says so in its record. A
-    round in which every client failed with an error (not an injected one) stops the run: that is a bug
-    or a broken setup, not a flaky client."""
-    from tqdm import tqdm
+    def evaluate(self, split: str, base: bool = False) -> dict[int, dict]:
+        """Each client's evaluation report on `split` (its own "test" set, or the "general" all-task set);
+        `base`: the untrained base model, answered by the engine itself and not counted as traffic."""
+        messages = self.server.configure_evaluate(self.client_ids) if not base else {cid: Message() for cid in self.client_ids}
+        for msg in messages.values():
+            msg.config.update({"split": split, "base": base})
+        replies = self.transport.evaluate(messages)
+        if not base:
+            self.traffic.count(messages, replies)
+        return {cid: reply.config for cid, reply in replies.items()}
 
-    rng = rng or random.Random(f"client-sampling:{seed}")  # a resumed run passes the one it saved
-    history = []
-    bar = tqdm(range(start_round, rounds), desc="rounds", unit="round", initial=start_round, total=rounds,
-               disable=None if progress else True)
-    for round_idx in bar:
+    def run(self, on_round: Callable[[dict], None] | None = None) -> list[dict]:
+        """The training rounds from where the history stands to `rounds`; each round's record is appended to
+        the history and passed to `on_round`. Returns the whole history.
+
+        Replies are screened before aggregation (`screen_updates`); a round left with fewer than
+        `min_updates` acceptable replies keeps the server's state as it was and says so in its record. A
+        round in which every client failed with an error (not an injected one) stops the run: that is a bug
+        or a broken setup, not a flaky client."""
+        from tqdm import tqdm
+
+        start_round = len(self.history)
+        bar = tqdm(range(start_round, self.rounds), desc="rounds", unit="round", initial=start_round, total=self.rounds,
+                   disable=None if self.progress else True)
+        for round_idx in bar:
+            record = self._round(round_idx)
+            self.history.append(record)
+            bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.3f}")
+            if on_round is not None:
+                on_round(record)
+        return self.history
+
+    def _round(self, round_idx: int) -> dict:
         start = time.perf_counter()
-        selected = sample_clients(client_ids, client_fraction, rng)
+        server, traffic = self.server, self.traffic
+        selected = sample_clients(self.client_ids, self.client_fraction, self.sampling)
         messages = server.configure_fit(round_idx, selected)
-        replies = transport.fit(messages)
+        replies = self.transport.fit(messages)
         traffic.count(messages, replies)
-        kept, rejected = screen_updates(server, messages, replies, norm_ratio)
+        kept, rejected = screen_updates(server, messages, replies, self.norm_ratio)
         failures = [r["failed"] for r in (m.config for m in replies.values()) if "failed" in r]
         if replies and len(failures) == len(replies) and not all(f.startswith(("InjectedFailure", "ClientTimeout")) for f in failures):
             raise FedrouterError(f"round {round_idx + 1}: every client failed; the first: {failures[0]}")
-        if len(kept) >= max(1, min_updates):
+        if len(kept) >= max(1, self.min_updates):
             metrics = server.aggregate_fit(round_idx, kept)
         else:
-            metrics = {"skipped": f"{len(kept)} acceptable update(s), fewer than {max(1, min_updates)}: "
+            metrics = {"skipped": f"{len(kept)} acceptable update(s), fewer than {max(1, self.min_updates)}: "
                                   "the server state is unchanged"}
             log.warning("round %d: %s", round_idx + 1, metrics["skipped"])
         # The slowest client's own training time: round_s minus it is what the engine and server cost.
         slowest = max((float(r.config.get("train_s", 0.0)) for r in kept.values()), default=0.0)
-        record = {"round": round_idx + 1, **metrics, "rejected": rejected, "bytes_down": traffic.down,
-                  "bytes_up": traffic.up, "round_s": time.perf_counter() - start, "slowest_client_s": slowest}
-        history.append(record)
-        bar.set_postfix(loss=f"{metrics.get('train_loss', float('nan')):.3f}")
-        if on_round is not None:
-            on_round(record)
-    return history
+        return {"round": round_idx + 1, **metrics, "rejected": rejected, "bytes_down": traffic.down,
+                "bytes_up": traffic.up, "round_s": time.perf_counter() - start, "slowest_client_s": slowest}
 
+    def state(self) -> dict:
+        return {"sampling_rng": self.sampling.getstate(), "traffic": (self.traffic.down, self.traffic.up),
+                "history": list(self.history)}
 
-def evaluate_clients(server: ServerPart, transport: Transport, traffic: Traffic, client_ids: list[int],
-                     split: str, base: bool = False) -> dict[int, dict]:
-    """Each client's evaluation report on `split` (its own "test" set, or the "general" all-task set)."""
-    messages = server.configure_evaluate(client_ids) if not base else {cid: Message() for cid in client_ids}
-    for msg in messages.values():
-        msg.config.update({"split": split, "base": base})
-    replies = transport.evaluate(messages)
-    traffic.count(messages, replies)
-    return {cid: reply.config for cid, reply in replies.items()}
+    def restore(self, saved: dict) -> None:
+        self.sampling.setstate(saved["sampling_rng"])
+        self.traffic.down, self.traffic.up = saved["traffic"]
+        self.history = list(saved["history"])

@@ -2,11 +2,11 @@
 
 `serve_message` rebuilds the client from what every message carries -- the run's config (JSON) -- and
 from the private state the server expects it to be in (kept in Flower's `context.state`, and in the
-node's own checkpoint files, `engines.node_store`, for when that memory is gone), runs the method's
+node's own checkpoint files, `engines.flower.node_store`, for when that memory is gone), runs the method's
 client part, and keeps the new state. The base model, the data and their encoding are built once per
 process and reused by every message that process serves. It is called by the thin ClientApp
-(`flower_client`) or, when the node config names one, by a long-lived `serve_worker` the ClientApp
-forwards to (Flower 1.41 starts a fresh ClientApp process for every message).
+(`engines.flower.client_app`) or, when the node config names one, by a long-lived `serve_worker` the
+ClientApp forwards to (Flower 1.41 starts a fresh ClientApp process for every message).
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from fedrouter.config import Config
 from fedrouter.core.train import time_budget
-from fedrouter.engines.flower_client import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, WorkerProtocolError, recv_header,
-                                             recv_records, send_parts)
-from fedrouter.engines.inprocess import InjectedFailure
-from fedrouter.engines.node_store import NodeStateLost, NodeStore
-from fedrouter.engines.wire import STATE, from_records, state_bytes, state_from_bytes, to_records
+from fedrouter.engines.flower.protocol import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, WorkerProtocolError,
+                                               recv_header, recv_records, send_parts)
+from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
+from fedrouter.engines.flower.wire import STATE, from_records, state_bytes, state_from_bytes, to_records
+from fedrouter.engines.protocol import InjectedFailure
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message
-from fedrouter.rundir import plain_name
+from fedrouter.rundir import plain_name, save_adapters
+from fedrouter.world import World, client_part
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +47,23 @@ def run_folder(node_config: dict, run) -> Path:
 
 
 class _World:
-    """What one process builds once per run config: the shared model, the data, the method's client part."""
+    """What one process builds once per run config: the run's world (shared model, data) and the method's
+    client part; each client's workbench made once, with its batch-stream position when new."""
 
     def __init__(self, cfg: Config):
         import torch
 
-        from fedrouter.experiment import build_data, build_shared, method_setup
-        from fedrouter.methods import load_method
-
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        self.data = build_data(cfg)
-        self.shared = build_shared(cfg, progress=False)
-        self.general_encoded = self.shared.encode(self.data.general_test)
-        self.client = load_method(cfg.method)[1](method_setup(cfg))
+        self.world = World(cfg, progress=False)
+        self.client = client_part(cfg)
         self.workbenches: dict[int, tuple] = {}
 
     def workbench(self, cid: int):
         """Client `cid`'s workbench (data encoded once per process) and its stream state when new."""
-        from fedrouter.core.workbench import ClientWorkbench
-
         if cid not in self.workbenches:
-            data = next(c for c in self.data.clients if c.client_id == cid)
-            wb = ClientWorkbench(self.shared, data, self.data.general_test, self.cfg.seed, self.general_encoded)
+            wb = self.world.workbench(cid)
             self.workbenches[cid] = (wb, wb.stream_state())
         return self.workbenches[cid]
 
@@ -172,22 +166,26 @@ def _expected_state(state, expected: int, store: NodeStore | None, cid: int, ini
 def _hello(world: _World, cid: int) -> Message:
     workbench, _ = world.workbench(cid)
     return Message(config={"partition": cid, "tasks": workbench.tasks, "n_train": workbench.n_train,
-                           "all_tasks": list(world.data.tasks)})
+                           "all_tasks": list(world.world.data.tasks)})
 
 
 def _save(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Message:
     """The client's private adapters, written in this node's run folder (they never travel)."""
-    from fedrouter.rundir import save_adapters
-
     named = {f"client{ctx.client_id}-{name}": a for name, a in world.client.adapters(ctx).items()}
-    return Message(config={"saved": save_adapters(folder, world.shared, named)})
+    return Message(config={"saved": save_adapters(folder, world.world.shared, named)})
+
+
+def _evaluate(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Message:
+    if msg.config.get("base"):  # the untrained base: the engine's job, not the method's
+        return Message(config=ctx.workbench.evaluate(None, msg.config.get("split", "test")))
+    return world.client.evaluate(msg, ctx)
 
 
 _WORK = {
     RESUME: lambda m, ctx, w, folder: Message(),  # loading the expected state is all a resume asks of a node
     SETUP: lambda m, ctx, w, folder: w.client.setup(m, ctx),
     MessageType.TRAIN: lambda m, ctx, w, folder: w.client.fit(m, ctx),
-    MessageType.EVALUATE: lambda m, ctx, w, folder: w.client.evaluate(m, ctx),
+    MessageType.EVALUATE: _evaluate,
     SAVE: _save,
 }
 

@@ -1,40 +1,33 @@
-"""The Flower engine: the same method parts, carried by Flower's Message API (flwr 1.41).
-
-Server: the ServerApp's `main` runs fedrouter's own round loop (`experiment.run_with`, the loop every
-engine shares) over a `FlowerTransport`, which turns each client's `Message` into a Flower message for
-that client's node and brings the replies back. Nodes are found by asking each one for its partition id
-(`query.hello`); node ids are never assumed.
-
-Client: `flower_node.serve_message`, called by the thin ClientApp in `flower_client` (or by a
-long-lived worker it forwards to), rebuilds the client on its node and runs the method's client part.
-
-Runtimes: `fedrouter run --engine flower` runs Flower's simulation runtime in this process (Ray actors
-for the clients); `flwr run` runs the app that `fedrouter flower app DIR` writes (see the README).
+"""The Flower engine's server side (flwr 1.41): the driver every engine shares (`engines.driver.drive`)
+over a `FlowerTransport`, which turns each client's `Message` into a Flower message for that client's
+node and brings the replies back. Nodes are found by asking each one for its partition id
+(`query.hello`); node ids are never assumed. On the node, `engines.flower.node.serve_message` rebuilds the
+client and runs the method's client part.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import re
 import time
 import uuid
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message as FlowerMessage, MessageType
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ConfigRecord, Message as FlowerMessage, MessageType
+from flwr.serverapp import Grid
 
-from fedrouter.config import Config, load_config
+from fedrouter.config import Config
 from fedrouter.core.train import ClientTimeout
-from fedrouter.engines.flower_client import HELLO, NODE, RESUME, RUN, SAVE, SETUP, client_app
-from fedrouter.engines.flower_node import NODE_DIR_ENV
-from fedrouter.engines.node_store import NodeStateLost
-from fedrouter.engines.wire import from_records, to_records
+from fedrouter.engines.driver import drive
+from fedrouter.engines.flower.protocol import HELLO, NODE, RESUME, RUN, SAVE, SETUP
+from fedrouter.engines.flower.node_store import NodeStateLost
+from fedrouter.engines.flower.wire import from_records, to_records
+from fedrouter.engines.protocol import FailurePlan, failure_reply
 from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import Message, failure_reply
+from fedrouter.methods.base import Message
 from fedrouter.rundir import plain_name
+from fedrouter.world import build_shared, server_part
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +42,10 @@ class FlowerTransport:
     def __init__(self, grid: Grid, node_of: dict[int, int], config_text: str, timeout_s: float | None,
                  inject_failures: float = 0.0, seed: int = 0, run_dir: Path | str = ""):
         self.grid, self.node_of, self.config_text, self.timeout_s = grid, node_of, config_text, timeout_s
-        self.inject_failures = inject_failures
         # The same draws as the in-process engine's, so both fail the same clients in the same rounds.
-        self.failure_rng = random.Random(f"inject-failures:{seed}")
+        self.failures = FailurePlan(inject_failures, seed)
         self.round = 0
-        # What the nodes' state checkpoints go by (see engines.node_store): this run's id, the exchange
+        # What the nodes' state checkpoints go by (see engines.flower.node_store): this run's id, the exchange
         # number, the exchange after which each client's state last changed as far as the server knows,
         # and the exchange number at each server checkpoint still kept (the nodes keep what resuming needs).
         self.run_id = uuid.uuid4().hex[:12]
@@ -110,10 +102,7 @@ class FlowerTransport:
 
     def fit(self, messages):
         self.round += 1
-        flags = {}
-        for cid in messages:
-            if self.inject_failures and self.failure_rng.random() < self.inject_failures:
-                flags[cid] = {"inject_failure": True}
+        flags = {cid: {"inject_failure": True} for cid in messages if self.failures.fails()}
         replies = self._exchange(messages, MessageType.TRAIN, flags)
         for cid, reply in sorted(replies.items()):
             # a node that lost its client's state would fail every round from now on: not a flaky client
@@ -153,13 +142,18 @@ class FlowerClients:
         self.ids = sorted(info)
         self.checkpoint_keep = checkpoint_keep
 
-    def state(self) -> dict:
-        """What a server checkpoint (taken now) needs of the client side: the transport's counters and
-        draws. The clients' private states stay on their nodes, which checkpoint them (engines.node_store)."""
+    def mark_checkpoint(self) -> None:
+        """A server checkpoint is taken after the latest exchange: the nodes keep what resuming to any kept
+        checkpoint needs (the transport sends the oldest kept one's exchange with every message)."""
         t = self.transport
         t.checkpoint_seqs = (t.checkpoint_seqs + [t.seq])[-max(1, self.checkpoint_keep):]
+
+    def state(self) -> dict:
+        """What a server checkpoint needs of the client side: the transport's counters and draws. The
+        clients' private states stay on their nodes, which checkpoint them (engines.flower.node_store)."""
+        t = self.transport
         return {"flower": {"run_id": t.run_id, "seq": t.seq, "round": t.round, "state_seq": dict(t.state_seq),
-                           "failure_rng": t.failure_rng.getstate(), "checkpoint_seqs": list(t.checkpoint_seqs)}}
+                           "failure_rng": t.failures.state(), "checkpoint_seqs": list(t.checkpoint_seqs)}}
 
     def restore(self, saved: dict) -> None:
         """Go back to a server checkpoint: the transport as it was, and every node back to its client's
@@ -167,7 +161,7 @@ class FlowerClients:
         t, flower = self.transport, saved["flower"]
         t.run_id, t.seq, t.round = flower["run_id"], flower["seq"], flower["round"]
         t.state_seq, t.checkpoint_seqs = dict(flower["state_seq"]), list(flower["checkpoint_seqs"])
-        t.failure_rng.setstate(flower["failure_rng"])
+        t.failures.restore(flower["failure_rng"])
         t.exchange_all({cid: Message() for cid in self.ids}, RESUME, "resuming")
 
     def info(self) -> dict[int, dict]:
@@ -179,7 +173,7 @@ class FlowerClients:
         replies = self.transport.exchange_all({cid: Message() for cid in self.ids}, SAVE, "saving its adapters")
         return [plain_name(name, f"client {cid}'s adapter") for cid in self.ids for name in replies[cid].config["saved"]]
 
-    def save_embedding_map(self, run_dir: Path, seed: int) -> None:
+    def embedding_map(self, seed: int) -> None:
         """No embedding map: it would need the clients' embeddings, which a federation does not share."""
 
 
@@ -218,82 +212,13 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, progress: bool = True, node_wa
     """A whole run from the ServerApp: find the nodes, then the shared server loop (`shared`: the base
     model with its LoRA slot, when the caller has it loaded already; `saved`: the server checkpoint to
     resume from)."""
-    from fedrouter.experiment import build_shared, method_setup, run_with
-    from fedrouter.methods import load_method
-
     config_text = json.dumps(cfg.model_dump())
     nodes = wait_for_nodes(grid, cfg.n_clients, node_wait_s)
     node_of, info, tasks = discover_partitions(grid, nodes, config_text, cfg.client_timeout_s or node_wait_s)
     shared = shared or build_shared(cfg, progress)  # the initial adapter; PEFT files of the server's adapters
-    server_cls, _ = load_method(cfg.method)
-    server = server_cls(method_setup(cfg), shared.initial_adapter, sorted(node_of))
+    server = server_part(cfg, shared, sorted(node_of))
     transport = FlowerTransport(grid, node_of, config_text, cfg.client_timeout_s, cfg.inject_failures, cfg.seed, run_dir)
     clients = FlowerClients(transport, info, cfg.checkpoint_keep)
-    return run_with(cfg, run_dir, tasks, shared, server, clients, progress, saved)
+    return drive(cfg, run_dir, tasks, shared, server, clients, progress, saved)
 
 
-# The ServerApp of the app `fedrouter flower app DIR` writes for `flwr run`: its run config says what to run.
-server_app = ServerApp()
-
-
-@server_app.main()
-def _main(grid: Grid, context: Context) -> None:
-    from fedrouter.config import parse_sets
-    from fedrouter.experiment import default_run_dir, resumable, write_run
-    from fedrouter.rundir import read_config
-    run_config = context.run_config
-    saved = None
-    if run_config.get("resume"):  # the run in `out`, with its own config, from its newest checkpoint
-        if not run_config.get("out") or run_config.get("config") or run_config.get("set"):
-            raise FedrouterError("resume=true continues the run in out=DIR with its own config.json: give out and no config or set")
-        run_dir = Path(run_config["out"])
-        cfg = load_config(None, read_config(run_dir))
-        saved = resumable(run_dir, cfg)
-    else:
-        sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
-        cfg = load_config(run_config.get("config") or None, sets)
-        run_dir = Path(run_config.get("out") or default_run_dir(cfg))
-    results = write_run(run_dir, cfg, lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
-                                                    node_wait_s=float(run_config.get("node-wait-s", 120))),
-                        resume=saved is not None)
-    log.warning("fedrouter: %s %s ROUGE-1 %.4f, run directory %s", cfg.method, cfg.scenario, results["rouge1"], run_dir)
-
-
-# ----------------------------------------------------------------------------------- simulation runtime
-
-def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=None, saved: dict | None = None) -> dict:
-    """`cfg` on Flower's simulation runtime in this process: n_clients virtual SuperNodes (Ray actors,
-    one CPU each); returns the results the ServerApp wrote. `saved`: the server checkpoint to resume from."""
-    from flwr.simulation import run_simulation as flower_simulation
-
-    for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                       "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
-    outcome: dict = {}
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            outcome["results"] = serve(grid, cfg, run_dir, progress, shared=shared, saved=saved)
-        except BaseException as exc:  # carried out of Flower's thread, raised below
-            outcome["error"] = exc
-
-    cpus = max(1, min(os.cpu_count() or 1, cfg.n_clients))
-    # The simulated nodes are this machine: their files go in the run directory itself (the node folder
-    # is <FEDROUTER_NODE_DIR>/<run name>); Ray's worker processes inherit the variable.
-    before = os.environ.get(NODE_DIR_ENV)
-    os.environ[NODE_DIR_ENV] = str(Path(run_dir).resolve().parent)
-    try:
-        flower_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.n_clients,
-                          backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": cpus}})
-    finally:
-        if before is None:
-            os.environ.pop(NODE_DIR_ENV, None)
-        else:
-            os.environ[NODE_DIR_ENV] = before
-    if "error" in outcome:
-        raise outcome["error"]
-    if "results" not in outcome:
-        raise FedrouterError("the Flower simulation ended without a result (see the log above)")
-    return outcome["results"]
