@@ -1,4 +1,5 @@
-# Two commands: `make run` (the main job on the embedded default) and `make test` (the whole suite).
+# Two commands: `make run` (the main job on the embedded default) and `make test` (the whole suite);
+# `make lint` checks the code (ruff) and the import layers (import-linter), as CI does before the tests.
 # Both create .venv on first use. torch is installed first and pinned by a constraints file, so nothing
 # later swaps it for a build with CUDA packages (on this project's machines: torch 2.13.0, CPU build).
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test install dev clean
+.PHONY: run test lint install dev clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,11 @@ run: install
 
 test: dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The house rules: ruff's small rule set and the one-way import layers (pyproject.toml).
+lint: dev
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

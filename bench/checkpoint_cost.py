@@ -12,7 +12,6 @@ Usage: python bench/checkpoint_cost.py [--method fedrouter] [--repeats 5]
 """
 
 import argparse
-import random
 import statistics
 import tempfile
 import time
@@ -20,11 +19,13 @@ from pathlib import Path
 
 from fedrouter import checkpoint
 from fedrouter.config import load_config
-from fedrouter.engines.flower import FlowerClients, FlowerTransport
-from fedrouter.engines.loop import Traffic, run_rounds, run_setup
-from fedrouter.engines.node_store import NodeStore
-from fedrouter.engines.wire import state_bytes
-from fedrouter.experiment import InProcessClients, build_world, checkpoint_payload
+from fedrouter.engines.driver import checkpoint_payload
+from fedrouter.engines.flower.node_store import NodeStore
+from fedrouter.engines.flower.server import FlowerClients, FlowerTransport
+from fedrouter.engines.flower.wire import state_bytes
+from fedrouter.engines.inprocess import InProcessClients
+from fedrouter.engines.loop import RoundLoop
+from fedrouter.world import World, client_part, server_part
 
 
 def _median_write(write, repeats: int) -> float:
@@ -42,12 +43,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     cfg = load_config(None, {"method": args.method, "threads": 1})
-    _, _, contexts, server, client = build_world(cfg, progress=False)
-    clients = InProcessClients(cfg, client, contexts, progress=False)
-    traffic, ids, sampling = Traffic(), clients.ids, random.Random("client-sampling:0")
-    run_setup(server, clients.transport, traffic, ids)
+    world = World(cfg, progress=False)
+    contexts = world.contexts()
+    server = server_part(cfg, world.shared, sorted(contexts))
+    clients = InProcessClients(client_part(cfg), contexts, progress=False)
+    ids = clients.ids
+    loop = RoundLoop(server, clients.transport, ids, 1, progress=False)
+    loop.setup()
     start = time.perf_counter()
-    history = run_rounds(server, clients.transport, traffic, ids, 1, 1.0, 0, progress=False, rng=sampling)
+    loop.run()
     round_s = time.perf_counter() - start
 
     def pct(seconds: float) -> str:
@@ -56,7 +60,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         inprocess, flower = Path(tmp) / "inprocess", Path(tmp) / "flower"
         inprocess.mkdir(), flower.mkdir()
-        payload = checkpoint_payload(server, clients, sampling, traffic, history, {}, {}, {})
+        payload = checkpoint_payload(cfg, server, clients, loop, {}, {}, {})
         write_s = _median_write(lambda i: checkpoint.save(inprocess, i + 1, payload, keep=2), args.repeats)
         size = checkpoint.path_of(inprocess, args.repeats).stat().st_size
         print(f"{args.method}, default experiment ({len(ids)} clients), one round {round_s:.1f} s")
@@ -64,12 +68,12 @@ def main():
 
         # the Flower engine's client side as a server checkpoint sees it (no grid needed to read its state)
         flower_side = FlowerClients(FlowerTransport(None, {cid: cid for cid in ids}, "", None), clients.info(), cfg.checkpoint_keep)
-        flower_payload = checkpoint_payload(server, flower_side, sampling, traffic, history, {}, {}, {})
+        flower_payload = checkpoint_payload(cfg, server, flower_side, loop, {}, {}, {})
         server_s = _median_write(lambda i: checkpoint.save(flower, i + 1, flower_payload, keep=2), args.repeats)
         server_size = checkpoint.path_of(flower, args.repeats).stat().st_size
         node_s, node_sizes = [], []
         for cid, ctx in sorted(contexts.items()):
-            store = NodeStore.of(flower, "bench", cid)
+            store = NodeStore.of(flower, "0123456789ab", cid)
             # what a node serialises and writes after a message that changed its client's state
             blob_of = lambda: state_bytes({"state": ctx.state, "streams": ctx.workbench.stream_state()})  # noqa: E731
             node_s.append(_median_write(lambda i: store.write(i + 1, blob_of(), keep_from=i + 1, keep=set()), args.repeats))

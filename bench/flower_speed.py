@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from fedrouter.config import parse_sets
-from fedrouter.engines.flower_loopback import LoopbackFederation, flower_env, stop
+from fedrouter.testing import LoopbackFederation, flower_env, stop
 
 
 def timed_run(extra: list[str], sets: list[str], env: dict, out: Path) -> float:

@@ -17,8 +17,8 @@ import torch
 from fedrouter.config import load_config
 from fedrouter.core.train import batch_stream
 from fedrouter.engines.inprocess import InProcessTransport
-from fedrouter.engines.loop import Traffic, run_rounds
-from fedrouter.experiment import build_world
+from fedrouter.engines.loop import RoundLoop
+from fedrouter.world import World, client_part, server_part
 
 
 def main():
@@ -31,7 +31,9 @@ def main():
     torch.set_num_threads(args.threads)
     cfg = load_config(None, {"method": "fedit", "n_clients": 1, "rounds": args.rounds, "local_steps": args.local_steps,
                              "test_per_client": 8, "general_test_per_task": 2, "scenario": "all"})
-    _, shared, contexts, server, client = build_world(cfg, progress=False)
+    world = World(cfg, progress=False)
+    shared, contexts = world.shared, world.contexts()
+    server, client = server_part(cfg, shared, sorted(contexts)), client_part(cfg)
     workbench = contexts[0].workbench
     steps = args.rounds * args.local_steps
     pad = shared.tokenizer.pad_token_id
@@ -45,8 +47,8 @@ def main():
         workbench._generator = torch.Generator().manual_seed(cfg.seed * 100_003)
         workbench._stream = batch_stream(workbench.train_examples, cfg.batch_size, pad, workbench._generator)
         start = time.perf_counter()
-        history = run_rounds(server, InProcessTransport(client, contexts, False), Traffic(), [0], args.rounds,
-                             1.0, cfg.seed, progress=False)
+        history = RoundLoop(server, InProcessTransport(client, contexts, False), [0], args.rounds, 1.0, cfg.seed,
+                            progress=False).run()
         elapsed = time.perf_counter() - start
         tokens = sum(r["tokens"] for r in history)
         assert tokens == sum(int(b["attention_mask"].sum()) for b in batches()), "batches differ from the bare loop's"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedrouter.cli import main
-from fedrouter.compare import CompareSpec, aggregate, load_cells, table_markdown, write_tables
+from fedrouter.study.compare import CompareSpec
+from fedrouter.study.tables import aggregate, load_cells, table_markdown, write_tables
 from fedrouter.errors import FedrouterError
 
 

@@ -31,7 +31,7 @@ def test_predict_routes_to_nearest_centroid_and_answers_with_that_adapter(tmp_pa
     from fedrouter.core.embed import resolve_embedder
     from fedrouter.core.generate import generate
     from fedrouter.core.train import encode_examples
-    from fedrouter.predict import load_run
+    from fedrouter.study.predict import load_run
 
     run_dir = _run(tmp_path, tiny_overrides, "fedrouter")
     assert (run_dir / "router" / "router.json").is_file()
@@ -68,12 +68,12 @@ def test_predict_refuses_unfinished_runs_and_no_prompts(tmp_path, capsys):
 
 
 def test_predict_reads_prompts_from_jsonl_and_reports_bad_lines(tmp_path, capsys):
-    from fedrouter.predict import _read_prompts
+    from fedrouter.study.predict import read_prompts
 
     good = tmp_path / "in.jsonl"
     good.write_text('{"instruction": "a"}\n\n{"instruction": "b", "output": "x"}\n')
     args = type("A", (), {"prompt": ["p"], "file": good})()
-    assert _read_prompts(args) == ["p", "a", "b"]
+    assert read_prompts(args.prompt, args.file) == ["p", "a", "b"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a"}\n{"text": "b"}\n')
     (tmp_path / "half").mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedrouter.cli import main
-from fedrouter.report import _markdown_to_html
+from fedrouter.study.report import _markdown_to_html
 
 
 def _args(overrides: dict) -> list[str]:

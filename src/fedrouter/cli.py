@@ -1,17 +1,17 @@
-"""The `fedrouter` command line.
+"""The `fedrouter` command line: argparse, and a call into the experiment or the study per command.
 
-Bad input of any kind ends in one line on stderr, ``fedrouter: error: ...``, and exit code 2.
+Bad input of any kind ends in one line on stderr, ``fedrouter: error: ...``, and exit code 2. Each
+command imports what it runs when it runs (torch and matplotlib cost seconds to import; `--help` and a
+refused config should not pay for them).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
+from fedrouter import cli_flower
 from fedrouter.errors import FedrouterError
 
 # flag -> config key; flags left unset do not override the config file
@@ -35,9 +35,14 @@ RUN_FLAGS = {
     "inject_failures": ("--inject-failures", float, "each client fails a round with this probability (testing)"),
     "engine": ("--engine", str, "inprocess (default) | flower (Flower's simulation runtime; needs the flower extra)"),
 }
+QUICK_METHODS = ("fedrouter", "fedit", "local")
+# --quick: the paper's grid shape at a size that runs in minutes on 2 cores
+QUICK_OVERRIDES = {"rounds": 10, "train_per_client": 200, "test_per_client": 40, "general_test_per_task": 20}
 
 
-def _add_run_parser(sub) -> None:
+# ------------------------------------------------------------------------------------------------ run
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run one federated fine-tuning experiment",
                        description="Run one experiment. With no arguments: FedRouter on the embedded benchmark, scenario dual.")
     p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
@@ -60,14 +65,14 @@ def _overrides(args) -> dict:
 
 
 def _cmd_run(args) -> int:
-    from fedrouter.config import load_config
-    from fedrouter.experiment import format_summary, run_experiment
-    from fedrouter.rundir import read_config
+    from fedrouter.config import load_config, load_saved
+    from fedrouter.experiment import run_experiment
+    from fedrouter.study.tables import format_summary
 
     if args.resume:
         if args.config or args.out or _overrides(args):
             raise FedrouterError("--resume continues a run with its own config.json: give no other config, flag or --out")
-        cfg = load_config(None, read_config(args.resume))
+        cfg = load_saved(args.resume)
     else:
         cfg = load_config(args.config, _overrides(args))
     if args.quiet or not sys.stderr.isatty():
@@ -80,31 +85,205 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    logging.basicConfig(level=logging.WARNING, format="fedrouter: %(message)s")
+# -------------------------------------------------------------------------------------------- predict
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="answer prompts with a finished run's adapters and router")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--file", type=Path, help="JSONL with an 'instruction' field per line")
+    p.add_argument("--out", type=Path, help="also write {prompt, adapter, distance, answer} lines here (JSONL)")
+
+
+def _cmd_predict(args) -> int:
+    from fedrouter.study.predict import predict, read_prompts, write_answers
+
+    if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
+        raise FedrouterError(f"--out {args.out}: give a file in an existing folder")
+    rows = predict(args.run_dir, read_prompts(args.prompt, args.file))
+    for row in rows:
+        where = row["adapter"] + (f" (distance {row['distance']:.3f})" if row["distance"] is not None else "")
+        print(f"[{where}] {row['prompt']}\n  -> {row['answer']}")
+    if args.out:
+        write_answers(args.out, rows)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- clusters
+
+def _add_clusters(sub) -> None:
+    p = sub.add_parser(
+        "clusters", help="cluster clients' data as FedRouter does and score it against the true tasks",
+        description="FedRouter's local and global clustering and its router on a data set, without training: "
+                    "clustering accuracy against the true tasks and router accuracy in global and local mode.")
+    p.add_argument("--data", required=True, help="'synthetic' (embedded) or a folder with train.jsonl and test.jsonl")
+    p.add_argument("--scenario", required=True, help="single | dual | all | dirichlet")
+    p.add_argument("--embedder", default="base",
+                   help="'base' (mean last hidden state of --model; the paper's default), 'minilm' "
+                        "(all-MiniLM-L6-v2), or a Hugging Face encoder id or path")
+    p.add_argument("--n-local", default="auto",
+                   help="local clusters per client: K, 'auto' (silhouette), or one K per client, comma-separated")
+    p.add_argument("--n-global", default="auto", help="global clusters: K or 'auto' (silhouette)")
+    p.add_argument("--k-min", default="2", help="smallest K the silhouette search tries (default 2)")
+    p.add_argument("--k-max", default="12", help="largest K the silhouette search tries (default 12)")
+    p.add_argument("--clients", dest="n_clients", type=int, default=None, help="number of clients (default as in run: 8)")
+    p.add_argument("--task-field", default=None, help="JSONL field holding the task label (e.g. category)")
+    p.add_argument("--train-per-client", type=int, default=None, help="training examples per client (default as in run)")
+    p.add_argument("--test-per-client", type=int, default=None, help="test examples per client (default as in run)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (data split and K-Means)")
+    p.add_argument("--model", default=None, help="base model for --embedder base: 'tiny', a Hugging Face id, or a path")
+    p.add_argument("--out", type=Path, default=Path("clusters.json"), help="JSON report (default: ./clusters.json)")
+
+
+def _parse_int(text: str, flag: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise FedrouterError(f"{flag} expects an integer, got {text!r}") from None
+    if value < minimum:
+        raise FedrouterError(f"{flag} must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_k(text: str, flag: str, n_clients: int | None = None):
+    """'auto', a positive K, or (n_clients given) one positive K per client, comma-separated."""
+    text = str(text).strip()
+    if text == "auto":
+        return "auto"
+    if n_clients is not None and "," in text:
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != n_clients:
+            raise FedrouterError(f"{flag} lists {len(parts)} values for {n_clients} clients")
+        return {i: _parse_int(p, flag, 1) for i, p in enumerate(parts)}
+    try:
+        value = int(text)
+    except ValueError:
+        raise FedrouterError(f"{flag} expects a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise FedrouterError(f"{flag} must be a positive integer or 'auto', got {value}")
+    return value
+
+
+def _cmd_clusters(args) -> int:
+    from fedrouter.config import load_config
+    from fedrouter.runtime import quiet_libraries
+    from fedrouter.study.clusters import cluster_data, format_summary, write_report
+
+    quiet_libraries(progress_bars=sys.stderr.isatty())
+    # cheap checks first: nothing is loaded or embedded on bad input
+    k_min = _parse_int(args.k_min, "--k-min", 2)
+    k_max = _parse_int(args.k_max, "--k-max", k_min)
+    flags = {"data": args.data, "scenario": args.scenario, "n_clients": args.n_clients, "task_field": args.task_field,
+             "train_per_client": args.train_per_client, "test_per_client": args.test_per_client,
+             "seed": args.seed, "model": args.model}
+    cfg = load_config(None, {k: v for k, v in flags.items() if v is not None})  # validated as `fedrouter run` does
+    n_local = parse_k(args.n_local, "--n-local", cfg.n_clients)
+    n_global = parse_k(args.n_global, "--n-global")
+    if args.out.is_dir():
+        raise FedrouterError(f"--out {args.out} is a directory; give a file name")
+    report = cluster_data(cfg, args.embedder, n_local, n_global, range(k_min, k_max + 1))
+    write_report(args.out, report)
+    print(format_summary(report))
+    print(f"report: {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- compare
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="run a grid of methods x scenarios x seeds and tabulate it",
+                       description="Run methods x scenarios x seeds (resumable) and write summary.csv, "
+                                   "summary.json and table.md in --out.")
+    p.add_argument("--methods", help="comma-separated methods (default: fedrouter,fedit,local)")
+    p.add_argument("--scenarios", default="single,dual,all", help="comma-separated scenarios (default: single,dual,all)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds, 0..N-1 (default 3; 1 with --quick)")
+    p.add_argument("--generalization", action="store_true",
+                   help="also report training on single and testing on every task (adds single if missing)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a small grid for a first look: {', '.join(f'{k}={v}' for k, v in QUICK_OVERRIDES.items())}")
+    p.add_argument("--jobs", type=int, default=None, help="cells run in parallel, one process each (default 1; 2 with --quick)")
+    p.add_argument("--scale", metavar="N,N,...",
+                   help="instead of the grid: a scaling sweep of the first method on the first scenario over these "
+                        "numbers of clients (e.g. 4,8,16,32), written to scaling.json and a plot")
+    p.add_argument("--config", type=Path, help="TOML config for every cell")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config key for every cell (method options: method_options.<method>.<key>=...)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="compare directory (default runs/compare)")
+
+
+def _csv_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise FedrouterError(f"--{what} is empty")
+    return list(dict.fromkeys(items))
+
+
+def _cmd_compare(args) -> int:
+    from fedrouter.config import parse_sets
+    from fedrouter.study.compare import CompareSpec, run_compare, run_scaling
+    from fedrouter.study.report import build_report
+
+    scenarios = _csv_list(args.scenarios, "scenarios")
+    if args.generalization and "single" not in scenarios:
+        scenarios.insert(0, "single")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    jobs = args.jobs if args.jobs is not None else (2 if args.quick else 1)
+    if seeds < 1 or jobs < 1:
+        raise FedrouterError("--seeds and --jobs must be positive")
+    overrides = {**(QUICK_OVERRIDES if args.quick else {}), **parse_sets(args.sets)}
+    methods = _csv_list(args.methods, "methods") if args.methods else list(QUICK_METHODS)
+    if args.scale:
+        try:
+            clients = [int(n) for n in _csv_list(args.scale, "scale")]
+        except ValueError:
+            raise FedrouterError(f"--scale expects numbers of clients such as 4,8,16,32, got {args.scale!r}") from None
+        if any(n < 1 for n in clients):
+            raise FedrouterError("--scale: numbers of clients must be positive")
+        rows = run_scaling(methods[0], scenarios[0], clients, overrides, args.config, args.out, jobs)
+        for row in rows:
+            print(f"{row['n_clients']:>4} clients: ROUGE-1 {row['rouge1']:.3f}, {row['wall_s']:.0f} s")
+        print(f"report: {build_report(args.out)}")
+        return 0
+    spec = CompareSpec(methods, scenarios, list(range(seeds)), overrides, args.config, jobs)
+    run_compare(spec, args.out)
+    print((args.out / "table.md").read_text())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="rebuild tables and plots of a compare or run directory into report.html",
+                       description="Rebuild the tables and plots of a compare (or run) directory and write one "
+                                   "self-contained HTML page, report.html, beside them.")
+    p.add_argument("directory", type=Path)
+
+
+def _cmd_report(args) -> int:
+    from fedrouter.study.report import build_report
+
+    print(f"report: {build_report(args.directory)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+COMMANDS = {"run": (_add_run, _cmd_run), "clusters": (_add_clusters, _cmd_clusters),
+            "predict": (_add_predict, _cmd_predict), "compare": (_add_compare, _cmd_compare),
+            "report": (_add_report, _cmd_report), "flower": (cli_flower.add_parser, cli_flower.run)}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedrouter.runtime import quiet_libraries
+
     parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_parser(sub)
-    from fedrouter import clusters, compare, flower_cli, predict, report
-
-    clusters.add_parser(sub)
-    predict.add_parser(sub)
-    compare.add_parser(sub)
-    report.add_parser(sub)
-    flower_cli.add_parser(sub)
+    for add, _ in COMMANDS.values():
+        add(sub)
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
-        commands = {"run": _cmd_run, "clusters": clusters.run, "predict": predict.run, "compare": compare.run,
-                    "report": report.run, "flower": flower_cli.run}
-        return commands[args.command](args)
+        return COMMANDS[args.command][1](args)
     except FedrouterError as exc:
         print(f"fedrouter: error: {exc}", file=sys.stderr)
         return 2

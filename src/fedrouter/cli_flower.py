@@ -1,65 +1,16 @@
-"""`fedrouter flower ...`: what a Flower deployment needs besides fedrouter itself.
+"""`fedrouter flower ...`: the command line of what a Flower deployment needs besides fedrouter itself.
 
 - `fedrouter flower app DIR` writes the Flower app (a pyproject.toml naming fedrouter's ServerApp and
   ClientApp) that `flwr run DIR <connection>` packages and runs;
 - `fedrouter flower worker --socket PATH` runs the long-lived process a SuperNode's ClientApp forwards
   its messages to (`--node-config '... worker="PATH"'`), so the model is loaded once per node;
 - `fedrouter flower keys DIR --hosts ... --supernodes N` writes a self-signed CA, the SuperLink's TLS
-  certificate and SuperNode authentication keys (see fedrouter.engines.flower_keys).
+  certificate and SuperNode authentication keys (see fedrouter.engines.flower.keys).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from fedrouter.atomic import write_bytes
-from fedrouter.errors import FedrouterError
-
-# The app's components come from the installed fedrouter package: every node (and the SuperLink's
-# ServerApp process) needs fedrouter[flower] installed; the app bundle itself carries only this file.
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedrouter-app"
-version = "1.0.0"
-description = "fedrouter on Flower: every node needs `pip install fedrouter[flower]`"
-license = "Apache-2.0"
-dependencies = []  # fedrouter is installed on every node; nothing is installed at run time
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedrouter"
-
-[tool.flwr.app.components]
-serverapp = "fedrouter.engines.flower:server_app"
-clientapp = "fedrouter.engines.flower_client:client_app"
-
-[tool.flwr.app.config]
-config = ""          # a fedrouter TOML config (absolute path on the SuperLink's machine); "" = defaults
-set = ""             # space-separated KEY=VALUE overrides, as `fedrouter run --set`
-out = ""             # the run directory (absolute path); "" = runs/<method>-<scenario>-seed<seed>-<time>
-node-wait-s = 300    # how long to wait for n_clients SuperNodes to connect
-resume = false       # true: continue the unfinished run in `out` from its newest checkpoint (no config / set)
-"""
-
-
-def write_app(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise FedrouterError(f"{out} is a file, not a folder for the app")
-    path = out / "pyproject.toml"
-    if path.exists():
-        raise FedrouterError(f"{path} already exists; choose another folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_bytes(path, APP_PYPROJECT.encode())
-    except OSError as exc:
-        raise FedrouterError(f"cannot write the app in {out}: {exc.strerror or exc}") from None
-    return path
 
 
 def add_parser(sub) -> None:
@@ -70,7 +21,8 @@ def add_parser(sub) -> None:
     app.add_argument("dir", type=Path)
     worker = what.add_parser("worker", help="serve a SuperNode's clients from one long-lived process (model loaded once)")
     worker.add_argument("--socket", type=Path, required=True,
-                        help="Unix socket to listen on; give the SuperNode --node-config '... worker=\"PATH\"'")
+                        help="Unix socket to listen on, in a folder only you can enter (mkdir -m 700); give the "
+                             "SuperNode --node-config '... worker=\"PATH\"'")
     keys = what.add_parser("keys", help="write a self-signed CA, the SuperLink's TLS certificate and SuperNode keys")
     keys.add_argument("dir", type=Path)
     keys.add_argument("--hosts", default="127.0.0.1,localhost",
@@ -81,15 +33,17 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     if args.flower_command == "app":
+        from fedrouter.engines.flower.app import write_app
+
         path = write_app(args.dir)
         print(f"wrote {path}; run it with: flwr run {args.dir} <connection> --run-config 'set=\"method=fedit\"'")
         return 0
     if args.flower_command == "worker":
-        from fedrouter.engines.flower_node import serve_worker
+        from fedrouter.engines.flower.node import serve_worker
 
         serve_worker(args.socket)
         return 0
-    from fedrouter.engines.flower_keys import make_keys
+    from fedrouter.engines.flower.keys import make_keys
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     for path in make_keys(args.dir, hosts, args.supernodes, args.days):

@@ -1,4 +1,6 @@
-"""A whole Flower deployment on this machine (loopback): the commands the README documents, run for a
+"""Test and benchmark harness (not used by fedrouter itself).
+
+A whole Flower deployment on this machine (loopback): the commands the README documents, run for a
 test or a benchmark -- a SuperLink (TLS with SuperNode authentication, or insecure), N SuperNodes holding
 partitions 0..N-1, and `flwr run` of fedrouter's app. Every process is started here and stopped by its
 pid, with its children; nothing is stopped by name.
@@ -16,6 +18,8 @@ import time
 from pathlib import Path
 
 from fedrouter.checkpoint import path_of
+from fedrouter.engines.flower.app import write_app
+from fedrouter.engines.flower.keys import make_keys
 from fedrouter.errors import FedrouterError
 
 BIN = Path(sys.executable).parent
@@ -89,9 +93,6 @@ class LoopbackFederation:
     def __init__(self, workdir: Path, supernodes: int, tls: bool = True, workers: list[int] | None = None):
         """`workers`: the SuperNodes (by partition) that get a long-lived `fedrouter flower worker`;
         the others do the work in Flower's per-message ClientApp process."""
-        from fedrouter.engines.flower_keys import make_keys
-        from fedrouter.flower_cli import write_app
-
         self.workdir, self.n, self.tls, self.workers = Path(workdir), supernodes, tls, set(workers or [])
         self.env = flower_env(self.workdir / "flwr-home")
         self.logs = self.workdir / "logs"

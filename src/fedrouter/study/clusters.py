@@ -11,13 +11,12 @@ and measures how well clusters match the true tasks:
   mode (nearest among the client's own mapped clusters): an input is routed correctly when it reaches its
   task's global cluster -- the one most of that task's training examples were assigned to.
 
-Prints a short summary and writes everything as JSON (`--out`, default clusters.json).
+Prints a short summary and writes everything as JSON (the command line's `--out`, default clusters.json).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,101 +25,31 @@ import numpy as np
 
 from fedrouter.errors import FedrouterError
 
-DEFAULT_OUT = "clusters.json"
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "clusters", help="cluster clients' data as FedRouter does and score it against the true tasks",
-        description="FedRouter's local and global clustering and its router on a data set, without training: "
-                    "clustering accuracy against the true tasks and router accuracy in global and local mode.")
-    p.add_argument("--data", required=True, help="'synthetic' (embedded) or a folder with train.jsonl and test.jsonl")
-    p.add_argument("--scenario", required=True, help="single | dual | all | dirichlet")
-    p.add_argument("--embedder", default="base",
-                   help="'base' (mean last hidden state of --model; the paper's default), 'minilm' "
-                        "(all-MiniLM-L6-v2), or a Hugging Face encoder id or path")
-    p.add_argument("--n-local", default="auto",
-                   help="local clusters per client: K, 'auto' (silhouette), or one K per client, comma-separated")
-    p.add_argument("--n-global", default="auto", help="global clusters: K or 'auto' (silhouette)")
-    p.add_argument("--k-min", default="2", help="smallest K the silhouette search tries (default 2)")
-    p.add_argument("--k-max", default="12", help="largest K the silhouette search tries (default 12)")
-    p.add_argument("--clients", dest="n_clients", type=int, default=None, help="number of clients (default as in run: 8)")
-    p.add_argument("--task-field", default=None, help="JSONL field holding the task label (e.g. category)")
-    p.add_argument("--train-per-client", type=int, default=None, help="training examples per client (default as in run)")
-    p.add_argument("--test-per-client", type=int, default=None, help="test examples per client (default as in run)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (data split and K-Means)")
-    p.add_argument("--model", default=None, help="base model for --embedder base: 'tiny', a Hugging Face id, or a path")
-    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"JSON report (default: ./{DEFAULT_OUT})")
-
-
-def _parse_int(text: str, flag: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise FedrouterError(f"{flag} expects an integer, got {text!r}") from None
-    if value < minimum:
-        raise FedrouterError(f"{flag} must be at least {minimum}, got {value}")
-    return value
-
-
-def parse_k(text: str, flag: str, n_clients: int | None = None):
-    """'auto', a positive K, or (n_clients given) one positive K per client, comma-separated."""
-    text = str(text).strip()
-    if text == "auto":
-        return "auto"
-    if n_clients is not None and "," in text:
-        parts = [p.strip() for p in text.split(",")]
-        if len(parts) != n_clients:
-            raise FedrouterError(f"{flag} lists {len(parts)} values for {n_clients} clients")
-        return {i: _parse_int(p, flag, 1) for i, p in enumerate(parts)}
-    try:
-        value = int(text)
-    except ValueError:
-        raise FedrouterError(f"{flag} expects a positive integer or 'auto', got {text!r}") from None
-    if value < 1:
-        raise FedrouterError(f"{flag} must be a positive integer or 'auto', got {value}")
-    return value
-
-
-def _config(args):
-    """The data part of the run config, validated exactly as `fedrouter run` validates it."""
-    from fedrouter.config import load_config
-
-    flags = {"data": args.data, "scenario": args.scenario, "n_clients": args.n_clients, "task_field": args.task_field,
-             "train_per_client": args.train_per_client, "test_per_client": args.test_per_client,
-             "seed": args.seed, "model": args.model}
-    return load_config(None, {k: v for k, v in flags.items() if v is not None})
-
-
-def _build_data(cfg):
-    from fedrouter.core.data import build_federated_data
-
-    # the same call as fedrouter.experiment.build_world
-    return build_federated_data(
-        cfg.data, cfg.scenario, cfg.n_clients, cfg.train_per_client, cfg.test_per_client,
-        cfg.general_test_per_task, seed=cfg.seed, task_field=cfg.task_field, tasks=cfg.tasks,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-    )
-
-
-def _embedder(spec: str, cfg):
-    from fedrouter.core.embed import BASE, resolve_embedder
+def _embed(cfg, spec: str):
+    """(texts -> embeddings, the embedder's name), exactly as FedRouter's clients embed them (the base
+    model through the shared model's embedder, cached; other encoders without loading the base model)."""
+    from fedrouter.core.embed import BASE, embed_cached, resolve_embedder
+    from fedrouter.core.model import default_cache_dir
+    from fedrouter.world import build_shared
 
     if spec == BASE:
-        from fedrouter.core.model import TinyBaseSpec, load_base
-
-        tiny_spec = TinyBaseSpec(**cfg.tiny.model_dump())
-        model, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None, tiny_spec, progress=False)
-        return resolve_embedder(spec, model, tokenizer, base_name=cfg.model)
-    return resolve_embedder(spec)
+        shared = build_shared(cfg, progress=False)
+        return (lambda texts: shared.embed(texts, spec)), shared.embedder(spec).name
+    embedder = resolve_embedder(spec)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return (lambda texts: embed_cached(embedder, texts, cache)), embedder.name
 
 
 def task_clusters(tasks: list[str], global_labels: list[int]) -> dict[str, int]:
     """Per task, the global cluster most of its training examples went to (the lower id on a tie)."""
+    from fedrouter.core.cluster import majority_cluster
+
     votes: dict[str, Counter] = {}
     for task, label in zip(tasks, global_labels):
         votes.setdefault(task, Counter())[int(label)] += 1
-    return {t: min(c, key=lambda k: (-c[k], k)) for t, c in sorted(votes.items())}
+    return majority_cluster(votes)
 
 
 def _mean(values) -> float:
@@ -216,52 +145,32 @@ def _strict(value):
     return value
 
 
-def _write_json(path: Path, payload) -> None:
+def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range) -> dict:
+    """FedRouter's clustering and router on the config's data, without training: the JSON-able report
+    (the same data split, embeddings and clustering steps as a run of the method)."""
+    from fedrouter.world import build_data
+
+    start = time.perf_counter()
+    data = build_data(cfg)
+    embed, embedder_name = _embed(cfg, embedder)
+    train_vectors = {c.client_id: embed([ex["instruction"] for ex in c.train]) for c in data.clients}
+    test_vectors = {c.client_id: embed([ex["instruction"] for ex in c.test]) for c in data.clients}
+    report = {
+        "data": cfg.data, "scenario": cfg.scenario, "n_clients": cfg.n_clients, "seed": cfg.seed,
+        "task_field": cfg.task_field, "embedder": embedder, "embedder_name": embedder_name, "model": cfg.model if embedder == "base" else None,
+        "n_local_setting": n_local if not isinstance(n_local, dict) else {str(k): v for k, v in n_local.items()},
+        "n_global_setting": n_global, "k_range": [k_range.start, k_range.stop - 1],
+    }
+    report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, k_range))
+    report["wall_s"] = time.perf_counter() - start
+    return report
+
+
+def write_report(path: Path, report: dict) -> None:
     from fedrouter.atomic import write_text
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(_strict(payload), indent=2, allow_nan=False))
+        write_text(path, json.dumps(_strict(report), indent=2, allow_nan=False))
     except OSError as exc:
         raise FedrouterError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def run(args) -> int:
-    from fedrouter.core.embed import embed_cached
-    from fedrouter.core.model import default_cache_dir
-
-    start = time.perf_counter()
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    # cheap checks first: nothing is loaded or embedded on bad input
-    k_min = _parse_int(args.k_min, "--k-min", 2)
-    k_max = _parse_int(args.k_max, "--k-max", k_min)
-    cfg = _config(args)
-    n_local = parse_k(args.n_local, "--n-local", cfg.n_clients)
-    n_global = parse_k(args.n_global, "--n-global")
-    if args.out.is_dir():
-        raise FedrouterError(f"--out {args.out} is a directory; give a file name")
-    data = _build_data(cfg)
-
-    embedder = _embedder(args.embedder, cfg)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    train_vectors, test_vectors = {}, {}
-    for client in data.clients:
-        train_vectors[client.client_id] = embed_cached(embedder, [ex["instruction"] for ex in client.train], cache)
-        test_vectors[client.client_id] = embed_cached(embedder, [ex["instruction"] for ex in client.test], cache)
-
-    report = {
-        "data": cfg.data, "scenario": cfg.scenario, "n_clients": cfg.n_clients, "seed": cfg.seed,
-        "task_field": cfg.task_field, "embedder": args.embedder, "embedder_name": embedder.name,
-        "model": cfg.model if args.embedder == "base" else None,
-        "n_local_setting": n_local if not isinstance(n_local, dict) else {str(k): v for k, v in n_local.items()},
-        "n_global_setting": n_global, "k_range": [k_min, k_max],
-    }
-    report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, range(k_min, k_max + 1)))
-    report["wall_s"] = time.perf_counter() - start
-    _write_json(args.out, report)
-    print(format_summary(report))
-    print(f"report: {args.out}")
-    return 0

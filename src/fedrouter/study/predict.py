@@ -16,20 +16,13 @@ import numpy as np
 from fedrouter.errors import FedrouterError
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="answer prompts with a finished run's adapters and router")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--file", type=Path, help="JSONL with an 'instruction' field per line")
-    p.add_argument("--out", type=Path, help="also write {prompt, adapter, distance, answer} lines here (JSONL)")
-
-
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    if args.file:
+def read_prompts(prompts: list[str], file: Path | None) -> list[str]:
+    """The prompts given, then the `instruction` of every line of `file` (JSONL)."""
+    prompts = list(prompts)
+    if file:
         from fedrouter.core.data import read_jsonl_rows
 
-        prompts += [row["instruction"] for row in read_jsonl_rows(args.file, ("instruction",))]
+        prompts += [row["instruction"] for row in read_jsonl_rows(file, ("instruction",))]
     if not prompts:
         raise FedrouterError("nothing to answer: give --prompt TEXT or --file FILE.jsonl")
     return prompts
@@ -41,11 +34,11 @@ def load_run(run_dir: Path):
     from peft import PeftModel
 
     from fedrouter import rundir
-    from fedrouter.config import load_config
-    from fedrouter.core.model import TinyBaseSpec, load_base
+    from fedrouter.config import cache_dir, load_saved, tiny_spec
+    from fedrouter.core.model import load_base
 
     rundir.require_finished(run_dir)
-    cfg = load_config(None, rundir.read_config(run_dir))
+    cfg = load_saved(run_dir)
     router = rundir.read_router(run_dir)
     if router is not None:
         names = router["adapters"]
@@ -55,8 +48,7 @@ def load_run(run_dir: Path):
     else:
         raise FedrouterError(f"{run_dir} has neither a router nor a global adapter (method {cfg.method} keeps "
                              "client-private adapters only)")
-    base, tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                TinyBaseSpec(**cfg.tiny.model_dump()), progress=False)
+    base, tokenizer = load_base(cfg.model, cache_dir(cfg), tiny_spec(cfg), progress=False)
     unique = list(dict.fromkeys(names))
     try:
         model = PeftModel.from_pretrained(base, rundir.require_adapter(run_dir, unique[0]), adapter_name=unique[0])
@@ -92,15 +84,7 @@ def predict(run_dir: Path, prompts: list[str]) -> list[dict]:
             for p, a, d, ans in zip(prompts, chosen, distances, answers)]
 
 
-def run(args) -> int:
-    if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
-        raise FedrouterError(f"--out {args.out}: give a file in an existing folder")
-    rows = predict(args.run_dir, _read_prompts(args))
-    for row in rows:
-        where = row["adapter"] + (f" (distance {row['distance']:.3f})" if row["distance"] is not None else "")
-        print(f"[{where}] {row['prompt']}\n  -> {row['answer']}")
-    if args.out:
-        from fedrouter.atomic import write_text
+def write_answers(path: Path, rows: list[dict]) -> None:
+    from fedrouter.atomic import write_text
 
-        write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
-    return 0
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

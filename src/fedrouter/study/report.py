@@ -13,9 +13,11 @@ import base64
 import html
 from pathlib import Path
 
-from fedrouter.errors import FedrouterError
 from fedrouter.atomic import write_text
+from fedrouter.errors import FedrouterError
 from fedrouter.rundir import read_json, read_results
+from fedrouter.study import plots
+from fedrouter.study.tables import CELLS, format_summary, load_cells, write_tables
 
 REPORT = "report.html"
 FIGURES = "figures"
@@ -67,8 +69,6 @@ def _page(title: str, sections: list[str]) -> str:
 
 
 def _fedrouter_figures(run_dir: Path, figures: Path, prefix: str) -> list[str]:
-    from fedrouter import plots
-
     sections = []
     emb = plots.embedding_map(run_dir, figures / f"{prefix}embedding-map.png")
     if emb:
@@ -83,8 +83,6 @@ def _fedrouter_figures(run_dir: Path, figures: Path, prefix: str) -> list[str]:
 
 def build_report(directory: Path) -> Path:
     """Rebuild tables and figures under `directory` and write report.html there; returns its path."""
-    from fedrouter import plots
-    from fedrouter.compare import CELLS, load_cells, write_tables
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -114,8 +112,6 @@ def build_report(directory: Path) -> Path:
         if fedrouter_cells:
             sections += _fedrouter_figures(directory / CELLS / fedrouter_cells[0]["cell"], figures, "")
     elif (directory / "results.json").exists():
-        from fedrouter.experiment import format_summary
-
         results = read_results(directory)
         title = f"fedrouter run: {directory.name}"
         sections.append(f"<pre>{html.escape(format_summary(results))}</pre>")
@@ -137,15 +133,3 @@ def build_report(directory: Path) -> Path:
     path = directory / REPORT
     write_text(path, _page(title, sections))
     return path
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="rebuild tables and plots of a compare or run directory into report.html",
-                       description="Rebuild the tables and plots of a compare (or run) directory and write one "
-                                   "self-contained HTML page, report.html, beside them.")
-    p.add_argument("directory", type=Path)
-
-
-def run(args) -> int:
-    print(f"report: {build_report(args.directory)}")
-    return 0

@@ -1,0 +1,1 @@
+"""Reading finished runs: comparisons, tables, reports, plots, predictions, clustering studies."""
