@@ -87,8 +87,17 @@ class Config(_Strict):
     max_new_tokens: int = Field(24, gt=0)
     prompt_template: str = DEFAULT_TEMPLATE
     threads: int | None = Field(None, gt=0)  # torch CPU threads; None keeps torch's default
+    # hardware (fedrouter.core.hardware): where the base runs and in what precision
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    # bitsandbytes (CUDA; pip install 'fedrouter[gpu]'); auto: 4bit on a CUDA GPU with bitsandbytes, else none
+    quantization: Literal["none", "auto", "4bit", "8bit"] = "none"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    grad_accum_steps: int = Field(1, gt=0)  # batches per local optimizer step
     # data
-    data: str = "synthetic"  # "synthetic" or a folder holding train.jsonl and test.jsonl
+    data: str = "synthetic"  # "synthetic", a folder holding train.jsonl and test.jsonl, "hf:paper4" or "hf:<id or path>"
+    data_sources: dict[str, str] = {}  # hf:paper4: task -> a local copy of its dataset (file or folder) instead of the hub
+    data_fields: dict[str, str] = {}  # hf:<id>: where instruction, output (and task) sit in its rows
     task_field: str = "task"  # where the task label sits in JSONL rows ("category" in flan8)
     tasks: list[str] | None = None  # a subset of the data's tasks; None = all
     train_per_client: int = Field(600, gt=0)
@@ -129,6 +138,15 @@ class Config(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _base_weights_stay_writable(self):
+        """FLoRA merges its update into the base weights and FedDPA adds its partner adapter there: a
+        quantized base cannot take that (bf16 can: the sum is made in float32 and stored once)."""
+        if self.quantization != "none" and self.method in ("flora", "feddpa"):
+            raise ValueError(f"method {self.method} adds a dense update to the base weights, which {self.quantization} "
+                             "weights cannot hold: use quantization = \"none\" (bfloat16 works) or another method")
+        return self
+
+    @model_validator(mode="after")
     def _method_options(self):
         """The method's options, checked by the method's own declaration before any work."""
         from fedrouter.methods import options_for
@@ -149,6 +167,7 @@ def train_settings(cfg: Config):
         local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
         weight_decay=cfg.weight_decay, total_rounds=cfg.rounds, max_seq_len=cfg.max_seq_len,
         max_new_tokens=cfg.max_new_tokens, eval_batch_size=cfg.eval_batch_size, prompt_template=cfg.prompt_template,
+        grad_accum_steps=cfg.grad_accum_steps,
     )
 
 
@@ -156,6 +175,13 @@ def lora_settings(cfg: Config):
     from fedrouter.core.model import LoraSettings
 
     return LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.target_modules))
+
+
+def hardware(cfg: Config):
+    """The config's device, dtype and quantization, checked against this machine."""
+    from fedrouter.core.hardware import resolve
+
+    return resolve(cfg.device, cfg.dtype, cfg.quantization, cfg.gradient_checkpointing)
 
 
 def tiny_spec(cfg: Config):

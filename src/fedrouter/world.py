@@ -20,13 +20,13 @@ def build_data(cfg: Config) -> FederatedData:
     return build_federated_data(
         cfg.data, cfg.scenario, cfg.n_clients, cfg.train_per_client, cfg.test_per_client,
         cfg.general_test_per_task, seed=cfg.seed, task_field=cfg.task_field, tasks=cfg.tasks,
-        dirichlet_alpha=cfg.dirichlet_alpha,
+        dirichlet_alpha=cfg.dirichlet_alpha, sources=cfg.data_sources, fields=cfg.data_fields,
     )
 
 
 def build_shared(cfg: Config, progress: bool = True) -> SharedModel:
     """The base model with its LoRA slot and the training settings (the same initial adapter everywhere)."""
-    base, tokenizer = load_base(cfg.model, settings.cache_dir(cfg), settings.tiny_spec(cfg), progress)
+    base, tokenizer = load_base(cfg.model, settings.cache_dir(cfg), settings.tiny_spec(cfg), progress, settings.hardware(cfg))
     return SharedModel(base, tokenizer, settings.lora_settings(cfg), settings.train_settings(cfg), seed=cfg.seed,
                        cache_dir=settings.cache_dir(cfg) or default_cache_dir())
 

@@ -28,6 +28,7 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     model.eval()
+    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in rows)
@@ -41,14 +42,14 @@ def generate(
             on_batch(rows)
         extra = {"adapter_names": [adapter_names[i] for i in rows]} if adapter_names is not None else {}
         generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=eos,
             **extra,
-        )[:, width:]
+        )[:, width:].cpu()
         for r, i in enumerate(rows):
             tokens = generated[r].tolist()
             if eos in tokens:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fedrouter.core.hardware import Hardware, quantization_config
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger(__name__)
@@ -180,22 +181,40 @@ def ensure_tiny_base(spec: TinyBaseSpec | None = None, cache_dir: Path | None = 
     return target
 
 
-def load_base(name: str, cache_dir: Path | None = None, tiny_spec: TinyBaseSpec | None = None, progress: bool = True):
-    """(model, tokenizer) for "tiny", a Hugging Face hub id, or a local model directory. Frozen, eval mode."""
+def load_base(name: str, cache_dir: Path | None = None, tiny_spec: TinyBaseSpec | None = None, progress: bool = True,
+              hardware: Hardware | None = None):
+    """(model, tokenizer) for "tiny", a Hugging Face hub id, or a local model directory: frozen, in eval
+    mode, on `hardware`'s device in its dtype (quantized with bitsandbytes and prepared for k-bit
+    training when it says so; gradient checkpointing on when it says so). Default: float32 on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hardware = hardware or Hardware(torch.device("cpu"), torch.float32)
+    quantized = quantization_config(hardware)
     path = str(ensure_tiny_base(tiny_spec, cache_dir, progress)) if name == TINY else name
+    options = {"dtype": hardware.dtype}
+    if quantized is not None:  # bitsandbytes places the quantized weights itself
+        options.update(quantization_config=quantized, device_map={"": hardware.device})
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         # Weights come as safetensors, or through torch.load(weights_only=True): a pickle payload is refused.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, **options)
     except Exception as exc:  # a loading boundary: whatever fails here is the user's model reference or files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FedrouterError(f"cannot load model {name!r}: {type(exc).__name__}: {first[:300]}") from None
     if tokenizer.pad_token is None:  # most causal LMs ship without one; EOS is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
+    if quantized is None:
+        model.to(hardware.device)
     model.requires_grad_(False)
     model.eval()
+    if quantized is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hardware.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hardware.gradient_checkpointing:
+        # Recompute each layer's activations in the backward pass: memory of one layer instead of all.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
@@ -226,9 +245,10 @@ def attach_lora(model, settings: LoraSettings, adapter_name: str = "default"):
 
 
 def get_adapter_state(peft_model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """A detached float32 copy of one adapter's LoRA weights, keyed by peft's state-dict names."""
+    """A detached CPU float32 copy of one adapter's LoRA weights, keyed by peft's state-dict names (what
+    travels and is saved, whatever device and dtype the model has)."""
     params = adapter_parameters(peft_model, adapter_name)
-    return {k: v.detach().to(torch.float32).clone() for k, v in params.items()}
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in params.items()}
 
 
 def set_adapter_state(peft_model, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:

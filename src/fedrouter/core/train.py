@@ -142,12 +142,16 @@ def train_steps(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    grad_accum_steps: int = 1,
 ) -> TrainStats:
-    """`steps` AdamW steps on `params` (a fresh optimizer: local state is not carried across rounds).
+    """`steps` AdamW steps on `params` (a fresh optimizer: local state is not carried across rounds), each
+    over `grad_accum_steps` batches whose gradients are accumulated (the loss of each scaled by 1/k).
 
-    `regularizer`, if given, is added to the loss each step (FedProx's proximal term, for instance).
+    `regularizer`, if given, is added to the loss of each step (FedProx's proximal term, for instance).
+    Batches move to the model's device; the loss reported is the mean over the steps.
     """
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = next(iter(params)).device if params else torch.device("cpu")
     model.train()
     total_loss, tokens = 0.0, 0
     start = time.perf_counter()
@@ -155,16 +159,19 @@ def train_steps(
     for step in range(steps):
         if deadline is not None and step and time.monotonic() > deadline:
             raise ClientTimeout(f"cut off after {step} of {steps} steps: over the round's time budget")
-        batch = next(batches)
-        loss = model(**batch).loss
-        if regularizer is not None:
-            loss = loss + regularizer()
-        loss.backward()
+        step_loss = 0.0
+        for _ in range(grad_accum_steps):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = model(**batch).loss
+            if regularizer is not None:
+                loss = loss + regularizer()
+            (loss if grad_accum_steps == 1 else loss / grad_accum_steps).backward()
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total_loss += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        total_loss += step_loss / grad_accum_steps
     model.eval()
     return TrainStats(steps, total_loss / max(1, steps), tokens, time.perf_counter() - start)

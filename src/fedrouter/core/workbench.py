@@ -36,6 +36,7 @@ class TrainSettings:
     max_new_tokens: int = 24
     eval_batch_size: int = 64
     prompt_template: str = "{instruction}\nanswer :"
+    grad_accum_steps: int = 1
 
 
 class SharedModel:
@@ -137,7 +138,9 @@ class SharedModel:
                     self._base_originals[name] = weight.detach().clone()
                 if update.shape != weight.shape:
                     raise ValueError(f"base update for {name}: shape {tuple(update.shape)} != {tuple(weight.shape)}")
-                weight.add_(update.to(weight.dtype))
+                # summed in float32 from the kept original, then stored in the base's dtype (bf16: rounded once)
+                original = self._base_originals[name]
+                weight.copy_(original.float() + update.to(original.device, torch.float32))
         self._base_delta_key, self._base_delta_obj = key, delta
 
     def _base_weight(self, module: str) -> torch.Tensor:
@@ -178,9 +181,10 @@ class SharedModel:
             set_adapter_state(self.model, adapter, adapter_name=slot)
             slots.append(slot)
         current: dict[str, torch.Tensor] = {}
+        device = next(self.model.parameters()).device
 
         def on_batch(rows: list[int]) -> None:
-            current["w"] = weights[rows].to(torch.float32)
+            current["w"] = weights[rows].to(device, torch.float32)
 
         def scaler(j: int):
             return lambda module, inputs, output: output * current["w"][:, j].view(-1, *([1] * (output.dim() - 1)))
@@ -317,7 +321,7 @@ class ClientWorkbench:
                 torch.manual_seed(self.seed * 1_000_003 + self.client_id * 10_007 + self._train_calls)
                 stats = train_steps(
                     self.shared.model, params, stream, steps or s.local_steps, lr, s.weight_decay,
-                    regularizer=(lambda: penalty(live)) if penalty else None,
+                    regularizer=(lambda: penalty(live)) if penalty else None, grad_accum_steps=s.grad_accum_steps,
                 )
         finally:
             self.shared.model.set_adapter("default")
@@ -334,8 +338,10 @@ class ClientWorkbench:
         model, examples = self.shared.model, self.train_examples[:n_examples]
         model.eval()
         total, tokens = 0.0, 0
+        device = next(model.parameters()).device
         for start in range(0, len(examples), self.shared.settings.batch_size):
             batch = collate(examples[start : start + self.shared.settings.batch_size], self.shared.tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the causal LM loss averages over
             total += float(model(**batch).loss) * n
             tokens += n

@@ -26,7 +26,7 @@ def proximal_term(global_adapter: dict, mu: float):
     anchor = {k: v.detach().clone() for k, v in global_adapter.items()}
 
     def term(live: dict):
-        return 0.5 * mu * sum(((live[k] - anchor[k]) ** 2).sum() for k in anchor)
+        return 0.5 * mu * sum(((live[k] - anchor[k].to(live[k].device)) ** 2).sum() for k in anchor)
 
     return term
 

@@ -34,7 +34,7 @@ def load_run(run_dir: Path):
     from peft import PeftModel
 
     from fedrouter import rundir
-    from fedrouter.config import cache_dir, load_saved, tiny_spec
+    from fedrouter.config import cache_dir, hardware, load_saved, tiny_spec
     from fedrouter.core.model import load_base
 
     rundir.require_finished(run_dir)
@@ -48,7 +48,7 @@ def load_run(run_dir: Path):
     else:
         raise FedrouterError(f"{run_dir} has neither a router nor a global adapter (method {cfg.method} keeps "
                              "client-private adapters only)")
-    base, tokenizer = load_base(cfg.model, cache_dir(cfg), tiny_spec(cfg), progress=False)
+    base, tokenizer = load_base(cfg.model, cache_dir(cfg), tiny_spec(cfg), progress=False, hardware=hardware(cfg))
     unique = list(dict.fromkeys(names))
     try:
         model = PeftModel.from_pretrained(base, rundir.require_adapter(run_dir, unique[0]), adapter_name=unique[0])
