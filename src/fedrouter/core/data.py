@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SCENARIOS = ("single", "dual", "all", "dirichlet")
 SYNTHETIC = "synthetic"
+HF = "hf:"  # "hf:paper4" or "hf:<hub id or local path>" (fedrouter.core.hfdata)
 
 
 @dataclass
@@ -118,9 +119,12 @@ def load_jsonl(path: Path, task_field: str = "task") -> list[dict]:
 
 
 class _Pools:
-    """Per (task, split) example pools that clients draw disjoint slices from."""
+    """Per (task, split) example pools that clients draw disjoint slices from: the embedded benchmark's
+    seeded streams, a folder's JSONL files, or Hugging Face datasets ("hf:paper4": the paper's four, at
+    most `cap` rows per task and split; "hf:<id or path>": any dataset with a field mapping)."""
 
-    def __init__(self, source: str, task_field: str, seed: int):
+    def __init__(self, source: str, task_field: str, seed: int, sources: dict | None = None, fields: dict | None = None,
+                 cap: dict[str, int] | None = None):
         self.source, self.seed = source, seed
         self._next = {}  # (task, split) -> next unused index
         self._streams: dict[tuple[str, str], synthetic.ExampleStream] = {}
@@ -128,10 +132,9 @@ class _Pools:
             self.tasks = list(synthetic.TASKS)
             self._pool = {}
         else:
-            train_path, test_path = _resolve_files(Path(source))
             self._pool = {}
-            for split, path in (("train", train_path), ("test", test_path)):
-                for ex in load_jsonl(path, task_field):
+            for split, rows in self._read(source, task_field, sources or {}, fields or {}, cap or {}):
+                for ex in rows:
                     self._pool.setdefault((ex["task"], split), []).append(ex)
             for key in self._pool:
                 random.Random(f"{seed}:{key}").shuffle(self._pool[key])
@@ -139,6 +142,25 @@ class _Pools:
             for t in self.tasks:
                 if (t, "test") not in self._pool or (t, "train") not in self._pool:
                     raise FedrouterError(f"task {t!r} needs examples in both train and test data")
+
+    @staticmethod
+    def _read(source: str, task_field: str, sources: dict, fields: dict, cap: dict):
+        if source.startswith(HF):
+            from fedrouter.core import hfdata
+
+            name = source[len(HF):]
+            for split in ("train", "test"):
+                if name == "paper4":
+                    yield split, hfdata.load_paper4(split, per_task=cap.get(split), sources=sources)
+                else:  # a task column only when named (data_fields.task, or a --task-field other than "task")
+                    mapping = dict(fields) or {"instruction": "instruction", "output": "output"}
+                    if "task" not in mapping and task_field != "task":
+                        mapping["task"] = task_field
+                    yield split, hfdata.load_mapped(name, split, mapping)
+            return
+        train_path, test_path = _resolve_files(Path(source))
+        for split, path in (("train", train_path), ("test", test_path)):
+            yield split, load_jsonl(path, task_field)
 
     def available(self, task: str, split: str) -> int:
         return len(self._pool[(task, split)]) if self.source != SYNTHETIC else 10**9
@@ -175,13 +197,17 @@ def build_federated_data(
     task_field: str = "task",
     tasks: list[str] | None = None,
     dirichlet_alpha: float = 0.5,
+    sources: dict | None = None,
+    fields: dict | None = None,
 ) -> FederatedData:
     """Partition `source` ("synthetic" or a folder with train.jsonl/test.jsonl) over clients by `scenario`.
 
     Clients sharing a task get disjoint examples of it. When a JSONL pool is too small for the requested
     sizes, every client's count for that task is scaled down alike, and a warning says so.
     """
-    pools = _Pools(source, task_field, seed)
+    # at most what every client could ask of one task (a hub dataset may hold millions of rows)
+    cap = {"train": n_clients * train_per_client, "test": n_clients * test_per_client + general_test_per_task}
+    pools = _Pools(source, task_field, seed, sources, fields, cap)
     all_tasks = pools.tasks
     if tasks:
         unknown = sorted(set(tasks) - set(all_tasks))
