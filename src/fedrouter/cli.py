@@ -34,6 +34,9 @@ RUN_FLAGS = {
     "eval_every": ("--eval-every", int, "evaluate every N rounds (0: only at the end)"),
     "inject_failures": ("--inject-failures", float, "each client fails a round with this probability (testing)"),
     "engine": ("--engine", str, "inprocess (default) | flower (Flower's simulation runtime; needs the flower extra)"),
+    "device": ("--device", str, "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
+    "dtype": ("--dtype", str, "auto (bf16 on a GPU that has it, else float32) | float32 | bfloat16 | float16"),
+    "quantization": ("--quantization", str, "none | auto | 4bit | 8bit (bitsandbytes, CUDA only)"),
 }
 QUICK_METHODS = ("fedrouter", "fedit", "local")
 # --quick: the paper's grid shape at a size that runs in minutes on 2 cores
@@ -54,6 +57,8 @@ def _add_run(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue an interrupted run from its newest checkpoint, with the run's own config")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (clients, tasks, examples, adapters, estimated memory) and load no model")
 
 
 def _overrides(args) -> dict:
@@ -75,6 +80,11 @@ def _cmd_run(args) -> int:
         cfg = load_saved(args.resume)
     else:
         cfg = load_config(args.config, _overrides(args))
+    if args.dry_run:
+        from fedrouter.plan import dry_run
+
+        print(dry_run(cfg))
+        return 0
     if args.quiet or not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
