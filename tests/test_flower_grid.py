@@ -114,6 +114,19 @@ def test_every_method_gives_the_inprocess_result_over_the_flower_loop(method, tm
     _same(tmp_path / "inprocess", tmp_path / "flower")
 
 
+@pytest.mark.parametrize("method, privacy", [
+    ("fedit", {"mode": "central", "noise_multiplier": 1.0, "clip": 0.1}),
+    ("fedrouter", {"mode": "local", "noise_multiplier": 0.5, "clip": 0.1, "centroid_noise_multiplier": 1.0}),
+])
+def test_differential_privacy_gives_the_inprocess_numbers_on_flower(method, privacy, tmp_path, tiny_overrides, tiny_model_dir):
+    # the same clipping, the same seeded noise (server-side, or drawn on each node), the same epsilon
+    cfg = load_config(None, {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, "privacy": privacy})
+    run_experiment(cfg, tmp_path / "inprocess", progress=False)
+    _serve(cfg, tmp_path / "flower", LocalGrid(_partitions(3)))
+    _same(tmp_path / "inprocess", tmp_path / "flower")
+    assert json.loads((tmp_path / "flower" / "results.json").read_text())["privacy"]["epsilon"] > 0
+
+
 def test_failures_and_silent_nodes_are_dropped_from_their_round_and_counted(tmp_path, tiny_overrides, tiny_model_dir):
     cfg = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 4, "inject_failures": 0.4,
                              "client_timeout_s": 60})

@@ -55,6 +55,23 @@ class TinySection(_Strict):
         return self
 
 
+class PrivacySection(_Strict):
+    """Client-level differential privacy (fedrouter.core.privacy; README "Privacy")."""
+
+    mode: Literal["off", "central", "local"] = "off"  # central: the server clips and noises; local: each client
+    clip: float = Field(1.0, gt=0)  # L2 bound of one client's update (its upload minus what it was sent)
+    noise_multiplier: float = Field(1.0, ge=0)  # noise std = noise_multiplier * clip (/ n on a mean of n)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    target_epsilon: float | None = Field(None, gt=0)  # refuse to start when the configured rounds would exceed it
+    centroid_clip: float = Field(10.0, gt=0)  # FedRouter: bound of each embedding in its released centroids
+    centroid_noise_multiplier: float | None = Field(None, ge=0)  # FedRouter: noise of that release (None: exact)
+
+
+# The methods whose uploads are folded by a mean, which client-level DP covers (README "Privacy").
+PRIVATE_METHODS = ("fedit", "fedprox", "fedsa", "ffa", "feddpa", "fedcluster", "fedrouter", "fedrouter-star",
+                   "fedrouter-oracle")
+
+
 class Config(_Strict):
     # what to run
     method: str = "fedrouter"
@@ -107,6 +124,7 @@ class Config(_Strict):
     # evaluation
     eval_every: int = Field(0, ge=0)  # also evaluate own test sets every N rounds (0: only at the end)
     eval_batch_size: int = Field(64, gt=0)
+    privacy: PrivacySection = PrivacySection()
 
     @field_validator("scenario")
     @classmethod
@@ -147,6 +165,26 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _privacy_applies(self):
+        """DP covers averaging methods with a plain mean; the budget is checked before any work."""
+        if self.privacy.mode == "off":
+            return self
+        if self.method not in PRIVATE_METHODS:
+            raise ValueError(f"privacy: method {self.method} does not fold uploads by a mean (stacking, a choice by loss, "
+                             f"or nothing shared), which client-level DP here does not cover; use one of "
+                             f"{', '.join(PRIVATE_METHODS)}")
+        if self.method_options.get("aggregation", "mean") != "mean":
+            raise ValueError("privacy: a robust aggregation (median, trimmed_mean) has no Gaussian-mechanism bound; "
+                             "use aggregation = \"mean\"")
+        if self.privacy.target_epsilon is not None:
+            epsilon = privacy_epsilon(self, self.rounds)
+            if epsilon > self.privacy.target_epsilon:
+                raise ValueError(f"privacy: {self.rounds} rounds at noise multiplier {self.privacy.noise_multiplier:g} spend "
+                                 f"epsilon {epsilon:.3g} (delta {self.privacy.delta:g}), over target_epsilon "
+                                 f"{self.privacy.target_epsilon:g}: raise the noise or run fewer rounds")
+        return self
+
+    @model_validator(mode="after")
     def _method_options(self):
         """The method's options, checked by the method's own declaration before any work."""
         from fedrouter.methods import options_for
@@ -175,6 +213,28 @@ def lora_settings(cfg: Config):
     from fedrouter.core.model import LoraSettings
 
     return LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.target_modules))
+
+
+def sampled_clients(cfg: Config) -> int:
+    """How many clients a round samples (the loop's rule: max(1, round(fraction * n)), or all)."""
+    return cfg.n_clients if cfg.client_fraction >= 1 else max(1, round(cfg.client_fraction * cfg.n_clients))
+
+
+def accountant(cfg: Config):
+    """The run's privacy accountant (None when privacy is off)."""
+    if cfg.privacy.mode == "off":
+        return None
+    from fedrouter.core.privacy import Accountant
+
+    p = cfg.privacy
+    centroids = p.centroid_noise_multiplier if cfg.method.startswith("fedrouter") else None
+    # Local DP: each client noises its own update; sampling does not hide that it took part.
+    population, sampled = (cfg.n_clients, sampled_clients(cfg)) if p.mode == "central" else (1, 1)
+    return Accountant(p.noise_multiplier, p.delta, population, sampled, centroids)
+
+
+def privacy_epsilon(cfg: Config, rounds: int) -> float:
+    return accountant(cfg).epsilon(rounds)
 
 
 def hardware(cfg: Config):

@@ -47,6 +47,7 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
         world = World(cfg, progress)
         contexts = world.contexts()
         server = server_part(cfg, world.shared, sorted(contexts))
-        clients = InProcessClients(client_part(cfg), contexts, progress, cfg.inject_failures, cfg.seed, cfg.client_timeout_s)
+        clients = InProcessClients(client_part(cfg), contexts, progress, cfg.inject_failures, cfg.seed, cfg.client_timeout_s,
+                                   cfg.privacy)
         produce = lambda: drive(cfg, run_dir, world.data.tasks, world.shared, server, clients, progress, saved)  # noqa: E731
     return rundir.write_run(run_dir, cfg.model_dump(), produce, resume, start)

@@ -32,7 +32,8 @@ def build_shared(cfg: Config, progress: bool = True) -> SharedModel:
 
 
 def method_setup(cfg: Config) -> MethodSetup:
-    return MethodSetup(cfg.seed, cfg.rounds, settings.method_options(cfg))
+    privacy = cfg.privacy.model_dump() if cfg.privacy.mode != "off" else {}
+    return MethodSetup(cfg.seed, cfg.rounds, settings.method_options(cfg), privacy)
 
 
 def server_part(cfg: Config, shared: SharedModel, client_ids: list[int]):

@@ -28,15 +28,14 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
 
 
 def average_per_cluster(states: dict[int, dict[str, torch.Tensor]], weights: dict[int, float],
-                        cluster_of: dict[int, int]) -> dict[int, dict[str, torch.Tensor]]:
-    """{cluster: weighted average of its members' states}, clients keyed alike in all three dicts.
-
-    Clusters with no member among `states` are absent from the result (their adapter does not change).
-    """
+                        cluster_of: dict[int, int], average=weighted_average) -> dict[int, dict[str, torch.Tensor]]:
+    """{cluster: `average` (the weighted mean, by default) of its members' states}, clients keyed alike in
+    all three dicts. Clusters with no member among `states` are absent from the result (their adapter does
+    not change)."""
     members: dict[int, list[int]] = {}
     for cid in sorted(states):
         members.setdefault(cluster_of[cid], []).append(cid)
-    return {k: weighted_average([states[c] for c in cids], [weights[c] for c in cids]) for k, cids in sorted(members.items())}
+    return {k: average([states[c] for c in cids], [weights[c] for c in cids]) for k, cids in sorted(members.items())}
 
 
 def _stacked(states: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from fedrouter import checkpoint, rundir
+from fedrouter import config as settings
 from fedrouter.config import Config
+from fedrouter.core.privacy import DPAverage
 from fedrouter.core.metrics import merge_per_task
 from fedrouter.engines.loop import RoundLoop
 from fedrouter.engines.protocol import ClientSide
@@ -39,8 +41,12 @@ def checkpoint_payload(cfg: Config, server: ServerPart, clients: ClientSide, loo
 def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPart, clients: ClientSide,
           progress: bool = True, saved: dict | None = None) -> dict:
     """The whole run on `clients`; returns the results (results.json is written by the caller)."""
+    central = cfg.privacy.mode == "central"
     loop = RoundLoop(server, clients.transport, clients.ids, cfg.rounds, cfg.client_fraction, cfg.seed, progress,
-                     cfg.update_norm_ratio, cfg.min_updates)
+                     cfg.update_norm_ratio, cfg.min_updates, cfg.privacy.clip if central else None)
+    if central:  # the server's means become DP-FedAvg's: unweighted, noised (its generator is checkpointed)
+        server.dp_average = DPAverage(cfg.privacy.clip, cfg.privacy.noise_multiplier, cfg.seed)
+    accountant = settings.accountant(cfg)
     if saved is None:
         clock, timings = time.perf_counter(), {}
         base_reports = loop.evaluate("test", base=True)
@@ -57,6 +63,8 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
     rounds_before = timings.pop("rounds_s", 0.0)  # training time of the process(es) before a resume
 
     def on_round(record: dict) -> None:
+        if accountant is not None:
+            record["epsilon"] = accountant.epsilon(record["round"])
         if cfg.eval_every and (record["round"] % cfg.eval_every == 0 or record["round"] == cfg.rounds):
             record["rouge1"] = _mean(r["rouge1"] for r in loop.evaluate("test").values())
         metrics.append(record)
@@ -72,8 +80,14 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
     clock = time.perf_counter()
     test_reports, general_reports = loop.evaluate("test"), loop.evaluate("general")
     timings["final_eval_s"] = time.perf_counter() - clock
-    return _results(cfg, run_dir, tasks, shared, server, clients, history, loop,
-                    {"base": base_reports, "test": test_reports, "general": general_reports}, setup_report, timings)
+    results = _results(cfg, run_dir, tasks, shared, server, clients, history, loop,
+                       {"base": base_reports, "test": test_reports, "general": general_reports}, setup_report, timings)
+    if accountant is not None:
+        results["privacy"] = {**cfg.privacy.model_dump(), "epsilon": accountant.epsilon(cfg.rounds),
+                              "epsilon_per_round": [h.get("epsilon") for h in history],
+                              "accountant": "dp_accounting RDP, replace-one neighbours",
+                              "sampled_per_round": settings.sampled_clients(cfg)}
+    return results
 
 
 def _results(cfg, run_dir, tasks, shared, server, clients, history, loop, reports, setup_report, timings) -> dict:

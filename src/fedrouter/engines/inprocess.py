@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fedrouter import rundir
 from fedrouter.core.train import ClientTimeout, time_budget
-from fedrouter.engines.protocol import FailurePlan, InjectedFailure, failure_reply
+from fedrouter.engines.protocol import FailurePlan, InjectedFailure, failure_reply, local_privacy
 from fedrouter.methods.base import ClientContext, ClientPart, Message
 
 __all__ = ["InProcessTransport", "InProcessClients", "InjectedFailure"]
@@ -26,12 +26,13 @@ class InProcessTransport:
     on a real slow machine."""
 
     def __init__(self, client_part: ClientPart, contexts: dict[int, ClientContext], progress: bool = True,
-                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None):
+                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None, privacy=None):
         self.client_part = client_part
         self.contexts = contexts
         self.progress = progress
         self.failures = FailurePlan(inject_failures, seed)
         self.client_timeout_s = client_timeout_s
+        self.privacy, self.seed = privacy, seed  # local DP: each client clips and noises its own upload
 
     def _deliver(self, messages: dict[int, Message], handler, desc: str) -> dict[int, Message]:
         from tqdm import tqdm
@@ -52,7 +53,7 @@ class InProcessTransport:
             took = time.perf_counter() - start
             if self.client_timeout_s is not None and took > self.client_timeout_s:
                 raise ClientTimeout(f"took {took:.1f} s, over the {self.client_timeout_s:g} s budget")
-            return reply
+            return local_privacy(reply, msg, self.client_part, self.privacy, self.seed, ctx.client_id)
         except Exception as exc:  # a failing client is this round's loss, not the run's
             return failure_reply(exc)
 
@@ -74,9 +75,9 @@ class InProcessClients:
     engine = "inprocess"
 
     def __init__(self, client: ClientPart, contexts: dict[int, ClientContext], progress: bool = True,
-                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None):
+                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None, privacy=None):
         self.client, self.contexts = client, contexts
-        self.transport = InProcessTransport(client, contexts, progress, inject_failures, seed, client_timeout_s)
+        self.transport = InProcessTransport(client, contexts, progress, inject_failures, seed, client_timeout_s, privacy)
         self.ids = sorted(contexts)
 
     def info(self) -> dict[int, dict]:

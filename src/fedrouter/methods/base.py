@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fedrouter.core.aggregate import weighted_average
+
 Adapter = dict[str, torch.Tensor]
 
 
@@ -87,6 +89,7 @@ class MethodSetup:
     seed: int
     rounds: int
     options: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)  # the run's [privacy] section when it is on (FedRouter's centroids)
 
 
 def with_defaults(part, options: dict) -> dict:
@@ -102,6 +105,18 @@ class ServerPart:
         self.settings = setup
         self.options = with_defaults(self, setup.options)
         self.client_ids = list(client_ids)
+        # Under differential privacy the engine puts its DP average here (clipped uploads in, noise added).
+        self.dp_average = None
+
+    def average(self, states: list[Adapter], weights: list[float]) -> Adapter:
+        """The mean every averaging method folds uploads with: example-weighted -- or, under differential
+        privacy, the engine's DP average (unweighted, noised)."""
+        return (self.dp_average or weighted_average)(states, weights)
+
+    def upload_reference(self, client_id: int, sent: "Message") -> dict[str, torch.Tensor]:
+        """What each uploaded tensor is a change of (for clipping an update): by default the tensor of the
+        same name that was sent."""
+        return sent.arrays
 
     def configure_setup(self, client_ids: list[int]) -> dict[int, Message]:
         """A one-time exchange before the first round (e.g. FedRouter's local centroids); none by default."""
@@ -188,6 +203,11 @@ class ClientPart:
     def adapters(self, ctx: ClientContext) -> dict[str, Adapter]:
         """The client-private adapters worth saving, by name."""
         return {}
+
+    def upload_reference(self, msg: Message) -> dict[str, torch.Tensor]:
+        """What each tensor of this client's upload is a change of (its server part's `upload_reference`,
+        seen from the client: for clipping and noising its update itself, under local DP)."""
+        return msg.arrays
 
     def diagnostics(self, ctx: ClientContext) -> dict | None:
         """What a simulation may show of this client's private state, for plots only (never sent in a

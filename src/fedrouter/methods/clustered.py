@@ -20,7 +20,7 @@ class ClusteredServer(ServerPart):
         """Put the clients in `labels` into their groups, each group's adapter its members' average;
         clients absent from `labels` (not sampled that round) join the largest group."""
         self.cluster_of = dict(labels)
-        self.cluster_adapters = average_per_cluster(states, weights, self.cluster_of)
+        self.cluster_adapters = average_per_cluster(states, weights, self.cluster_of, self.average)
         largest = max(self.cluster_adapters, key=lambda k: (sum(v == k for v in labels.values()), -k))
         for cid in self.client_ids:
             self.cluster_of.setdefault(cid, largest)
@@ -31,7 +31,7 @@ class ClusteredServer(ServerPart):
     def average_clusters(self, replies: dict[int, Message]) -> None:
         states = {cid: r.arrays for cid, r in replies.items()}
         weights = {cid: r.config["n_examples"] for cid, r in replies.items()}
-        self.cluster_adapters.update(average_per_cluster(states, weights, self.cluster_of))
+        self.cluster_adapters.update(average_per_cluster(states, weights, self.cluster_of, self.average))
 
     def configure_evaluate(self, client_ids):
         return self.clustered_messages(client_ids, {})

@@ -21,13 +21,13 @@ OPTIONS = {"aggregation": "mean", "trim": 0.1,
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 
 
-def aggregate(opts: dict, states: list[dict], weights: list[float]) -> dict:
+def aggregate(opts: dict, states: list[dict], weights: list[float], average=weighted_average) -> dict:
     """The clients' uploads folded into one adapter, as the `aggregation` option says."""
     if opts["aggregation"] == "median":
         return coordinate_median(states)
     if opts["aggregation"] == "trimmed_mean":
         return trimmed_mean(states, opts["trim"])
-    return weighted_average(states, weights)
+    return average(states, weights)
 
 
 def check_options(method: str, opts: dict) -> None:
@@ -70,7 +70,7 @@ class Server(ServerPart):
 
     def aggregate_fit(self, round_idx, replies):
         average = aggregate(self.options, [r.arrays for r in replies.values()],
-                            [r.config["n_examples"] for r in replies.values()])
+                            [r.config["n_examples"] for r in replies.values()], self.average)
         self.global_adapter = self.optimizer.step(self.global_adapter, average)
         return mean_fit_metrics(replies)
 

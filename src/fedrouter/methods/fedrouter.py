@@ -25,9 +25,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from fedrouter.core.aggregate import weighted_average
 from fedrouter.core.cluster import (adjusted_rand, cluster_local, clustering_accuracy, majority_cluster, route,
                                     server_step)
+from fedrouter.core.privacy import noisy_centroids
 from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
@@ -47,6 +47,12 @@ def check_options(method: str, opts: dict) -> None:
 
 def k_range(opts: dict) -> range:
     return range(opts["k_min"], opts["k_max"] + 1)
+
+
+def job_reference(sent: Message) -> dict:
+    """Upload "j<job>/<name>" is the trained change of the sent "g<cluster>/<name>" (for clipping updates)."""
+    return {f"j{j}/{name}": t for j, (_, g) in enumerate(sent.config["jobs"])
+            for name, t in unpack_under(sent.arrays, f"g{g}").items()}
 
 
 class Server(ServerPart):
@@ -104,6 +110,9 @@ class Server(ServerPart):
             out[cid] = Message(arrays, {"round": round_idx, "jobs": [list(j) for j in jobs]})
         return out
 
+    def upload_reference(self, client_id, sent):
+        return job_reference(sent)
+
     def expected_upload(self, client_id, sent):
         """One trained adapter per job, under "j<job>/": the global cluster's adapter, trained."""
         return {f"j{j}/{name}": tuple(t.shape) for j, (_, g) in enumerate(sent.config["jobs"])
@@ -119,7 +128,7 @@ class Server(ServerPart):
             tokens += reply.config["tokens"]
             examples += reply.config["n_examples"]
         for g, pairs in updates.items():
-            self.cluster_adapters[g] = weighted_average([a for a, _ in pairs], [n for _, n in pairs])
+            self.cluster_adapters[g] = self.average([a for a, _ in pairs], [n for _, n in pairs])
         return {"train_loss": sum(l * n for l, n in losses) / max(1, sum(n for _, n in losses)), "tokens": tokens,
                 "clients": len(replies), "clusters_updated": len(updates)}
 
@@ -180,6 +189,9 @@ class Server(ServerPart):
 
 
 class Client(ClientPart):
+    def upload_reference(self, msg):
+        return job_reference(msg)
+
     def _embed(self, ctx, examples: list[dict]) -> np.ndarray:
         return ctx.workbench.embed([e["instruction"] for e in examples], self.options["embedder"])
 
@@ -195,6 +207,11 @@ class Client(ClientPart):
         else:
             local_tasks = None
             centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options))
+        privacy = self.settings.privacy
+        if privacy.get("centroid_noise_multiplier") is not None:  # released through the Gaussian mechanism
+            rng = np.random.default_rng([self.settings.seed, ctx.client_id, 17])
+            centroids = noisy_centroids(x, labels, len(centroids), privacy["centroid_clip"],
+                                        privacy["centroid_noise_multiplier"], rng)
         ctx.state["local_labels"] = labels  # (the embeddings are cached on disk: diagnostics reads them back)
         task_counts = [dict(Counter(t for t, l in zip(tasks, labels) if l == k)) for k in range(len(centroids))]
         config = {"n_local": len(centroids), "task_counts": task_counts, "silhouette": curve,

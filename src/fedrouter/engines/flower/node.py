@@ -25,7 +25,7 @@ from fedrouter.engines.flower.protocol import (HELLO, NODE, RESUME, RUN, SAVE, S
                                                recv_header, recv_records, send_parts)
 from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
 from fedrouter.engines.flower.wire import STATE, from_records, state_bytes, state_from_bytes, to_records
-from fedrouter.engines.protocol import InjectedFailure
+from fedrouter.engines.protocol import InjectedFailure, local_privacy
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message
 from fedrouter.rundir import plain_name, save_adapters
@@ -184,7 +184,8 @@ def _evaluate(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> 
 _WORK = {
     RESUME: lambda m, ctx, w, folder: Message(),  # loading the expected state is all a resume asks of a node
     SETUP: lambda m, ctx, w, folder: w.client.setup(m, ctx),
-    MessageType.TRAIN: lambda m, ctx, w, folder: w.client.fit(m, ctx),
+    MessageType.TRAIN: lambda m, ctx, w, folder: local_privacy(w.client.fit(m, ctx), m, w.client, w.cfg.privacy,
+                                                               w.cfg.seed, ctx.client_id),
     MessageType.EVALUATE: _evaluate,
     SAVE: _save,
 }
