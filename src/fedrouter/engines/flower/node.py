@@ -25,7 +25,8 @@ from fedrouter.core.train import time_budget
 from fedrouter.engines.flower.protocol import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, RunConfigUnknownError,
                                                WorkerProtocolError, config_hash, recv_header, recv_records, send_parts)
 from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
-from fedrouter.engines.flower.wire import STATE, from_records, state_bytes, state_from_bytes, to_records
+from fedrouter.engines.flower.wire import (PARTS, STATE, from_records, join_parts, split_parts, state_bytes,
+                                           state_from_bytes, to_records)
 from fedrouter.engines.protocol import InjectedFailure
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message
@@ -207,6 +208,8 @@ def _save(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Mess
 
 
 def _evaluate(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Message:
+    if PARTS in msg.config:  # several evaluations in one message: one after the other, as one by one
+        return join_parts([_evaluate(part, ctx, world, folder) for part in split_parts(msg)])
     if msg.config.get("base"):  # the untrained base: the engine's job, not the method's
         return Message(config=ctx.workbench.evaluate(None, msg.config.get("split", "test")))
     return world.client.evaluate(msg, ctx)

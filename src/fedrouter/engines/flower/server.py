@@ -22,7 +22,7 @@ from fedrouter.core.train import ClientTimeout
 from fedrouter.engines.driver import drive
 from fedrouter.engines.flower.protocol import HELLO, NODE, RESUME, RUN, SAVE, SETUP, RunConfigUnknownError, config_hash
 from fedrouter.engines.flower.node_store import NodeStateLost
-from fedrouter.engines.flower.wire import from_records, to_records
+from fedrouter.engines.flower.wire import from_records, join_parts, split_parts, to_records
 from fedrouter.engines.protocol import FailurePlan, failure_reply
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import Message
@@ -177,6 +177,20 @@ class FlowerTransport:
 
     def evaluate(self, messages):
         return self.exchange_all(messages, MessageType.EVALUATE, "evaluation")
+
+    def evaluate_batches(self, batches: list[dict[int, Message]]) -> list[dict[int, Message]]:
+        """Several evaluations one after the other (each a message per client), as one message per client:
+        the node evaluates the parts in order, as it would the messages one by one."""
+        if len(batches) == 1:
+            return [self.evaluate(batches[0])]
+        cids = list(batches[0])
+        if any(list(batch) != cids for batch in batches):
+            raise ValueError("every evaluation of a batch must go to the same clients")
+        replies = self.evaluate({cid: join_parts([batch[cid] for batch in batches]) for cid in cids})
+        parts = {cid: split_parts(reply) for cid, reply in replies.items()}
+        if any(len(p) != len(batches) for p in parts.values()):
+            raise FedrouterError("a node answered a batch of evaluations with another number of reports")
+        return [{cid: parts[cid][i] for cid in cids} for i in range(len(batches))]
 
 
 _DEPLOYED_REASON = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.S)
