@@ -125,11 +125,13 @@ class FlowerTransport:
         ignored. Returns the replies by client, and for each client without one the reason."""
         cids = list(outgoing)
         ids = list(self.grid.push_messages([outgoing[cid] for cid in cids]))
+        if len(ids) != len(cids):  # a grid that leaves out what it did not take (the in-memory one): by the ids given
+            taken = set(ids)
+            ids = [outgoing[cid].metadata.message_id if outgoing[cid].metadata.message_id in taken else None for cid in cids]
         pending: dict[str, int] = {}
         missing: dict[int, Exception] = {}
-        for i, cid in enumerate(cids):
-            message_id = ids[i] if i < len(ids) else None  # Flower gives None (or nothing) for one it did not push
-            if message_id:
+        for cid, message_id in zip(cids, ids):
+            if message_id:  # the deployment's grid gives None for a message it did not take
                 pending[message_id] = cid
             else:
                 missing[cid] = MessageNotPushed("the SuperLink did not take the message (see the ServerApp's log)")
