@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from flwr.app import Context, Error, Message as FlowerMessage, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Error, Message as FlowerMessage, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from conftest import assert_same_run  # noqa: E402
@@ -24,7 +26,10 @@ from fedrouter.config import load_config  # noqa: E402
 from fedrouter import rundir  # noqa: E402
 from fedrouter.engines.flower import node as flower_node, server as flower  # noqa: E402
 from fedrouter.engines.flower_client import client_app  # noqa: E402
+from fedrouter.engines.flower.protocol import NODE  # noqa: E402
+from fedrouter.engines.flower.wire import to_records  # noqa: E402
 from fedrouter.errors import FedrouterError  # noqa: E402
+from fedrouter.methods.base import Message  # noqa: E402
 from fedrouter.experiment import run_experiment  # noqa: E402
 from fedrouter.methods import METHODS  # noqa: E402
 
@@ -35,8 +40,9 @@ class ServerCrashed(Exception):
 
 
 class LocalGrid:
-    """Delivers each message to `flower.client_app` with the destination node's own Context. A ClientApp
-    that raises becomes an error reply, as on a SuperNode; nodes in `silent` never answer."""
+    """Delivers each message to `flower.client_app` with the destination node's own Context, as soon as it
+    is pushed; its reply waits to be pulled, as on a SuperLink. A ClientApp that raises becomes an error
+    reply, as on a SuperNode; nodes in `silent` never answer."""
 
     def __init__(self, node_configs: list[dict], silent_rounds: dict[int, set[str]] | None = None, seed: int = 3,
                  crash_in_round: int | None = None, restart_in_round: dict[int, int] | None = None):
@@ -48,14 +54,22 @@ class LocalGrid:
         self.crash_in_round = crash_in_round
         # node index -> round: the node restarts before that round's training (its memory is gone)
         self.restart = dict(restart_in_round or {})
+        self.replies: dict[str, FlowerMessage] = {}  # message id -> the reply to it, not pulled yet
+        self.pushed: list[FlowerMessage] = []  # every message pushed, in order
 
     def get_node_ids(self):
         return list(self.contexts)
 
     def send_and_receive(self, messages, timeout=None):
+        raise AssertionError("the server pushes and pulls itself (Flower's send_and_receive waits 3 s between pulls)")
+
+    def push_messages(self, messages):
         index = {node: i for i, node in enumerate(self.contexts)}
-        replies = []
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
+            ids.append(msg.metadata.message_id)
+            self.pushed.append(msg)
             node = msg.metadata.dst_node_id
             if msg.metadata.group_id in self.silent.get(index[node], set()):
                 continue
@@ -63,15 +77,20 @@ class LocalGrid:
                 del self.restart[index[node]]
                 self.contexts[node].state = RecordDict()
                 flower_node._WORLDS.clear()  # a new process: nothing cached either
+                flower_node._CONFIGS.clear()
             try:
                 reply = client_app(msg, self.contexts[node])
             except Exception as exc:
                 reply = FlowerMessage(Error(code=2, reason=f"<class '{type(exc).__module__}.{type(exc).__name__}'>:<'{exc}'>"), reply_to=msg)
             assert reply.metadata.src_node_id == node  # reply_to addresses it from the node it went to
-            replies.append(reply)
+            assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+            self.replies[msg.metadata.message_id] = reply
             if msg.metadata.message_type == "train" and int(msg.metadata.group_id) == self.crash_in_round:
                 raise ServerCrashed(f"the server died in round {self.crash_in_round}")
-        return replies
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +146,8 @@ def test_differential_privacy_gives_the_inprocess_numbers_on_flower(method, priv
     assert json.loads((tmp_path / "flower" / "results.json").read_text())["privacy"]["epsilon"] > 0
 
 
-def test_failures_and_silent_nodes_are_dropped_from_their_round_and_counted(tmp_path, tiny_overrides, tiny_model_dir):
+def test_failures_and_silent_nodes_are_dropped_from_their_round_and_counted(tmp_path, tiny_overrides, tiny_model_dir,
+                                                                           monkeypatch):
     cfg = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 4, "inject_failures": 0.4,
                              "client_timeout_s": 60})
     run_experiment(cfg, tmp_path / "inprocess", progress=False)
@@ -135,8 +155,9 @@ def test_failures_and_silent_nodes_are_dropped_from_their_round_and_counted(tmp_
     _same(tmp_path / "inprocess", tmp_path / "flower")  # the same clients fail in the same rounds
     failures = json.loads((tmp_path / "flower" / "results.json").read_text())["client_failures_per_round"]
     assert sum(failures) > 0
-    # a node that stays silent in round 2 is dropped from it, the run goes on
-    quiet = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 3, "client_timeout_s": 60})
+    # a node that stays silent in round 2 is dropped from it once its time is up (2 s + a margin cut to 1 s)
+    monkeypatch.setattr(flower, "REPLY_MARGIN_S", 0.5)
+    quiet = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 3, "rounds": 3, "client_timeout_s": 2})
     results = _serve(quiet, tmp_path / "silent", LocalGrid(_partitions(3), silent_rounds={1: {"2"}}))
     assert results["client_failures_per_round"] == [0, 1, 0]
     (rejected,) = results["rejected_updates"]
@@ -162,7 +183,6 @@ def test_a_long_lived_worker_serves_every_message_with_the_same_results(tmp_path
     # world is built once in the worker, and the results equal the in-process run's.
     import subprocess
     import sys
-    import time
 
     from fedrouter.testing import stop
 
@@ -245,14 +265,15 @@ def test_a_restarted_node_reloads_its_clients_state_and_the_run_is_unchanged(tmp
 def test_a_restarted_node_that_lost_its_files_too_stops_the_run(tmp_path, tiny_overrides, tiny_model_dir):
     cfg = load_config(None, {**tiny_overrides, "method": "local", "n_clients": 2, "rounds": 3})
     grid = LocalGrid(_partitions(2), restart_in_round={1: 3})
-    real_send = grid.send_and_receive
+    real_push = grid.push_messages
 
-    def send_and_receive(messages, timeout=None):  # the restarted node comes back with an empty disk too
+    def push_messages(messages):  # the restarted node comes back with an empty disk too
+        messages = list(messages)
         if any(m.metadata.message_type == "train" and m.metadata.group_id == "3" for m in messages):
             shutil.rmtree(tmp_path / "flower" / "checkpoints" / "nodes", ignore_errors=True)
-        return real_send(messages, timeout)
+        return real_push(messages)
 
-    grid.send_and_receive = send_and_receive
+    grid.push_messages = push_messages
     with pytest.raises(FedrouterError, match=r"client 1: NodeStateLost: client 1's state after exchange \d+ is not on this node"):
         _serve(cfg, tmp_path / "flower", grid)
 
@@ -274,3 +295,92 @@ def test_a_node_without_its_saved_state_stops_the_resume_with_the_reason(tmp_pat
 
     with pytest.raises(FedrouterError, match=r"client 0 failed during resuming: NodeStateLost: client 0's state file .* is unreadable"):
         _crash_and_resume(cfg, tmp_path / "flower2", crash_in_round=2, damage=damage_client_0)
+
+
+class SlowGrid:
+    """A SuperLink whose nodes answer `delay_s` after the push: node `errors` with an error, nodes in `silent`
+    never; every pull also returns a reply to a message this server never sent."""
+
+    def __init__(self, nodes: list[int], delay_s: float, silent=(), errors=()):
+        self.nodes, self.delay_s, self.silent, self.errors = nodes, delay_s, set(silent), set(errors)
+        self.ready: dict[str, tuple[float, FlowerMessage]] = {}
+        self.pulls = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        raise AssertionError("the server pushes and pulls itself")
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(msg.metadata.message_id)
+            node = msg.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            if node in self.errors:
+                reply = FlowerMessage(Error(code=2, reason="<class 'builtins.RuntimeError'>:<'boom'>"), reply_to=msg)
+            else:
+                reply = FlowerMessage(to_records(Message(config={"train_s": 0.0}), {NODE: ConfigRecord({"state_seq": 0})}),
+                                      reply_to=msg)
+            self.ready[msg.metadata.message_id] = (time.monotonic() + self.delay_s, reply)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        now, out = time.monotonic(), []
+        for i in list(message_ids):
+            if i in self.ready and self.ready[i][0] <= now:
+                out.append(self.ready.pop(i)[1])
+        stray = FlowerMessage(RecordDict(), dst_node_id=self.nodes[0], message_type="train")
+        stray.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        return out + [FlowerMessage(RecordDict(), reply_to=stray)]  # a reply to something else: ignored
+
+
+def _transport(grid, timeout_s=None):
+    return flower.FlowerTransport(grid, {cid: node for cid, node in enumerate(grid.nodes)}, "{}", timeout_s)
+
+
+def test_a_reply_is_picked_up_within_the_pull_interval_not_flowers_3_s():
+    grid = SlowGrid([11, 22], delay_s=0.4)
+    transport = _transport(grid)
+    assert transport.pull_interval_s == flower.PULL_INTERVAL_S == 0.2
+    start = time.monotonic()
+    replies = transport.fit({0: Message(), 1: Message()})
+    elapsed = time.monotonic() - start
+    assert 0.4 <= elapsed < 1.0, elapsed  # Grid.send_and_receive would have slept 3 s after its first pull
+    assert all("failed" not in r.config for r in replies.values()) and set(replies) == {0, 1}
+    assert grid.pulls >= 2
+    # the interval is the transport's to choose
+    grid, start = SlowGrid([11], delay_s=0.3), time.monotonic()
+    fast = _transport(grid)
+    fast.pull_interval_s = 0.05
+    fast.fit({0: Message()})
+    assert time.monotonic() - start < 0.5 and grid.pulls >= 5
+
+
+def test_a_silent_node_is_dropped_at_its_timeout_and_an_error_reply_counts_as_a_failure():
+    grid = SlowGrid([11, 22, 33], delay_s=0.1, silent=[22], errors=[33])
+    transport = _transport(grid, timeout_s=0.3)
+    transport.margin_s = 0.2  # wait = timeout_s + max(margin, timeout_s / 2) = 0.5 s
+    start = time.monotonic()
+    replies = transport.fit({0: Message(), 1: Message(), 2: Message()})
+    elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed < 1.2, elapsed
+    assert "failed" not in replies[0].config
+    assert replies[1].config["failed"] == "ClientTimeout: no reply within 0.5 s"
+    assert replies[2].config["failed"] == "RuntimeError: boom"
+
+
+def test_a_node_that_lost_the_run_config_gets_it_again_and_the_config_travels_once(tmp_path, tiny_overrides, tiny_model_dir):
+    # hello carries the config; later messages call it by its hash; a restarted node (memory and process
+    # gone) says it does not hold it and gets the same message again with it (test_a_restarted_node_...)
+    cfg = load_config(None, {**tiny_overrides, "method": "fedit", "n_clients": 2, "rounds": 3})
+    grid = LocalGrid(_partitions(2), restart_in_round={0: 2})
+    _serve(cfg, tmp_path / "flower", grid)
+    with_config = [(m.metadata.message_type, m.metadata.group_id, m.metadata.dst_node_id) for m in grid.pushed
+                   if "config" in m.content["run"]]
+    node0 = list(grid.contexts)[0]
+    assert sorted(with_config) == sorted([("query.hello", "0", n) for n in grid.contexts] + [("train", "2", node0)])

@@ -109,7 +109,7 @@ def test_a_save_message_with_a_crafted_run_id_deletes_nothing_outside_the_node(t
     from flwr.app import ConfigRecord, RecordDict
 
     from fedrouter.config import load_config
-    from fedrouter.engines.flower.protocol import RUN, SAVE
+    from fedrouter.engines.flower.protocol import RUN, SAVE, config_hash
     from fedrouter.engines.flower.node import serve_message
     from fedrouter.errors import FedrouterError
 
@@ -118,8 +118,9 @@ def test_a_save_message_with_a_crafted_run_id_deletes_nothing_outside_the_node(t
     (victim / "client0" / "precious").write_text("keep me")
     cfg = load_config(None, {**tiny_overrides, "method": "local"})
     node = tmp_path / "node"
+    text = json.dumps(cfg.model_dump())
     for run_id in ("../../../../victim", str(victim)):
-        run = ConfigRecord({"config": json.dumps(cfg.model_dump()), "client": 0, "run_id": run_id, "run": "r",
+        run = ConfigRecord({"config": text, "config_hash": config_hash(text), "client": 0, "run_id": run_id, "run": "r",
                             "seq": 1, "state_seq": 0, "keep_from": 0})
         with pytest.raises(FedrouterError, match="not a run id"):
             serve_message(SAVE, RecordDict({RUN: run}), {"partition-id": 0, "out-dir": str(node)}, RecordDict())

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedrouter.engines.flower.wire import config_json, roundtrip, state_bytes, state_from_bytes  # noqa: E402
+from fedrouter.engines.flower.wire import (config_json, join_parts, roundtrip, split_parts, state_bytes,  # noqa: E402
+                                           state_from_bytes)
 from fedrouter.methods.base import Message  # noqa: E402
 
 
@@ -39,3 +40,12 @@ def test_private_state_roundtrips_through_its_bytes():
     assert state_bytes(back) == state_bytes(state)  # the same state, the same bytes: how a node sees nothing changed
     assert torch.equal(back["adapter"]["w"], state["adapter"]["w"])
     assert np.array_equal(back["centroids"], state["centroids"]) and back["global_of"] == {0: 1}
+
+
+def test_several_messages_travel_as_one_and_come_apart_unchanged():
+    parts = [Message({"g0/x": torch.ones(2), "a/b": torch.zeros(1, 3)}, {"split": "test", "base": False}),
+             Message({}, {"split": "general"}), Message({"a/b": torch.full((1,), 2.0)}, {})]
+    back = split_parts(roundtrip(join_parts(parts)))
+    assert [m.config for m in back] == [m.config for m in parts]
+    for got, sent in zip(back, parts):
+        assert list(got.arrays) == list(sent.arrays) and all(torch.equal(got.arrays[k], sent.arrays[k]) for k in sent.arrays)

@@ -78,7 +78,7 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
         history = loop.run(on_round)
     timings["rounds_s"] = rounds_before + time.perf_counter() - clock
     clock = time.perf_counter()
-    test_reports, general_reports = loop.evaluate("test"), loop.evaluate("general")
+    test_reports, general_reports = loop.evaluate_splits(["test", "general"])
     timings["final_eval_s"] = time.perf_counter() - clock
     results = _results(cfg, run_dir, tasks, shared, server, clients, history, loop,
                        {"base": base_reports, "test": test_reports, "general": general_reports}, setup_report, timings)

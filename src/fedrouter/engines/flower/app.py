@@ -17,7 +17,7 @@ from fedrouter.atomic import write_bytes
 from fedrouter.config import Config, load_config, load_saved, parse_sets
 from fedrouter.engines.flower.client_app import client_app
 from fedrouter.engines.flower.node import NODE_DIR_ENV
-from fedrouter.engines.flower.server import serve
+from fedrouter.engines.flower.server import PULL_INTERVAL_S, serve
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ set = ""             # space-separated KEY=VALUE overrides, as `fedrouter run --
 out = ""             # the run directory (absolute path); "" = runs/<method>-<scenario>-seed<seed>-<time>
 node-wait-s = 300    # how long to wait for n_clients SuperNodes to connect
 resume = false       # true: continue the unfinished run in `out` from its newest checkpoint (no config / set)
+pull-interval-s = 0.2  # how often the ServerApp asks the SuperLink for replies while it waits for them
 """
 
 
@@ -89,13 +90,20 @@ def _main(grid: Grid, context: Context) -> None:
         sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
         cfg = load_config(run_config.get("config") or None, sets)
         run_dir = Path(run_config.get("out") or rundir.default_path(cfg.method, cfg.scenario, cfg.seed))
+    pull_interval_s = float(run_config.get("pull-interval-s", PULL_INTERVAL_S))  # an app written before it: the default
+    if not 0 < pull_interval_s <= 60:
+        raise FedrouterError(f"pull-interval-s must be in (0, 60] seconds, got {pull_interval_s:g}")
     results = rundir.write_run(run_dir, cfg.model_dump(), lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
-                                                                        node_wait_s=float(run_config.get("node-wait-s", 120))),
+                                                                        node_wait_s=float(run_config.get("node-wait-s", 120)),
+                                                                        pull_interval_s=pull_interval_s),
                                resume=saved is not None)
     log.warning("fedrouter: %s %s ROUGE-1 %.4f, run directory %s", cfg.method, cfg.scenario, results["rouge1"], run_dir)
 
 
 # ----------------------------------------------------------------------------------- simulation runtime
+
+SIMULATION_PULL_INTERVAL_S = 0.05  # Flower's in-memory grid itself asks every 0.1 s
+
 
 def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=None, saved: dict | None = None) -> dict:
     """`cfg` on Flower's simulation runtime in this process: n_clients virtual SuperNodes (Ray actors,
@@ -111,7 +119,9 @@ def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=Non
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["results"] = serve(grid, cfg, run_dir, progress, shared=shared, saved=saved)
+            # the replies are in this process's memory: asking for them is cheap, so ask often
+            outcome["results"] = serve(grid, cfg, run_dir, progress, shared=shared, saved=saved,
+                                       pull_interval_s=SIMULATION_PULL_INTERVAL_S)
         except BaseException as exc:  # carried out of Flower's thread, raised below
             outcome["error"] = exc
 

@@ -35,11 +35,13 @@ def _via_worker(address: str, msg: Message, context: Context):
         header = recv_header(conn)
         if header.get("status") != "ok":
             _raise_remote(header.get("name", "WorkerError"), header.get("text", "the worker refused the message"))
-        content, state = recv_records(conn, 2)
-    for name in list(context.state.keys()):
-        del context.state[name]
-    for name, record in state.items():
-        context.state[name] = record
+        changed = header.get("state", True) is not False
+        content, *state = recv_records(conn, 2 if changed else 1)
+    if state:  # the node's state changed: keep the new one
+        for name in list(context.state.keys()):
+            del context.state[name]
+        for name, record in state[0].items():
+            context.state[name] = record
     return content
 
 
@@ -50,7 +52,7 @@ def _handle(msg: Message, context: Context) -> Message:
     else:
         from fedrouter.engines.flower.node import serve_message
 
-        content = serve_message(msg.metadata.message_type, msg.content, dict(context.node_config), context.state)
+        content, _ = serve_message(msg.metadata.message_type, msg.content, dict(context.node_config), context.state)
     return Message(content, reply_to=msg)
 
 

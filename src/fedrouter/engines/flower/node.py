@@ -1,7 +1,8 @@
 """What runs on a Flower node (SuperNode) for fedrouter: one message for this node's client at a time.
 
-`serve_message` rebuilds the client from what every message carries -- the run's config (JSON) -- and
-from the private state the server expects it to be in (kept in Flower's `context.state`, and in the
+`serve_message` rebuilds the client from the run's config (JSON: sent once, at hello, kept in Flower's
+`context.state` and in this process, and called by its hash in every message) and from the private state
+the server expects it to be in (kept in Flower's `context.state`, and in the
 node's own checkpoint files, `engines.flower.node_store`, for when that memory is gone), runs the method's
 client part, and keeps the new state. The base model, the data and their encoding are built once per
 process and reused by every message that process serves. It is called by the thin ClientApp
@@ -21,10 +22,11 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from fedrouter.config import Config
 from fedrouter.core.train import time_budget
-from fedrouter.engines.flower.protocol import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, WorkerProtocolError,
-                                               recv_header, recv_records, send_parts)
+from fedrouter.engines.flower.protocol import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, RunConfigUnknownError,
+                                               WorkerProtocolError, config_hash, recv_header, recv_records, send_parts)
 from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
-from fedrouter.engines.flower.wire import STATE, from_records, state_bytes, state_from_bytes, to_records
+from fedrouter.engines.flower.wire import (PARTS, STATE, from_records, join_parts, split_parts, state_bytes,
+                                           state_from_bytes, to_records)
 from fedrouter.engines.protocol import InjectedFailure, local_privacy
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message
@@ -69,6 +71,32 @@ class _World:
 
 
 _WORLDS: dict[str, _World] = {}
+_CONFIGS: dict[str, str] = {}  # run config hash -> the config's text, in this process (a worker, a simulation actor)
+CONFIG = "fedrouter-config"  # the key of the run's config in Flower's context.state
+
+
+def _config_text(run, state) -> tuple[str, bool]:
+    """The run's config the message calls by its hash: the one it carries (hello, or the server sending it
+    again), else the one this node keeps (context.state, or this process); and whether `state` changed.
+    A node that holds none (its SuperNode restarted, and no worker remembers it) says so, and the server
+    sends the message again with the config."""
+    digest = str(run["config_hash"])
+    if "config" in run:
+        text = str(run["config"])
+        if config_hash(text) != digest:
+            raise FedrouterError("the run config the server sent does not match its hash")
+        _CONFIGS.clear()  # one run per process at a time
+        _CONFIGS[digest] = text
+    elif CONFIG in state and state[CONFIG]["hash"] == digest:
+        return str(state[CONFIG]["json"]), False
+    elif digest in _CONFIGS:
+        text = _CONFIGS[digest]
+    else:
+        raise RunConfigUnknownError(f"this node does not hold the run config {digest[:12]} (its memory is gone)")
+    if CONFIG in state and state[CONFIG]["hash"] == digest:
+        return text, False
+    state[CONFIG] = ConfigRecord({"hash": digest, "json": text})
+    return text, True
 
 
 def _world(config_text: str, node_config: dict) -> _World:
@@ -101,16 +129,18 @@ def _partition(node_config: dict, n_clients: int) -> int:
     return cid
 
 
-def serve_message(message_type: str, content: RecordDict, node_config: dict, state) -> RecordDict:
+def serve_message(message_type: str, content: RecordDict, node_config: dict, state) -> tuple[RecordDict, bool]:
     """One message for this node's client: rebuild the client (the run's world, built once per process,
     plus the private state the server expects it to have: from `state`, Flower's context.state, or from
     the node's own checkpoint of it), let the method's client part act, keep the new state (in `state`,
-    and in a checkpoint file when it changed), and return the reply's content. Raises what the client raises."""
+    and in a checkpoint file when it changed), and return the reply's content and whether `state` changed
+    (a state that did not is not written again). Raises what the client raises."""
     run = content[RUN]
-    world = _world(run["config"], node_config)
+    config_text, changed = _config_text(run, state)
+    world = _world(config_text, node_config)
     cid = _partition(node_config, world.cfg.n_clients)
     if message_type == HELLO:  # discovery: the server does not know yet which client this node holds
-        return to_records(_hello(world, cid))
+        return to_records(_hello(world, cid)), changed
     if int(run["client"]) != cid:
         raise FedrouterError(f"the server addressed client {run['client']} but this node holds partition {cid}")
     if run.get("inject_failure"):
@@ -130,12 +160,14 @@ def serve_message(message_type: str, content: RecordDict, node_config: dict, sta
         label = int(run["seq"])
         if store is not None:
             store.write(label, new_blob, keep_from=int(run["keep_from"]), keep={expected})
-    state[STATE] = ConfigRecord({"blob": new_blob, "seq": label})
+    if not (STATE in state and int(state[STATE]["seq"]) == label and state[STATE]["blob"] == new_blob):  # else: held already
+        state[STATE] = ConfigRecord({"blob": new_blob, "seq": label})
+        changed = True
     if store is not None and message_type == RESUME:
         store.drop_after(expected)  # what this node did past the server's checkpoint is undone
     if store is not None and message_type == SAVE:
         store.remove()  # the run is over
-    return to_records(reply, {NODE: ConfigRecord({"state_seq": label})})
+    return to_records(reply, {NODE: ConfigRecord({"state_seq": label})}), changed
 
 
 def _store(node_config: dict, run, cid: int, checkpoint_keep: int) -> NodeStore | None:
@@ -176,6 +208,8 @@ def _save(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Mess
 
 
 def _evaluate(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Message:
+    if PARTS in msg.config:  # several evaluations in one message: one after the other, as one by one
+        return join_parts([_evaluate(part, ctx, world, folder) for part in split_parts(msg)])
     if msg.config.get("base"):  # the untrained base: the engine's job, not the method's
         return Message(config=ctx.workbench.evaluate(None, msg.config.get("split", "test")))
     return world.client.evaluate(msg, ctx)
@@ -267,8 +301,9 @@ def _serve_connection(conn) -> None:
         _reply(conn, {"status": "error", "name": "WorkerProtocolError", "text": str(exc)})
         return
     try:
-        reply = serve_message(message_type, content, node_config, state)
-        answer = ({"status": "ok"}, reply, state)
+        reply, changed = serve_message(message_type, content, node_config, state)
+        # the node's state goes back only when it changed (the ClientApp keeps the one it has otherwise)
+        answer = ({"status": "ok", "state": changed}, reply, *([state] if changed else []))
     except Exception as exc:  # the ClientApp raises it again, so Flower reports an error reply
         answer = ({"status": "error", "name": type(exc).__name__, "text": str(exc)},)
     _reply(conn, *answer)

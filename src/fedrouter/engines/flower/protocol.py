@@ -9,6 +9,7 @@ Flower's own protobuf. Nothing received is unpickled; a malformed part is refuse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -16,10 +17,20 @@ from pathlib import Path
 
 from flwr.app import MessageType, RecordDict
 
-RUN = "run"  # the record every message carries: the run's config and per-message engine fields
+RUN = "run"  # the record every message carries: per-message engine fields, the run's config hash (the config at hello)
 NODE = "node"  # the record every reply carries: which state the node's client is in now
 HELLO, SETUP, SAVE, RESUME = (f"{MessageType.QUERY}.{name}" for name in ("hello", "setup", "save", "resume"))
 MAX_PART = 1 << 31  # bytes of one framed part; a longer one is refused, not read
+
+
+def config_hash(config_text: str) -> str:
+    """What messages call the run's config by: the server sends the config itself only at hello (and again
+    to a node that no longer holds it), and its hash in every message."""
+    return hashlib.sha256(config_text.encode()).hexdigest()
+
+
+class RunConfigUnknownError(RuntimeError):
+    """A node asked about a run config it does not hold (its memory is gone): the server sends it again."""
 
 
 class WorkerProtocolError(ValueError):

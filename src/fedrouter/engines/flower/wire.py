@@ -65,6 +65,24 @@ def from_records(content: RecordDict) -> Message:
     return Message(arrays, config)
 
 
+PARTS = "fedrouter.parts"  # a message made of several, one after another: their configs (their arrays by index)
+
+
+def join_parts(parts: list[Message]) -> Message:
+    """Several messages for one client as one (each part's arrays under "<index>/<name>")."""
+    arrays = {f"{i}/{name}": t for i, part in enumerate(parts) for name, t in part.arrays.items()}
+    return Message(arrays, {PARTS: [part.config for part in parts]})
+
+
+def split_parts(msg: Message) -> list[Message]:
+    """The messages `join_parts` joined."""
+    parts = [Message({}, dict(config)) for config in msg.config[PARTS]]
+    for key, t in msg.arrays.items():
+        index, name = key.split("/", 1)
+        parts[int(index)].arrays[name] = t
+    return parts
+
+
 def roundtrip(msg: Message) -> Message:
     """What the receiver of `msg` gets (for checking that a method's messages survive the wire)."""
     return from_records(to_records(msg))
