@@ -21,7 +21,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower,serve]"
 	touch $@
 
 install: $(VENV)/.installed
