@@ -1,4 +1,5 @@
-# Two commands: `make run` (the main job on the embedded default) and `make test` (the whole suite);
+# Two commands: `make run` (the main job on the embedded default; then `.venv/bin/fedrouter serve runs/<run>`
+# serves its result) and `make test` (the whole suite);
 # `make lint` checks the code (ruff) and the import layers (import-linter), as CI does before the tests.
 # Both create .venv on first use. torch is installed first and pinned by a constraints file, so nothing
 # later swaps it for a build with CUDA packages (on this project's machines: torch 2.13.0, CPU build).
@@ -17,11 +18,11 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e .
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[serve]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower,serve]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -119,6 +119,43 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- serve
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a finished run's router and adapters as an OpenAI-compatible HTTP API",
+        description="Serve a finished run as an OpenAI-compatible HTTP API (GET /v1/models, POST /v1/completions and "
+                    "/v1/chat/completions, streaming; GET /health, /metrics): the model named after the run routes each "
+                    "prompt to an adapter; an adapter's own name bypasses the router. Concurrent requests are "
+                    "generated together in one mixed-adapter batch. Needs the serve extra (pip install 'fedrouter[serve]'). "
+                    "Ctrl-C or SIGTERM finishes the requests in flight, then exits.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every path but /health (default: $FEDROUTER_API_KEY if set)")
+    p.add_argument("--max-batch", type=int, default=64, help="most requests generated together in one batch (default 64)")
+    p.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="how long an idle server waits for more requests to batch with the first (default 20)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB; larger: 413)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request on stderr")
+
+
+def _cmd_serve(args) -> int:
+    import os
+
+    from fedrouter.runtime import set_threads
+    from fedrouter.study.serve import serve
+
+    if args.threads is not None and args.threads < 1:
+        raise FedrouterError(f"--threads must be positive, got {args.threads}")
+    set_threads(args.threads)
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("FEDROUTER_API_KEY") or None)
+    return serve(args.run_dir, args.host, args.port, api_key, args.max_batch, args.max_wait_ms, args.max_body_bytes,
+                 access_log=args.access_log)
+
+
 # ------------------------------------------------------------------------------------------- clusters
 
 def _add_clusters(sub) -> None:
@@ -279,7 +316,7 @@ def _cmd_report(args) -> int:
 # ----------------------------------------------------------------------------------------------- main
 
 COMMANDS = {"run": (_add_run, _cmd_run), "clusters": (_add_clusters, _cmd_clusters),
-            "predict": (_add_predict, _cmd_predict), "compare": (_add_compare, _cmd_compare),
+            "predict": (_add_predict, _cmd_predict), "serve": (_add_serve, _cmd_serve), "compare": (_add_compare, _cmd_compare),
             "report": (_add_report, _cmd_report), "flower": (cli_flower.add_parser, cli_flower.run)}
 
 

@@ -60,25 +60,37 @@ def load_run(run_dir: Path):
     return cfg, model, tokenizer, router
 
 
-def predict(run_dir: Path, prompts: list[str]) -> list[dict]:
-    """One {prompt, adapter, distance, answer} per prompt."""
+def route_prompts(router: dict | None, embedder, prompts: list[str]) -> tuple[list[str], list[float | None]]:
+    """(adapter, distance to its centroid) per prompt: the router's nearest centroid in global mode, with
+    the router's embedder; a run without a router answers with its `global` adapter (distance None)."""
     from fedrouter.core.cluster import route
-    from fedrouter.core.embed import resolve_embedder
-    from fedrouter.core.generate import generate
+
+    if router is None:
+        return ["global"] * len(prompts), [None] * len(prompts)
+    x = embedder.embed(prompts)
+    clusters = route(x, router["centroids"])
+    distances = np.linalg.norm(x - router["centroids"][clusters], axis=1).tolist()
+    return [router["adapters"][g] for g in clusters], distances
+
+
+def encode_prompts(cfg, tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Prompt token ids as the run's evaluation builds them (its prompt template, its max_seq_len)."""
     from fedrouter.core.train import encode_examples
 
-    cfg, model, tokenizer, router = load_run(Path(run_dir))
-    if router is None:
-        chosen, distances = ["global"] * len(prompts), [None] * len(prompts)
-    else:
-        embedder = resolve_embedder(router["embedder"], model, tokenizer)
-        x = embedder.embed(prompts)
-        clusters = route(x, router["centroids"])
-        distances = np.linalg.norm(x - router["centroids"][clusters], axis=1).tolist()
-        chosen = [router["adapters"][g] for g in clusters]
     encoded = encode_examples(tokenizer, [{"instruction": p, "output": "", "task": ""} for p in prompts],
                               cfg.prompt_template, cfg.max_seq_len)
-    answers = generate(model, tokenizer, [e.prompt_ids for e in encoded], cfg.max_new_tokens, cfg.eval_batch_size,
+    return [e.prompt_ids for e in encoded]
+
+
+def predict(run_dir: Path, prompts: list[str]) -> list[dict]:
+    """One {prompt, adapter, distance, answer} per prompt."""
+    from fedrouter.core.embed import resolve_embedder
+    from fedrouter.core.generate import generate
+
+    cfg, model, tokenizer, router = load_run(Path(run_dir))
+    embedder = resolve_embedder(router["embedder"], model, tokenizer) if router is not None else None
+    chosen, distances = route_prompts(router, embedder, prompts)
+    answers = generate(model, tokenizer, encode_prompts(cfg, tokenizer, prompts), cfg.max_new_tokens, cfg.eval_batch_size,
                        adapter_names=chosen)
     return [{"prompt": p, "adapter": a, "distance": d, "answer": ans}
             for p, a, d, ans in zip(prompts, chosen, distances, answers)]
