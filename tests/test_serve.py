@@ -323,3 +323,19 @@ def test_fedit_run_serves_its_global_adapter_and_sigterm_drains(runs, tmp_path):
             httpx.get(srv.root + "/health")
     finally:
         srv.close()
+
+
+def test_serve_refuses_bad_arguments_in_one_line(runs, tmp_path, capsys):
+    import socket
+
+    (tmp_path / "half").mkdir()
+    assert main(["serve", str(tmp_path / "half")]) == 2
+    assert "not a finished run directory" in capsys.readouterr().err
+    assert main(["serve", str(runs["fedit"]), "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        assert main(["serve", str(runs["fedit"]), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedrouter: error: cannot listen on 127.0.0.1:"), err

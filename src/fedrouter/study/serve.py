@@ -689,6 +689,7 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str
           max_wait_ms: float = 20.0, max_body_bytes: int = MAX_BODY_BYTES, access_log: bool = True) -> int:
     """Serve `run_dir` until SIGTERM or Ctrl-C; requests in flight are finished first. Returns 0."""
     try:
+        import fastapi  # noqa: F401 - create_app needs it
         import uvicorn
     except ImportError:
         raise FedrouterError("fedrouter serve needs the serve extra: pip install 'fedrouter[serve]'") from None
