@@ -73,6 +73,18 @@ def flan8_dir() -> Path:
     return FLAN8_DIR
 
 
+def set_args(overrides: dict) -> list[str]:
+    """Config overrides as `--set KEY=VALUE` arguments."""
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+def one_error_line(err: str) -> str:
+    """The one `fedrouter: error: ...` line of a refused command (and no traceback anywhere)."""
+    lines = [line for line in err.splitlines() if line.startswith("fedrouter: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 TIMING_KEYS = {"wall_s", "timings", "run_dir"}  # results.json keys that differ between identical runs
 
 

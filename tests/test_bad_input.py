@@ -16,20 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_after_checkpoint
+from conftest import kill_after_checkpoint, one_error_line, set_args
 
 from fedrouter.checkpoint import path_of
 from fedrouter.cli import main
 
 
-def _sets(overrides: dict) -> list[str]:
-    return [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("fedrouter: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _nothing_complete(folder: Path) -> None:
@@ -73,7 +65,7 @@ def test_a_config_or_data_a_user_could_not_mean_is_one_line(case, tmp_path, caps
         args = ["--data", _surrogate_data(tmp_path)]
     out = tmp_path / "run"
     assert main(["run", "--quiet", "--out", str(out), *args]) == 2
-    assert needle in _one_error_line(capsys.readouterr().err)
+    assert needle in one_error_line(capsys.readouterr().err)
     assert not out.exists()  # refused before the run directory was claimed
 
 
@@ -88,14 +80,14 @@ def test_a_model_whose_weights_are_a_pickle_payload_is_refused_and_runs_nothing(
     (model / "model.safetensors").unlink()
     torch.save({"weight": Payload(marker)}, model / "pytorch_model.bin")
     assert main(["run", "--quiet", "--out", str(tmp_path / "run"), "--model", str(model)]) == 2
-    assert "cannot load model" in _one_error_line(capsys.readouterr().err)
+    assert "cannot load model" in one_error_line(capsys.readouterr().err)
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
 def test_a_cache_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["run", "--quiet", "--out", str(tmp_path / "run"), "--set", f'cache_dir="{tmp_path / "file" / "cache"}"']) == 2
-    assert "cannot create the model cache" in _one_error_line(capsys.readouterr().err)
+    assert "cannot create the model cache" in one_error_line(capsys.readouterr().err)
 
 
 def test_building_the_synthetic_split_is_linear_in_clients(monkeypatch):
@@ -123,8 +115,8 @@ def test_building_the_synthetic_split_is_linear_in_clients(monkeypatch):
 def test_an_unwritable_out_is_one_line_and_leaves_nothing(tmp_path, tiny_overrides, tiny_model_dir, capsys):
     (tmp_path / "a-file").write_text("")
     out = tmp_path / "a-file" / "run"
-    assert main(["run", "--quiet", "--out", str(out), *_sets(tiny_overrides)]) == 2
-    assert "cannot create run directory" in _one_error_line(capsys.readouterr().err)
+    assert main(["run", "--quiet", "--out", str(out), *set_args(tiny_overrides)]) == 2
+    assert "cannot create run directory" in one_error_line(capsys.readouterr().err)
 
 
 def test_two_runs_racing_for_one_new_directory_exactly_one_wins(tmp_path):
@@ -164,10 +156,10 @@ def test_a_full_disk_mid_run_reaches_the_terminal_and_failed_and_leaves_no_parti
     # and its optimizer) does not -- as a disk that fills up mid-run.
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--method", "fedit", "--out", str(out),
-           *_sets(tiny_overrides)]
+           *set_args(tiny_overrides)]
     done = subprocess.run(cmd, preexec_fn=_limited_file_size(40_000), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
-    line = _one_error_line(done.stderr)
+    line = one_error_line(done.stderr)
     assert "File too large" in line and "round-00001.safetensors" in line
     assert "File too large" in (out / "FAILED").read_text()  # the reason, where the disk allowed it
     _nothing_complete(out)
@@ -183,7 +175,7 @@ def killed_run(tmp_path_factory, tiny_model_dir):
 
     out = tmp_path_factory.mktemp("killed") / "run"
     overrides = {**TINY_OVERRIDES, "rounds": 4, "local_steps": 12, "n_clients": 2}
-    cmd = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--method", "fedit", "--out", str(out), *_sets(overrides)]
+    cmd = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--method", "fedit", "--out", str(out), *set_args(overrides)]
     kill_after_checkpoint(cmd, path_of(out, 1))
     return out
 
@@ -219,7 +211,7 @@ def test_a_resume_that_does_not_belong_is_refused_before_any_work(case, killed_r
     damage(run_dir)
     before = sorted(p.name for p in run_dir.rglob("*"))
     assert main(["run", "--quiet", "--resume", str(run_dir)]) == 2
-    assert needle in _one_error_line(capsys.readouterr().err)
+    assert needle in one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in run_dir.rglob("*")) == before  # nothing written, nothing lost
     _nothing_complete(run_dir)
 
@@ -231,7 +223,7 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     from conftest import TINY_OVERRIDES
 
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["run", "--quiet", "--method", "fedrouter", "--out", str(out), *_sets(TINY_OVERRIDES)]) == 0
+    assert main(["run", "--quiet", "--method", "fedrouter", "--out", str(out), *set_args(TINY_OVERRIDES)]) == 0
     return out
 
 
@@ -271,13 +263,13 @@ def test_predict_on_a_damaged_run_is_one_line(case, finished_run, tmp_path, caps
     shutil.copytree(finished_run, run_dir)
     damage(run_dir)
     assert main(["predict", str(run_dir), "--prompt", "hello"]) == 2
-    assert needle in _one_error_line(capsys.readouterr().err)
+    assert needle in one_error_line(capsys.readouterr().err)
 
 
 def test_predict_out_a_directory_is_refused_before_any_answer(finished_run, tmp_path, capsys):
     assert main(["predict", str(finished_run), "--prompt", "hello", "--out", str(tmp_path)]) == 2
     captured = capsys.readouterr()
-    assert "give a file in an existing folder" in _one_error_line(captured.err) and captured.out == ""
+    assert "give a file in an existing folder" in one_error_line(captured.err) and captured.out == ""
 
 
 @pytest.mark.parametrize("damage, needle", [
@@ -289,7 +281,7 @@ def test_report_on_a_truncated_file_is_one_line(damage, needle, finished_run, tm
     shutil.copytree(finished_run, run_dir)
     damage(run_dir)
     assert main(["report", str(run_dir)]) == 2
-    assert needle in _one_error_line(capsys.readouterr().err)
+    assert needle in one_error_line(capsys.readouterr().err)
     assert not (run_dir / "report.html").exists()
 
 
@@ -298,14 +290,14 @@ def test_report_on_a_truncated_file_is_one_line(damage, needle, finished_run, tm
 def test_flower_keys_and_app_refuse_bad_arguments_and_leave_nothing(tmp_path, capsys):
     pytest.importorskip("cryptography")
     assert main(["flower", "keys", str(tmp_path / "keys"), "--days", "-5"]) == 2
-    assert "--days must be" in _one_error_line(capsys.readouterr().err)
+    assert "--days must be" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "keys").exists()
     (tmp_path / "a-file").write_text("")
     assert main(["flower", "keys", str(tmp_path / "a-file")]) == 2
-    assert "is a file" in _one_error_line(capsys.readouterr().err)
+    assert "is a file" in one_error_line(capsys.readouterr().err)
     assert main(["flower", "app", str(tmp_path / "a-file")]) == 2
-    assert "is a file" in _one_error_line(capsys.readouterr().err)
+    assert "is a file" in one_error_line(capsys.readouterr().err)
     assert (tmp_path / "a-file").read_text() == ""
     assert main(["flower", "worker", "--socket", str(tmp_path / "missing" / "node.sock")]) == 2
-    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    assert "does not exist" in one_error_line(capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == ["a-file"]

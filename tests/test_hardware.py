@@ -12,25 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_run
+from conftest import assert_same_run, one_error_line, set_args
 
 from fedrouter.cli import main
 
 
-def _sets(overrides: dict) -> list[str]:
-    return [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("fedrouter: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_bf16_on_the_cpu_trains_with_finite_loss_and_saves_float32_adapters(tmp_path, tiny_overrides, tiny_model_dir):
     out = tmp_path / "bf16"
     assert main(["run", "--quiet", "--method", "fedit", "--out", str(out), "--dtype", "bfloat16", "--device", "cpu",
-                 *_sets({**tiny_overrides, "rounds": 1})]) == 0
+                 *set_args({**tiny_overrides, "rounds": 1})]) == 0
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(rounds[0]["train_loss"]) and rounds[0]["train_loss"] > 0
     tensors = load_file(str(out / "adapters" / "global" / "adapter_model.safetensors"))
@@ -39,7 +31,7 @@ def test_bf16_on_the_cpu_trains_with_finite_loss_and_saves_float32_adapters(tmp_
 
 
 def test_an_explicit_cpu_float32_run_is_the_default_run_bit_for_bit(tmp_path, tiny_overrides, tiny_model_dir):
-    args = ["run", "--quiet", "--method", "fedrouter", *_sets(tiny_overrides)]
+    args = ["run", "--quiet", "--method", "fedrouter", *set_args(tiny_overrides)]
     assert main([*args, "--out", str(tmp_path / "default")]) == 0
     assert main([*args, "--out", str(tmp_path / "explicit"), "--device", "cpu", "--dtype", "float32",
                  "--quantization", "none"]) == 0
@@ -50,7 +42,7 @@ def test_an_explicit_cpu_float32_run_is_the_default_run_bit_for_bit(tmp_path, ti
 def test_the_methods_that_write_into_base_weights_run_in_bf16(method, tmp_path, tiny_overrides, tiny_model_dir):
     out = tmp_path / method
     assert main(["run", "--quiet", "--method", method, "--out", str(out), "--dtype", "bfloat16",
-                 *_sets({**tiny_overrides, "rounds": 1})]) == 0
+                 *set_args({**tiny_overrides, "rounds": 1})]) == 0
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["rouge1"] <= 1
     assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["train_loss"])
@@ -68,8 +60,8 @@ def test_what_this_machine_cannot_do_is_one_line_before_any_work(args, needle, t
     if torch.cuda.is_available() and "--device" in args:
         pytest.skip("this machine has a GPU")
     out = tmp_path / "run"
-    assert main(["run", "--quiet", "--out", str(out), *args, *_sets(tiny_overrides)]) == 2
-    assert needle in _one_error_line(capsys.readouterr().err)
+    assert main(["run", "--quiet", "--out", str(out), *args, *set_args(tiny_overrides)]) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
     assert not out.exists()
 
 

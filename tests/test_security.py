@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_error_line
+
 from fedrouter.cli import main
 from fedrouter.core.statefile import UnreadableState
 
@@ -42,11 +44,6 @@ def torch_pickle(marker: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("fedrouter: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
 
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys, caplog):
     from fedrouter import checkpoint
@@ -60,7 +57,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys, capl
         (run_dir / "checkpoints" / name).write_bytes(torch_pickle(marker))
     (run_dir / "checkpoints" / "round-00001.safetensors").write_bytes(pickle.dumps(Payload(marker)))
     assert main(["run", "--resume", str(run_dir)]) == 2
-    assert "no readable checkpoint" in _one_error_line(capsys.readouterr().err)
+    assert "no readable checkpoint" in one_error_line(capsys.readouterr().err)
     assert "round-00002.safetensors is unreadable" in caplog.text
     with pytest.raises(UnreadableState):
         checkpoint.read(run_dir / "checkpoints" / "round-00001.safetensors")
@@ -183,14 +180,14 @@ def test_a_worker_refuses_a_planted_key_an_open_folder_and_a_missing_one(tmp_pat
         planted.write_bytes(b"the attacker reads what gets written here")
         planted.chmod(0o666)
         assert main(["flower", "worker", "--socket", str(folder / "node.sock")]) == 2
-        assert "is not a key file this user's worker left" in _one_error_line(capsys.readouterr().err)
+        assert "is not a key file this user's worker left" in one_error_line(capsys.readouterr().err)
         assert planted.read_bytes() == b"the attacker reads what gets written here"  # never written to
         planted.unlink()
         folder.chmod(0o755)  # others may enter
         assert main(["flower", "worker", "--socket", str(folder / "node.sock")]) == 2
-        assert "closed to others" in _one_error_line(capsys.readouterr().err)
+        assert "closed to others" in one_error_line(capsys.readouterr().err)
         assert main(["flower", "worker", "--socket", str(folder / "missing" / "node.sock")]) == 2
-        assert "does not exist" in _one_error_line(capsys.readouterr().err)
+        assert "does not exist" in one_error_line(capsys.readouterr().err)
         assert list(folder.iterdir()) == []
     finally:
         folder.chmod(0o700)
