@@ -14,6 +14,9 @@ from pathlib import Path
 from fedrouter import cli_flower
 from fedrouter.errors import FedrouterError
 
+DATA_HELP = ("'synthetic' or 'synthetic-hard' (embedded; -hard: 3 to 5 templates per task and two pairs of tasks "
+             "sharing an input format) or a folder with train.jsonl and test.jsonl")
+
 # flag -> config key; flags left unset do not override the config file
 RUN_FLAGS = {
     "method": ("--method", str, "method name (fedit, local, ...)"),
@@ -26,7 +29,7 @@ RUN_FLAGS = {
     "batch_size": ("--batch-size", int, "training batch size"),
     "lr": ("--lr", float, "learning rate (cosine-decayed over rounds)"),
     "model": ("--model", str, "'tiny' (embedded), a Hugging Face id, or a local model path"),
-    "data": ("--data", str, "'synthetic' (embedded) or a folder with train.jsonl and test.jsonl"),
+    "data": ("--data", str, DATA_HELP),
     "task_field": ("--task-field", str, "JSONL field holding the task label (e.g. category)"),
     "train_per_client": ("--train-per-client", int, "training examples per client"),
     "test_per_client": ("--test-per-client", int, "test examples per client"),
@@ -163,7 +166,7 @@ def _add_clusters(sub) -> None:
         "clusters", help="cluster clients' data as FedRouter does and score it against the true tasks",
         description="FedRouter's local and global clustering and its router on a data set, without training: "
                     "clustering accuracy against the true tasks and router accuracy in global and local mode.")
-    p.add_argument("--data", required=True, help="'synthetic' (embedded) or a folder with train.jsonl and test.jsonl")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--scenario", required=True, help="single | dual | all | dirichlet")
     p.add_argument("--embedder", default="base",
                    help="'base' (mean last hidden state of --model; the paper's default), 'minilm' "

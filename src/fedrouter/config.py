@@ -112,7 +112,9 @@ class Config(_Strict):
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     grad_accum_steps: int = Field(1, gt=0)  # batches per local optimizer step
     # data
-    data: str = "synthetic"  # "synthetic", a folder holding train.jsonl and test.jsonl, "hf:paper4" or "hf:<id or path>"
+    # "synthetic", "synthetic-hard" (templated tasks, two pairs sharing an input format), a folder holding
+    # train.jsonl and test.jsonl, "hf:paper4" or "hf:<id or path>"
+    data: str = "synthetic"
     data_sources: dict[str, str] = {}  # hf:paper4: task -> a local copy of its dataset (file or folder) instead of the hub
     data_fields: dict[str, str] = {}  # hf:<id>: where instruction, output (and task) sit in its rows
     task_field: str = "task"  # where the task label sits in JSONL rows ("category" in flan8)

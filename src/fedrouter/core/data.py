@@ -1,8 +1,9 @@
 """Tasks, examples and scenarios: which client holds which tasks, and how many examples of each.
 
 An example is a dict ``{"instruction": str, "output": str, "task": str}``. Data comes from the embedded
-synthetic benchmark (`fedrouter.core.synthetic`) or from JSONL files in that schema, where the task label
-may sit in another field (``category`` in flan8).
+synthetic benchmark (`fedrouter.core.synthetic`: ``synthetic``, or ``synthetic-hard``, its variant with
+several templates per task and tasks that share an input format) or from JSONL files in that schema, where
+the task label may sit in another field (``category`` in flan8).
 
 Scenarios spread tasks over clients:
 - ``single``: client i holds task ``i mod T`` (8 clients, 4 tasks: two clients per task);
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SCENARIOS = ("single", "dual", "all", "dirichlet")
 SYNTHETIC = "synthetic"
+SYNTHETIC_HARD = "synthetic-hard"
+EMBEDDED = {SYNTHETIC: "default", SYNTHETIC_HARD: "hard"}  # data value -> variant of the embedded benchmark
 HF = "hf:"  # "hf:paper4" or "hf:<hub id or local path>" (fedrouter.core.hfdata)
 
 
@@ -126,10 +129,11 @@ class _Pools:
     def __init__(self, source: str, task_field: str, seed: int, sources: dict | None = None, fields: dict | None = None,
                  cap: dict[str, int] | None = None):
         self.source, self.seed = source, seed
+        self.variant = EMBEDDED.get(source)  # None: not the embedded benchmark
         self._next = {}  # (task, split) -> next unused index
         self._streams: dict[tuple[str, str], synthetic.ExampleStream] = {}
-        if source == SYNTHETIC:
-            self.tasks = list(synthetic.TASKS)
+        if self.variant:
+            self.tasks = list(synthetic.tasks_of(self.variant))
             self._pool = {}
         else:
             self._pool = {}
@@ -163,15 +167,15 @@ class _Pools:
             yield split, load_jsonl(path, task_field)
 
     def available(self, task: str, split: str) -> int:
-        return len(self._pool[(task, split)]) if self.source != SYNTHETIC else 10**9
+        return len(self._pool[(task, split)]) if not self.variant else 10**9
 
     def take(self, task: str, split: str, n: int) -> list[dict]:
         start = self._next.get((task, split), 0)
         self._next[(task, split)] = start + n
-        if self.source == SYNTHETIC:
+        if self.variant:
             # One long seeded stream per (task, split), continued: slices never repeat across clients.
             if (task, split) not in self._streams:
-                self._streams[(task, split)] = synthetic.ExampleStream(task, seed=f"{self.seed}:{split}")
+                self._streams[(task, split)] = synthetic.ExampleStream(task, seed=f"{self.seed}:{split}", variant=self.variant)
             return self._streams[(task, split)].take(n)
         return self._pool[(task, split)][start : start + n]
 
@@ -200,7 +204,8 @@ def build_federated_data(
     sources: dict | None = None,
     fields: dict | None = None,
 ) -> FederatedData:
-    """Partition `source` ("synthetic" or a folder with train.jsonl/test.jsonl) over clients by `scenario`.
+    """Partition `source` ("synthetic", "synthetic-hard", "hf:..." or a folder with train.jsonl/test.jsonl) over
+    clients by `scenario`.
 
     Clients sharing a task get disjoint examples of it. When a JSONL pool is too small for the requested
     sizes, every client's count for that task is scaled down alike, and a warning says so.
@@ -251,8 +256,8 @@ def build_federated_data(
 
     general = []
     for task in all_tasks:
-        if source == SYNTHETIC:
-            general += synthetic.generate_examples(task, general_test_per_task, seed=f"{seed}:general")
+        if pools.variant:
+            general += synthetic.generate_examples(task, general_test_per_task, seed=f"{seed}:general", variant=pools.variant)
         else:  # may overlap client test sets: it is a separate evaluation, not a held-out split
             general += pools._pool[(task, "test")][:general_test_per_task]
     return FederatedData(all_tasks, clients, general)
