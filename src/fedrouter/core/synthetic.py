@@ -22,7 +22,9 @@ depend on its template. Two new tasks share an input format with an existing one
 - ``fact_lookup``      the facts of ``data_to_text``, one asked for -> that fact's object (a city stays a city)
 
 and each uses exactly its partner's layouts, so the input format alone does not tell the task: only the
-ask does. The default variant's generators and their random draws are left as they were.
+ask does. The asks add a few instruction words that the tiny base's pretraining text (unchanged) lacks;
+its byte-level tokenizer splits them into pieces. The default variant's generators and their random
+draws are left as they were.
 """
 
 from __future__ import annotations
