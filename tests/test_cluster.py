@@ -100,8 +100,8 @@ def test_local_then_global_maps_same_blob_to_same_global_cluster():
     x1, y1 = x1[order], y1[order]
     result = local_then_global({0: x0, 1: x1}, n_local=3, n_global="auto", seed=0, k_range=range(2, 6))
     assert result.n_global == 3
-    assert result.n_local == {0: 3, 1: 3}
-    assert set(result.global_silhouette) == {2, 3, 4, 5}
+    assert {c: result.n_local(c) for c in (0, 1)} == {0: 3, 1: 3}
+    assert set(result.step.silhouette) == {2, 3, 4, 5}
     g0, g1 = result.global_labels(0), result.global_labels(1)
     for blob in range(3):
         (a,), (b,) = set(g0[y0 == blob]), set(g1[y1 == blob])
@@ -111,8 +111,8 @@ def test_local_then_global_maps_same_blob_to_same_global_cluster():
 
     # per-client n_local and silhouette-chosen n_local
     result = local_then_global({0: x0, 1: x1}, n_local={0: 3, 1: "auto"}, n_global=3, seed=0, k_range=range(2, 6))
-    assert result.n_local == {0: 3, 1: 3}
-    assert set(result.local_silhouette) == {1} and result.global_silhouette is None
+    assert {c: result.n_local(c) for c in (0, 1)} == {0: 3, 1: 3}
+    assert set(result.sub_silhouette) == {1} and result.step.silhouette is None
     with pytest.raises(FedrouterError):  # _check_k: a bad K is the user's input
         local_then_global({0: x0}, n_local=0, n_global=3)
     with pytest.raises(ValueError):
@@ -191,8 +191,8 @@ def test_single_example_client(caplog):
     # through the pipeline: the single-example client gets one local cluster
     x0, _ = _blobs()
     result = local_then_global({0: x0, 1: x[:, :2]}, n_local="auto", n_global=3, seed=0, k_range=range(2, 6))
-    assert result.n_local == {0: 3, 1: 1}
-    assert result.local_silhouette[1] == {} and result.local_labels[1].tolist() == [0]
+    assert {c: result.n_local(c) for c in (0, 1)} == {0: 3, 1: 1}
+    assert result.sub_silhouette[1] == {} and result.local_labels(1).tolist() == [0]
 
 
 @pytest.mark.parametrize("empty", [np.zeros((0, 4)), np.array([]), []])

@@ -17,8 +17,7 @@ INIT = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
 
 
 def setup_reply(centroids, tasks_per_local=None, n_local=None):
-    cfg = {"n_local": n_local or len(centroids), "task_counts": [{} for _ in centroids], "silhouette": None,
-           "local_accuracy": 1.0, "local_ari": 1.0}
+    cfg = {"sizes": [10] * len(centroids), "silhouette": None}  # what a client sends: nothing label-derived
     if tasks_per_local is not None:
         cfg["local_tasks"] = tasks_per_local
     return Message({"centroids": torch.tensor(centroids, dtype=torch.float32)}, cfg)
@@ -37,16 +36,17 @@ def two_blob_server(cls=Server):
 
 def test_global_clusters_join_the_same_blob_across_clients():
     server = two_blob_server()
-    assert len(server.global_centroids) == 2
-    m0, m1 = server.local_to_global[0], server.local_to_global[1]
+    assert len(server.prototypes) == 2
+    m0, m1 = server.sub_to_global[0], server.sub_to_global[1]
     assert m0[0] == m1[1] and m0[1] == m1[0] and m0[0] != m0[1]
     assert all(torch.equal(a["a"], INIT["a"]) for a in server.cluster_adapters.values())
 
 
 def test_round_robin_schedule_and_star_schedule():
     server = two_blob_server()
-    assert server.jobs(0, 0) == [(0, server.local_to_global[0][0])]
-    assert server.jobs(0, 1) == [(1, server.local_to_global[0][1])]
+    clusters = sorted(set(server.sub_to_global[0]))  # local clusters are numbered in global cluster order
+    assert server.jobs(0, 0) == [(0, clusters[0])]
+    assert server.jobs(0, 1) == [(1, clusters[1])]
     assert server.jobs(0, 2) == server.jobs(0, 0)  # t mod n_local
     star = two_blob_server(StarServer)
     assert [l for l, _ in star.jobs(1, 3)] == [0, 1]
@@ -55,14 +55,14 @@ def test_round_robin_schedule_and_star_schedule():
 def test_configure_fit_sends_only_the_adapters_of_the_scheduled_clusters():
     server = two_blob_server()
     msgs = server.configure_fit(0, [0])
-    g = server.local_to_global[0][0]
-    assert msgs[0].config["jobs"] == [[0, g]]
+    g = min(server.sub_to_global[0])
+    assert msgs[0].config["jobs"] == [[0, g]] and msgs[0].config["mapping"] == server.sub_to_global[0]
     assert set(msgs[0].arrays) == {f"g{g}/a", f"g{g}/b"}
 
 
 def test_aggregate_averages_per_cluster_by_examples_and_keeps_untouched_clusters():
     server = two_blob_server()
-    g0 = server.local_to_global[0][0]  # client 0 local 0 and client 1 local 1 share this cluster
+    g0 = server.sub_to_global[0][0]  # client 0 local 0 and client 1 local 1 share this cluster
     other = 1 - g0
     before_other = {k: v.clone() for k, v in server.cluster_adapters[other].items()}
     upd0 = {"a": torch.full((2, 2), 1.0), "b": torch.full((2,), 1.0)}
@@ -85,8 +85,8 @@ def test_aggregate_averages_per_cluster_by_examples_and_keeps_untouched_clusters
 def test_oracle_groups_local_clusters_by_true_task():
     server = make_server(OracleServer)
     server.aggregate_setup({0: setup_reply([[0, 0], [2, 2]], ["a", "b"]), 1: setup_reply([[4, 4]], ["b"])})
-    assert server.local_to_global == {0: [0, 1], 1: [1]}
-    assert np.allclose(server.global_centroids, [[0, 0], [3, 3]])  # task b: mean of (2,2) and (4,4)
+    assert server.sub_to_global == {0: [0, 1], 1: [1]}
+    assert np.allclose(server.prototypes, [[0, 0], [3, 3]])  # task b: mean of (2,2) and (4,4)
     assert server.configure_evaluate([1])[1].config["task_cluster"] == {"a": 0, "b": 1}
 
 

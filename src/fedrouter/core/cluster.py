@@ -157,6 +157,19 @@ def silhouette_curve(x, k_values, seed: int = 0) -> dict[int, float]:
     return _silhouette_curve(x, ks, seed, "the embeddings")
 
 
+NULL_MARGIN = 1.25  # K >= 2 must beat a structureless reference's silhouette by this factor
+
+
+def _null_reference(x: np.ndarray, seed: int) -> np.ndarray:
+    """A structureless stand-in for `x`: one Gaussian with `x`'s mean and principal variances (the null
+    model of the gap statistic, here scored by silhouette)."""
+    rng = np.random.default_rng([seed, 7919])
+    centred = x - x.mean(axis=0)
+    _, spectrum, basis = np.linalg.svd(centred, full_matrices=False)
+    draws = rng.standard_normal((len(x), len(spectrum)))
+    return x.mean(axis=0) + (draws * (spectrum / np.sqrt(max(1, len(x) - 1)))) @ basis
+
+
 def _choose_k(x: np.ndarray, k_values, seed: int, what: str) -> tuple[int, dict[int, float]]:
     ks = _k_values(k_values)
     n, distinct = len(x), n_distinct(x)
@@ -174,6 +187,12 @@ def _choose_k(x: np.ndarray, k_values, seed: int, what: str) -> tuple[int, dict[
     if skipped:
         log.info("choosing K by silhouette on %s: skipped K=%s (%d distinct points among %d)",
                  what, ",".join(map(str, skipped)), distinct, n)
+    if ks[0] == 1:
+        # K = 1 scores the bar a split must clear: NULL_MARGIN times the best silhouette that the same
+        # K-Means finds in one structureless Gaussian of the same spread. Silhouette values alone cannot
+        # say 1 (real text mixtures score 0.1, one task split by content 0.2); against its own null they can.
+        reference = _silhouette_curve(_null_reference(x, seed), list(curve), seed, f"a reference for {what}")
+        curve = {1: NULL_MARGIN * max(reference.values(), default=0.0), **curve}
     best = max(curve.values())
     return min(k for k, s in curve.items() if s == best), curve
 
@@ -208,12 +227,19 @@ def nearest(x, centroids) -> np.ndarray:
     return np.argmin(d2, axis=1).astype(np.int64)
 
 
-def route(x, global_centroids, allowed=None) -> np.ndarray:
-    """Global cluster id per row of `x`: the nearest global centroid (global mode), or the nearest among
-    the `allowed` global cluster ids only (local mode: the clusters a client's local centroids map to)."""
+def route(x, global_centroids, allowed=None, owner=None) -> np.ndarray:
+    """Global cluster id per row of `x`: that of the nearest centroid (global mode), or of the nearest
+    among the centroids of the `allowed` cluster ids only (local mode: a client's own clusters).
+
+    `owner` gives the cluster of each centroid when several centroids (prototypes) share a cluster;
+    without it centroid i is cluster i.
+    """
     centroids = _points(global_centroids, "centroids")
+    owner = np.arange(len(centroids)) if owner is None else np.asarray(owner, dtype=np.int64)
+    if owner.shape != (len(centroids),):
+        raise FedrouterError(f"{len(owner)} cluster ids were given for {len(centroids)} centroids")
     if allowed is None:
-        return nearest(x, centroids)
+        return owner[nearest(x, centroids)]
     try:
         ids = np.asarray(allowed).ravel() if isinstance(allowed, np.ndarray) else np.asarray(list(allowed))
     except (TypeError, ValueError):
@@ -224,10 +250,12 @@ def route(x, global_centroids, allowed=None) -> np.ndarray:
             ids.dtype.kind == "f" and not (np.isfinite(ids).all() and (ids == np.round(ids)).all())):
         raise FedrouterError(f"allowed clusters must be integer cluster ids, got {allowed!r}")
     ids = np.unique(ids.astype(np.int64))
-    bad = ids[(ids < 0) | (ids >= len(centroids))]
+    n_clusters = int(owner.max()) + 1 if len(owner) else 0
+    bad = ids[(ids < 0) | (ids >= n_clusters)]
     if len(bad):
-        raise FedrouterError(f"allowed cluster ids must lie in [0, {len(centroids)}), got {bad.tolist()}")
-    return ids[nearest(x, centroids[ids])]
+        raise FedrouterError(f"allowed cluster ids must lie in [0, {n_clusters}), got {bad.tolist()}")
+    candidates = np.flatnonzero(np.isin(owner, ids))
+    return owner[candidates[nearest(x, centroids[candidates])]]
 
 
 def clustering_accuracy(true_labels, cluster_labels) -> float:
@@ -257,25 +285,62 @@ def adjusted_rand(true_labels, cluster_labels) -> float:
 
 
 @dataclass
-class Clustering:
-    """FedRouter's two-level clustering: local K-Means per client, global K-Means over local centroids."""
+class GlobalStep:
+    """The server's step: prototypes (its K-Means centroids over every client's sub-cluster centroids), the
+    global cluster -- one per task, one adapter each -- that each prototype belongs to (several prototypes
+    share a cluster when co-occurrence merged them), and each client's sub-clusters mapped to clusters."""
 
-    local_centroids: dict[int, np.ndarray]  # client -> (n_local[client], d)
-    local_labels: dict[int, np.ndarray]  # client -> local cluster of each training example
-    global_centroids: np.ndarray  # (n_global, d)
-    local_to_global: dict[int, np.ndarray]  # client -> global cluster of each local cluster
-    n_local: dict[int, int]
-    n_global: int
-    local_silhouette: dict[int, dict[int, float]] = field(default_factory=dict)  # clients chosen by "auto"
-    global_silhouette: dict[int, float] | None = None  # when n_global was "auto"
+    prototypes: np.ndarray  # (n_prototypes, d)
+    prototype_cluster: np.ndarray  # (n_prototypes,) global cluster of each prototype
+    sub_to_global: dict[int, np.ndarray]  # client -> global cluster of each of its sub-clusters
+    silhouette: dict[int, float] | None  # the curve K was chosen by ("auto"), else None
+    merged: list[list[int]]  # groups of prototypes merged into one cluster by co-occurrence
+
+    @property
+    def n_global(self) -> int:
+        return int(self.prototype_cluster.max()) + 1 if len(self.prototype_cluster) else 0
+
+
+@dataclass
+class Clustering:
+    """FedRouter's two-level clustering. Each client splits its data into sub-clusters (K-Means) and sends
+    their centroids; the server groups all sub-centroids into global clusters (`GlobalStep`). A client's
+    local clusters are its sub-clusters merged by the global cluster they map to, so a single-task client
+    whose task the server sees as one cluster has one local cluster, however many sub-clusters it sent."""
+
+    sub_centroids: dict[int, np.ndarray]  # client -> (n_sub[client], d)
+    sub_labels: dict[int, np.ndarray]  # client -> sub-cluster of each training example
+    step: GlobalStep
+    sub_silhouette: dict[int, dict[int, float]] = field(default_factory=dict)  # clients chosen by "auto"
+
+    @property
+    def n_global(self) -> int:
+        return self.step.n_global
+
+    @property
+    def prototypes(self) -> np.ndarray:
+        return self.step.prototypes
 
     def global_labels(self, client: int) -> np.ndarray:
-        """Global cluster of each of `client`'s training examples, via its local cluster."""
-        return self.local_to_global[client][self.local_labels[client]]
+        """Global cluster of each of `client`'s training examples, via its sub-cluster."""
+        return self.step.sub_to_global[client][self.sub_labels[client]]
 
     def allowed(self, client: int) -> np.ndarray:
-        """The global clusters that `client`'s local centroids map to: its candidates in local routing."""
-        return np.unique(self.local_to_global[client])
+        """The global clusters that `client`'s sub-clusters map to: its local clusters, and its candidates
+        in local routing."""
+        return np.unique(self.step.sub_to_global[client])
+
+    def n_local(self, client: int) -> int:
+        return len(self.allowed(client))
+
+    def local_labels(self, client: int) -> np.ndarray:
+        """Local cluster of each training example: 0.. in the order of `allowed(client)`."""
+        return np.searchsorted(self.allowed(client), self.global_labels(client))
+
+    def route(self, x, client: int | None = None) -> np.ndarray:
+        """Global cluster per row of `x`: that of the nearest prototype, among all (client None) or among
+        those of `client`'s local clusters."""
+        return route(x, self.step.prototypes, None if client is None else self.allowed(client), self.step.prototype_cluster)
 
 
 def _check_k(value, what: str) -> None:
@@ -290,11 +355,11 @@ def local_then_global(
     n_local: int | dict[int, int] | Auto,
     n_global: int | Auto,
     seed: int = 0,
-    k_range=range(2, 13),
+    k_range=range(1, 13),
 ) -> Clustering:
-    """K-Means per client (`n_local`: one int, an int per client, or "auto"), then K-Means over all local
-    centroids on the server (`n_global`: int or "auto"); each local cluster maps to the global centroid
-    nearest its local centroid. "auto" picks K by silhouette score over `k_range`. A K above a client's
+    """FedRouter's clustering without the training: K-Means per client (`n_local`: one int, an int per
+    client, or "auto" = chosen by silhouette against a null reference over `k_range`), then the server's
+    `server_step` over every client's sub-centroids (`n_global`: int or "auto"). A K above a client's
     distinct points is clipped with a warning (see the module docstring)."""
     if not client_embeddings:
         raise FedrouterError("nothing to cluster: no clients were given")
@@ -310,24 +375,78 @@ def local_then_global(
     if AUTO in (n_global, *[v for v in per_client.values() if isinstance(v, str)]):
         _k_values(k_range)
 
-    centroids, labels, chosen, local_curves = {}, {}, {}, {}
+    centroids, labels, curves = {}, {}, {}
     for c in clients:
         centroids[c], labels[c], curve = _cluster_local(client_embeddings[c], per_client[c], seed, k_range, f"client {c}")
-        chosen[c] = len(centroids[c])
         if curve is not None:
-            local_curves[c] = curve
-    global_centroids, mapping, global_curve = server_step(centroids, n_global, seed, k_range)
-    return Clustering(centroids, labels, global_centroids, mapping, chosen, len(global_centroids), local_curves, global_curve)
+            curves[c] = curve
+    sizes = {c: np.bincount(labels[c], minlength=len(centroids[c])) for c in clients}
+    step = server_step(centroids, n_global, seed, k_range, sizes)
+    return Clustering(centroids, labels, step, curves)
 
 
-def server_step(local_centroids: dict[int, np.ndarray], n_global: int | Auto, seed: int = 0, k_range=range(2, 13)):
+def server_step(sub_centroids: dict[int, np.ndarray], n_global: int | Auto, seed: int = 0, k_range=range(1, 13),
+                sizes: dict[int, np.ndarray] | None = None) -> GlobalStep:
     """FedRouter's server step, the one both the method and `fedrouter clusters` run: K-Means over every
-    client's local centroids (in client order), and each local cluster mapped to the global centroid
-    nearest its centroid -> (global centroids, {client: global cluster per local cluster}, curve or None)."""
-    clients = sorted(local_centroids)
-    stacked = np.concatenate([np.asarray(local_centroids[c]) for c in clients])
-    global_centroids, curve = cluster_global(stacked, n_global, seed, k_range)
-    return global_centroids, {c: nearest(local_centroids[c], global_centroids) for c in clients}, curve
+    client's sub-cluster centroids (in client order) gives prototypes; each sub-cluster goes to its nearest
+    prototype. With n_global "auto" and the sub-clusters' sizes, prototypes that co-occur (`cooccurring`)
+    are then merged into one global cluster: the parts of one task travel together from client to client."""
+    clients = sorted(sub_centroids)
+    stacked = np.concatenate([np.asarray(sub_centroids[c]) for c in clients])
+    prototypes, curve = cluster_global(stacked, n_global, seed, k_range)
+    nearest_prototype = {c: nearest(sub_centroids[c], prototypes) for c in clients}
+    groups = [[p] for p in range(len(prototypes))]
+    if n_global == AUTO and sizes is not None:
+        counts = np.zeros((len(prototypes), len(clients)))
+        for j, c in enumerate(clients):
+            np.add.at(counts[:, j], nearest_prototype[c], np.asarray(sizes[c], dtype=np.float64))
+        groups = cooccurring(counts)
+    cluster_of = np.empty(len(prototypes), dtype=np.int64)
+    for g, members in enumerate(groups):
+        cluster_of[members] = g
+    mapping = {c: cluster_of[nearest_prototype[c]] for c in clients}
+    return GlobalStep(prototypes, cluster_of, mapping, curve, [m for m in groups if len(m) > 1])
+
+
+COOCCURRENCE_P = 0.01  # merge two prototypes unless their counts' proportions differ at this level
+
+
+def cooccurring(counts: np.ndarray, p_value: float = COOCCURRENCE_P) -> list[list[int]]:
+    """Groups of prototypes that are parts of one task, from `counts` (prototypes x clients: training
+    examples of each client at each prototype), in order of their first member.
+
+    Two prototypes join when they occur on exactly the same clients, at least two but not all of them, in
+    proportions a chi-square test of homogeneity cannot tell apart (p > `p_value`). Why: a task's
+    templates and sub-topics are drawn with the task, so they appear wherever it does and in the same
+    ratio; two tasks held by the same clients in the same ratios everywhere are indistinguishable by this
+    test (and merged), and a prototype on every client carries no such evidence (never merged by it), so
+    the all-tasks-everywhere case is left to geometry. Merging is transitive (union-find).
+    """
+    from scipy.stats import chi2_contingency
+
+    counts = np.asarray(counts, dtype=np.float64)
+    n = len(counts)
+    parent = list(range(n))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    present = counts > 0
+    for a in range(n):
+        for b in range(a + 1, n):
+            holders = present[a]
+            if not np.array_equal(holders, present[b]) or holders.sum() < 2 or holders.all():
+                continue
+            table = np.stack([counts[a, holders], counts[b, holders]])
+            if chi2_contingency(table)[1] > p_value:
+                parent[root(b)] = root(a)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
 
 
 def majority_cluster(votes: dict) -> dict:
@@ -348,7 +467,7 @@ def _cluster_local(x, n_local, seed, k_range, who: str):
     return centroids, labels, curve
 
 
-def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(2, 13)):
+def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(1, 13)):
     """A client's step: K-Means on its embeddings -> (centroids, labels, silhouette curve or None).
 
     No examples -> FedrouterError; K above the distinct embeddings -> clipped with a warning; "auto" on
@@ -357,7 +476,7 @@ def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(2, 13)):
     return _cluster_local(x, n_local, seed, k_range, "the client")
 
 
-def cluster_global(local_centroids, n_global: int | Auto, seed: int = 0, k_range=range(2, 13)):
+def cluster_global(local_centroids, n_global: int | Auto, seed: int = 0, k_range=range(1, 13)):
     """The server's step: K-Means over every client's local centroids -> (global centroids, curve or None).
 
     Same rules as `cluster_local`: no centroids -> FedrouterError; K clipped to the distinct centroids.

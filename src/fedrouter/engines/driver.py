@@ -131,5 +131,5 @@ def _results(cfg, run_dir, tasks, shared, server, clients, history, loop, report
         "adapters": adapters,
         "timings": timings,
         **setup_report,
-        **server.report({"test": test_reports, "general": general_reports}),
+        **server.report({"test": test_reports, "general": general_reports}, clients.training_truth()),
     }

@@ -111,6 +111,15 @@ class InProcessClients:
             point["x"], point["y"] = float(a), float(b)
         return points
 
+    def training_truth(self) -> dict[int, dict] | None:
+        """True task and cluster of every training example, read in this process for the report only."""
+        truth = {}
+        for cid, ctx in sorted(self.contexts.items()):
+            diag = self.client.diagnostics(ctx)
+            if diag:
+                truth[cid] = {"tasks": diag["tasks"], "clusters": [int(c) for c in diag["clusters"]]}
+        return truth or None
+
     def mark_checkpoint(self) -> None:
         """Nothing to do: every client's state is in this process, and goes into the checkpoint itself."""
 

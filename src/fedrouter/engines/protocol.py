@@ -44,6 +44,10 @@ class ClientSide(Protocol):
     def embedding_map(self, seed: int) -> list[dict] | None:
         """Points of a 2-D map of the clients' training embeddings, where the engine may see them."""
 
+    def training_truth(self) -> dict[int, dict] | None:
+        """Per client, its training examples' true tasks and assigned clusters, where the engine holds the
+        data (a simulation) and the method clusters; None where labels must not travel (a deployment)."""
+
     def mark_checkpoint(self) -> None:
         """A server checkpoint is being taken now (the Flower nodes keep what resuming to it needs)."""
 

@@ -155,8 +155,10 @@ class ServerPart:
         per centroid], "embedder": spec}, or None when the method keeps a single shared adapter."""
         return None
 
-    def report(self, evaluations: dict[str, dict[int, dict]]) -> dict:
-        """Extra keys for results.json, from the final evaluation replies by split and client."""
+    def report(self, evaluations: dict[str, dict[int, dict]], truth: dict[int, dict] | None = None) -> dict:
+        """Extra keys for results.json, from the final evaluation replies by split and client. `truth`:
+        where the engine holds the clients' data (a simulation), each client's training examples' true
+        tasks and the clusters its method put them in ({"tasks", "clusters"}); None in a deployment."""
         return {}
 
     def state_dict(self) -> dict:

@@ -39,5 +39,5 @@ class ClusteredServer(ServerPart):
     def adapters(self):
         return {f"cluster{k}": a for k, a in sorted(self.cluster_adapters.items())}
 
-    def report(self, evaluations):
+    def report(self, evaluations, truth=None):
         return {"client_clusters": {str(cid): k for cid, k in sorted(self.cluster_of.items())}}

@@ -58,5 +58,5 @@ class Server(ClusteredServer):
             metrics["n_clusters"] = len(self.cluster_adapters)
         return metrics
 
-    def report(self, evaluations):
+    def report(self, evaluations, truth=None):
         return {**super().report(evaluations), "cluster_round": self.cluster_round}

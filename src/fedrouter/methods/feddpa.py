@@ -52,7 +52,7 @@ def scale_b(adapter: dict, factor: float) -> dict:
 
 
 class Server(fedit.Server):
-    def report(self, evaluations):
+    def report(self, evaluations, truth=None):
         """The global adapter's mean weight lambda on the clients' own tasks and on every task."""
         return {"feddpa_lambda": {split: float(np.mean([r["lambda"]["mean"] for r in reports.values()]))
                                   for split, reports in evaluations.items()}}

@@ -76,7 +76,7 @@ class Server(ClusteredServer):
             return {cid: Message() for cid in client_ids}
         return super().configure_evaluate(client_ids)
 
-    def report(self, evaluations):
+    def report(self, evaluations, truth=None):
         return {**super().report(evaluations), "warmup_rounds": self.warmup,
                 "silhouette": {str(k): v for k, v in self.silhouette.items()}}
 

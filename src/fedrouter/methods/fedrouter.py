@@ -1,20 +1,23 @@
 """FedRouter ("Task-Centric Personalized Federated Fine-Tuning of Language Models").
 
-Each client embeds its training instructions once, clusters them (local K-Means) and sends the local
-centroids once; the server clusters all of them (global K-Means) and keeps one LoRA adapter per global
-cluster. In round t a client trains on its local cluster ``t mod n_local``, starting from the adapter of
-the global cluster nearest that local centroid; the server averages the returned adapters per global
-cluster, weighted by examples (a cluster nobody trained keeps its adapter). At evaluation an embedding
-router sends each input to the adapter of its nearest global centroid (``global`` mode) or the nearest
-among the clusters this client's local centroids map to (``local`` mode); test-time generalization
-uses ``global``.
+Each client embeds its training instructions once, splits them into sub-clusters (K-Means, K by
+silhouette against a null reference) and sends their centroids and sizes once -- never a task label. The
+server clusters all sub-centroids (K-Means: prototypes), merges prototypes that co-occur across clients
+in the same proportions into one global cluster (the parts of one task), and keeps one LoRA adapter per
+global cluster. A client's local clusters are its sub-clusters grouped by global cluster (a single-task
+client has one). In round t a client trains on its local cluster ``t mod n_local`` from that global
+cluster's adapter; the server averages the returned adapters per global cluster, weighted by examples
+(a cluster nobody trained keeps its adapter). At evaluation an embedding
+router sends each input to the adapter of its nearest prototype (``global`` mode) or the nearest among
+the prototypes of this client's own clusters (``local`` mode); test-time generalization uses ``global``.
 
 Variants: ``fedrouter-star`` trains every local cluster's adapter every round (adapter-level budget);
 ``fedrouter-oracle`` clusters by the true task labels and routes by them (an upper reference).
 
-Options (``method_options``): embedder ("base" = the base model's mean-pooled last hidden state,
-"minilm", or a Hugging Face encoder id/path), n_local and n_global (an int or "auto" = chosen by
-silhouette over k_min..k_max), router ("local" or "global", for the clients' own test sets), mixed_batch
+Options (``method_options``): embedder ("minilm", measured best on the benchmarks (docs/benchmark.md);
+"base" = the base model's mean-pooled last hidden state; or a Hugging Face encoder id/path), n_local and
+n_global (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see
+`core.cluster`), router ("local" or "global", for the clients' own test sets), mixed_batch
 (true: one generate call serves rows routed to different adapters; false: generate adapter by adapter).
 """
 
@@ -25,13 +28,12 @@ from collections import Counter
 import numpy as np
 import torch
 
-from fedrouter.core.cluster import (adjusted_rand, cluster_local, clustering_accuracy, majority_cluster, route,
-                                    server_step)
+from fedrouter.core.cluster import adjusted_rand, cluster_local, clustering_accuracy, majority_cluster, route, server_step
 from fedrouter.core.privacy import noisy_centroids
 from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
-OPTIONS = {"embedder": "base", "n_local": "auto", "n_global": "auto", "k_min": 2, "k_max": 8, "router": "local",
+OPTIONS = {"embedder": "minilm", "n_local": "auto", "n_global": "auto", "k_min": 1, "k_max": 12, "router": "local",
            "mixed_batch": False}
 LOOSE = {"n_local", "n_global"}  # "auto" or a positive integer: check_options decides
 
@@ -63,11 +65,14 @@ class Server(ServerPart):
         super().__init__(setup, initial_adapter, client_ids)
         self.initial_adapter = initial_adapter
         self.cluster_adapters: dict[int, dict] = {}
-        self.global_centroids: np.ndarray | None = None
-        self.local_to_global: dict[int, list[int]] = {}
+        self.prototypes: np.ndarray | None = None  # (n_prototypes, d): what the router compares inputs with
+        self.prototype_cluster: list[int] = []  # global cluster (adapter) of each prototype
+        self.sub_to_global: dict[int, list[int]] = {}  # client -> global cluster of each of its sub-clusters
         self.setup_info: dict[int, dict] = {}
+        self.global_silhouette = None
+        self.merged: list[list[int]] = []
 
-    # -- once: local centroids in, global clusters out ------------------------------------------------
+    # -- once: sub-cluster centroids in, global clusters out ------------------------------------------
     def configure_setup(self, client_ids):
         return {cid: Message(config={"oracle": self.oracle}) for cid in client_ids}
 
@@ -81,24 +86,26 @@ class Server(ServerPart):
             for cid in clients:
                 for t, c in zip(replies[cid].config["local_tasks"], centroids[cid]):
                     stacked[t].append(c)
-            self.global_centroids = np.stack([np.mean(stacked[t], axis=0) for t in tasks])
-            self.local_to_global = {cid: [tasks.index(t) for t in replies[cid].config["local_tasks"]] for cid in clients}
+            self.prototypes = np.stack([np.mean(stacked[t], axis=0) for t in tasks])
+            self.prototype_cluster = list(range(len(tasks)))
+            self.sub_to_global = {cid: [tasks.index(t) for t in replies[cid].config["local_tasks"]] for cid in clients}
             self.oracle_task_cluster = {t: g for g, t in enumerate(tasks)}
-            curve = None
         else:
-            self.global_centroids, mapping, curve = server_step(centroids, self.options["n_global"], self.settings.seed,
-                                                                k_range(self.options))
-            self.local_to_global = {cid: m.tolist() for cid, m in mapping.items()}
-        self.cluster_adapters = {g: dict(self.initial_adapter) for g in range(len(self.global_centroids))}
-        self.global_silhouette = curve
+            sizes = {cid: np.asarray(replies[cid].config["sizes"]) for cid in clients}
+            step = server_step(centroids, self.options["n_global"], self.settings.seed, k_range(self.options), sizes)
+            self.prototypes, self.prototype_cluster = step.prototypes, step.prototype_cluster.tolist()
+            self.sub_to_global = {cid: m.tolist() for cid, m in step.sub_to_global.items()}
+            self.global_silhouette, self.merged = step.silhouette, step.merged
+        self.cluster_adapters = {g: dict(self.initial_adapter) for g in range(max(self.prototype_cluster) + 1)}
         return {}
 
     # -- training rounds -----------------------------------------------------------------------------
     def jobs(self, cid: int, round_idx: int) -> list[tuple[int, int]]:
-        """(local cluster, global cluster) pairs that client `cid` trains in `round_idx`."""
-        mapping = self.local_to_global[cid]
-        local = range(len(mapping)) if self.train_all_local_clusters else [round_idx % len(mapping)]
-        return [(l, mapping[l]) for l in local]
+        """(local cluster, global cluster) pairs that client `cid` trains in `round_idx`; its local clusters
+        are its sub-clusters grouped by global cluster, numbered in global cluster order."""
+        clusters = sorted(set(self.sub_to_global[cid]))
+        local = range(len(clusters)) if self.train_all_local_clusters else [round_idx % len(clusters)]
+        return [(l, clusters[l]) for l in local]
 
     def configure_fit(self, round_idx, client_ids):
         out = {}
@@ -107,7 +114,7 @@ class Server(ServerPart):
             arrays = {}
             for g in sorted({g for _, g in jobs}):
                 arrays.update(pack_under(f"g{g}", self.cluster_adapters[g]))
-            out[cid] = Message(arrays, {"round": round_idx, "jobs": [list(j) for j in jobs]})
+            out[cid] = Message(arrays, {"round": round_idx, "jobs": [list(j) for j in jobs], "mapping": self.sub_to_global[cid]})
         return out
 
     def upload_reference(self, client_id, sent):
@@ -134,58 +141,73 @@ class Server(ServerPart):
 
     # -- evaluation ----------------------------------------------------------------------------------
     def configure_evaluate(self, client_ids):
-        arrays = {"centroids": torch.tensor(self.global_centroids, dtype=torch.float32)}
+        arrays = {"centroids": torch.tensor(self.prototypes, dtype=torch.float32)}
         for g, adapter in self.cluster_adapters.items():
             arrays.update(pack_under(f"g{g}", adapter))
-        config = {"router": self.options["router"]}
+        config = {"router": self.options["router"], "owner": list(self.prototype_cluster)}
         if self.oracle:
             config["task_cluster"] = self.oracle_task_cluster
-        return {cid: Message(dict(arrays), {**config, "allowed": sorted(set(self.local_to_global[cid])),
-                                            "mapping": self.local_to_global[cid]})
+        return {cid: Message(dict(arrays), {**config, "allowed": sorted(set(self.sub_to_global[cid])),
+                                            "mapping": self.sub_to_global[cid]})
                 for cid in client_ids}
 
     def adapters(self):
         return {f"cluster{g}": a for g, a in self.cluster_adapters.items()}
 
     def router(self):
-        return {"centroids": self.global_centroids, "adapters": [f"cluster{g}" for g in range(len(self.global_centroids))],
+        return {"centroids": self.prototypes, "adapters": [f"cluster{g}" for g in self.prototype_cluster],
                 "embedder": self.options["embedder"]}
 
-    def report(self, evaluations):
-        """results.json's `clustering`: clustering and routing quality against the true tasks.
+    def report(self, evaluations, truth=None):
+        """results.json's `clustering`: what the clustering chose, and -- where the true tasks are known --
+        how well it matches them.
 
-        The true task labels are used here for reporting only; the algorithm never sees them (but in the
-        oracle variant).
+        The choice comes from the server's own state. The scores need task labels, which never travel:
+        `truth` ({client: {"tasks", "clusters"}}: each training example's true task and global cluster)
+        is handed over by an engine that holds the clients' data (a simulation); a deployment passes None,
+        and so does data without labels: the scores are then null.
         """
-        info = self.setup_info
-        # A task's cluster: the global cluster most of its training examples were assigned to.
-        task_votes: dict[str, Counter] = {}
-        for cid, cfg in info.items():
-            for l, counts in enumerate(cfg["task_counts"]):
-                for task, n in counts.items():
-                    task_votes.setdefault(task, Counter())[self.local_to_global[cid][l]] += n
-        task_cluster = majority_cluster(task_votes)
-        router = {}
-        for split, replies in evaluations.items():
-            hit = total = 0
-            for reply in replies.values():
-                for task, counts in reply.get("route_counts", {}).items():
-                    total += sum(counts.values())
-                    hit += counts.get(str(task_cluster.get(task)), 0)
-            router[split] = hit / total if total else float("nan")
-        return {"clustering": {
-            "n_global": len(self.global_centroids),
-            "n_local": {str(cid): cfg["n_local"] for cid, cfg in info.items()},
-            "local_accuracy": float(np.mean([cfg["local_accuracy"] for cfg in info.values()])),
-            "local_ari": float(np.mean([cfg["local_ari"] for cfg in info.values()])),
-            "per_client": {str(cid): {"accuracy": cfg["local_accuracy"], "ari": cfg["local_ari"]} for cid, cfg in info.items()},
-            "task_to_cluster": task_cluster,
-            "router_accuracy": {"own_test": router.get("test"), "generalization": router.get("general")},
+        chosen = {
+            "n_global": len(self.cluster_adapters),
+            "n_prototypes": len(self.prototypes),
+            "merged_prototypes": self.merged,
+            "n_local": {str(cid): len(set(m)) for cid, m in self.sub_to_global.items()},
+            "n_sub": {str(cid): len(m) for cid, m in self.sub_to_global.items()},
+            "local_to_global": {str(cid): sorted(set(m)) for cid, m in self.sub_to_global.items()},
             "router_mode": {"own_test": self.options["router"], "generalization": "global"},
-            "local_to_global": {str(cid): m for cid, m in self.local_to_global.items()},
             "silhouette": {"global": self.global_silhouette,
-                           "local": {str(cid): cfg["silhouette"] for cid, cfg in info.items() if cfg["silhouette"]}},
-        }}
+                           "local": {str(cid): cfg["silhouette"] for cid, cfg in self.setup_info.items() if cfg.get("silhouette")}},
+        }
+        return {"clustering": {**chosen, **truth_scores(truth, evaluations)}}
+
+
+def truth_scores(truth: dict | None, evaluations: dict) -> dict:
+    """Clustering and routing accuracy against the true tasks (all None without labels)."""
+    if not truth or any(t is None for info in truth.values() for t in info["tasks"]):
+        return {"accuracy": None, "local_accuracy": None, "local_ari": None, "per_client": None,
+                "task_to_cluster": None, "router_accuracy": {"own_test": None, "generalization": None}}
+    # A task's cluster: the global cluster most of its training examples were assigned to.
+    task_votes: dict[str, Counter] = {}
+    for info in truth.values():
+        for task, cluster in zip(info["tasks"], info["clusters"]):
+            task_votes.setdefault(task, Counter())[int(cluster)] += 1
+    task_cluster = majority_cluster(task_votes)
+    router = {}
+    for split, replies in evaluations.items():
+        hit = total = 0
+        for reply in replies.values():
+            for task, counts in reply.get("route_counts", {}).items():
+                total += sum(counts.values())
+                hit += counts.get(str(task_cluster.get(task)), 0)
+        router[split] = hit / total if total else None
+    per_client = {str(cid): {"accuracy": clustering_accuracy(info["tasks"], info["clusters"]),
+                             "ari": adjusted_rand(info["tasks"], info["clusters"])} for cid, info in sorted(truth.items())}
+    every = [(t, c) for info in truth.values() for t, c in zip(info["tasks"], info["clusters"])]
+    return {"accuracy": clustering_accuracy([t for t, _ in every], [c for _, c in every]),
+            "local_accuracy": float(np.mean([p["accuracy"] for p in per_client.values()])),
+            "local_ari": float(np.mean([p["ari"] for p in per_client.values()])),
+            "per_client": per_client, "task_to_cluster": task_cluster,
+            "router_accuracy": {"own_test": router.get("test"), "generalization": router.get("general")}}
 
 
 class Client(ClientPart):
@@ -197,34 +219,30 @@ class Client(ClientPart):
 
     def setup(self, msg, ctx):
         train = ctx.workbench.examples("train")
-        tasks = [e["task"] for e in train]
         x = self._embed(ctx, train)
-        curve = None
-        if msg.config.get("oracle"):
-            local_tasks = sorted(set(tasks))
+        curve, config = None, {}
+        if msg.config.get("oracle"):  # the reference variant clusters by the true tasks: labels by design
+            tasks = [e["task"] for e in train]
+            config["local_tasks"] = local_tasks = sorted(set(tasks))
             labels = np.array([local_tasks.index(t) for t in tasks])
             centroids = np.stack([x[labels == l].mean(axis=0) for l in range(len(local_tasks))])
-        else:
-            local_tasks = None
+        else:  # nothing label-derived leaves the client: centroids, sizes and the silhouette curve
             centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options))
         privacy = self.settings.privacy
         if privacy.get("centroid_noise_multiplier") is not None:  # released through the Gaussian mechanism
             rng = np.random.default_rng([self.settings.seed, ctx.client_id, 17])
             centroids = noisy_centroids(x, labels, len(centroids), privacy["centroid_clip"],
                                         privacy["centroid_noise_multiplier"], rng)
-        ctx.state["local_labels"] = labels  # (the embeddings are cached on disk: diagnostics reads them back)
-        task_counts = [dict(Counter(t for t, l in zip(tasks, labels) if l == k)) for k in range(len(centroids))]
-        config = {"n_local": len(centroids), "task_counts": task_counts, "silhouette": curve,
-                  "local_accuracy": clustering_accuracy(tasks, labels), "local_ari": adjusted_rand(tasks, labels)}
-        if local_tasks is not None:
-            config["local_tasks"] = local_tasks
+        ctx.state["sub_labels"] = labels  # (the embeddings are cached on disk: diagnostics reads them back)
+        config.update({"sizes": np.bincount(labels, minlength=len(centroids)).tolist(), "silhouette": curve})
         return Message({"centroids": torch.tensor(centroids, dtype=torch.float32)}, config)
 
     def fit(self, msg, ctx):
-        labels = ctx.state["local_labels"]
+        ctx.state["sub_to_global"] = mapping = msg.config["mapping"]
+        cluster_of_example = np.asarray(mapping)[ctx.state["sub_labels"]]
         arrays, job_examples, job_losses, tokens, seconds = {}, [], [], 0, 0.0
         for j, (l, g) in enumerate(msg.config["jobs"]):
-            indices = np.flatnonzero(labels == l).tolist()
+            indices = np.flatnonzero(cluster_of_example == g).tolist()
             adapter, stats = ctx.workbench.train(unpack_under(msg.arrays, f"g{g}"), msg.config["round"], subset=(f"local{l}", indices))
             arrays.update(pack_under(f"j{j}", adapter))
             job_examples.append(len(indices))
@@ -237,11 +255,11 @@ class Client(ClientPart):
     def evaluate(self, msg, ctx):
         split = msg.config.get("split", "test")
         examples = ctx.workbench.examples(split)
-        ctx.state["global_of"] = dict(enumerate(msg.config["mapping"]))  # local -> global cluster, for plots
+        ctx.state["sub_to_global"] = msg.config["mapping"]
         centroids = msg.arrays["centroids"].numpy()
         x = self._embed(ctx, examples)
         mode = "global" if split == "general" else msg.config.get("router", "local")
-        routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None)
+        routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None, msg.config["owner"])
         if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
             routes = np.array([msg.config["task_cluster"].get(e["task"], g) for e, g in zip(examples, routes)])
         adapters = {str(g): unpack_under(msg.arrays, f"g{g}") for g in sorted(set(routes.tolist()))}
@@ -254,12 +272,12 @@ class Client(ClientPart):
 
 
     def diagnostics(self, ctx):
-        if "local_labels" not in ctx.state:
+        if "sub_labels" not in ctx.state:
             return None
         train = ctx.workbench.examples("train")
-        global_of = ctx.state.get("global_of", {})
-        return {"vectors": self._embed(ctx, train), "tasks": [e["task"] for e in train],
-                "clusters": [global_of.get(int(l), -1) for l in ctx.state["local_labels"]]}
+        mapping = ctx.state.get("sub_to_global")
+        return {"vectors": self._embed(ctx, train), "tasks": [e.get("task") for e in train],
+                "clusters": [mapping[l] if mapping else -1 for l in ctx.state["sub_labels"]]}
 
 
 class StarServer(Server):

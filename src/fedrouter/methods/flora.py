@@ -76,7 +76,7 @@ class Server(ServerPart):
         merged = lowrank.add_updates(*(lowrank.dense_update(m, 1.0) for _, m in sorted(self.stacked.items())))
         return {"merged_update.safetensors": {name: delta.float().contiguous() for name, delta in merged.items()}}
 
-    def report(self, evaluations):
+    def report(self, evaluations, truth=None):
         return {"flora": {"aggregation": "stacked per round, merged into the base",
                           "stacked_rank_per_round": self.stacked_ranks,
                           "client_ranks": {str(c): rank_of(self.ranks, c) for c in self.client_ids}}}

@@ -57,80 +57,120 @@ def _mean(values) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
+def confusion(tasks: list[str], clusters: list[int]) -> dict[str, dict[str, int]]:
+    """{true task: {global cluster: training examples}}: which tasks share a cluster, which split."""
+    table: dict[str, Counter] = {}
+    for task, cluster in zip(tasks, clusters):
+        table.setdefault(task, Counter())[str(int(cluster))] += 1
+    return {task: dict(sorted(counts.items(), key=lambda kv: int(kv[0]))) for task, counts in sorted(table.items())}
+
+
 def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, np.ndarray],
             n_local, n_global, seed: int, k_range) -> dict:
-    """Cluster, then score clusters and router against the true tasks; a JSON-able report."""
-    from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, local_then_global, route
+    """Cluster, then score clusters and router against the true tasks (when the data has them); a
+    JSON-able report."""
+    from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, local_then_global
 
     result = local_then_global(train_vectors, n_local, n_global, seed, k_range)
     clients = {c.client_id: c for c in data.clients}
     ids = sorted(clients)
+    labelled = all(ex.get("task") is not None for c in data.clients for ex in c.train)
 
     all_tasks, all_global = [], []
     for cid in ids:
-        all_tasks += [ex["task"] for ex in clients[cid].train]
+        all_tasks += [ex.get("task") for ex in clients[cid].train]
         all_global += result.global_labels(cid).tolist()
-    owner = task_clusters(all_tasks, all_global)
+    owner = task_clusters(all_tasks, all_global) if labelled else {}
+
+    def curve(c):
+        return None if c is None else {str(k): v for k, v in sorted(c.items())}
 
     rows = []
     for cid in ids:
         client = clients[cid]
-        true_train = [ex["task"] for ex in client.train]
-        local = result.local_labels[cid]
-        target = np.array([owner.get(ex["task"], -1) for ex in client.test])
-        allowed = result.allowed(cid)
-        routed_global = route(test_vectors[cid], result.global_centroids)
-        routed_local = route(test_vectors[cid], result.global_centroids, allowed)
+        true_train = [ex.get("task") for ex in client.train]
+        local = result.local_labels(cid)
+        target = np.array([owner.get(ex.get("task"), -1) for ex in client.test])
+        routed_global, routed_local = result.route(test_vectors[cid]), result.route(test_vectors[cid], cid)
+        scored = labelled and len(target)
         rows.append({
             "client": cid,
             "tasks": client.tasks,
             "n_train": len(client.train),
             "n_test": len(client.test),
-            "n_local": result.n_local[cid],
-            "local_accuracy": clustering_accuracy(true_train, local),
-            "local_ari": adjusted_rand(true_train, local),
-            "global_clusters": [int(g) for g in allowed],
-            "local_to_global": [int(g) for g in result.local_to_global[cid]],
-            "router_global": float(np.mean(routed_global == target)) if len(target) else float("nan"),
-            "router_local": float(np.mean(routed_local == target)) if len(target) else float("nan"),
+            "n_sub": len(result.sub_centroids[cid]),
+            "n_local": result.n_local(cid),
+            "silhouette": curve(result.sub_silhouette.get(cid)),
+            "local_accuracy": clustering_accuracy(true_train, local) if labelled else None,
+            "local_ari": adjusted_rand(true_train, local) if labelled else None,
+            "global_clusters": [int(g) for g in result.allowed(cid)],
+            "sub_to_global": [int(g) for g in result.step.sub_to_global[cid]],
+            "router_global": float(np.mean(routed_global == target)) if scored else None,
+            "router_local": float(np.mean(routed_local == target)) if scored else None,
         })
 
-    def curve(c):
-        return None if c is None else {str(k): v for k, v in sorted(c.items())}
+    def mean(key):
+        return _mean(r[key] for r in rows) if labelled else None
 
     return {
         "tasks": data.tasks,
+        "labelled": labelled,
         "n_global": result.n_global,
-        "n_local": {str(cid): result.n_local[cid] for cid in ids},
-        "local_accuracy": _mean(r["local_accuracy"] for r in rows),
-        "local_ari": _mean(r["local_ari"] for r in rows),
-        "global_accuracy": clustering_accuracy(all_tasks, all_global),
-        "global_ari": adjusted_rand(all_tasks, all_global),
-        "task_clusters": owner,
-        "router_accuracy": {"global": _mean(r["router_global"] for r in rows),
-                            "local": _mean(r["router_local"] for r in rows)},
-        "silhouette": {"global": curve(result.global_silhouette),
-                       "local": {str(c): curve(v) for c, v in sorted(result.local_silhouette.items())} or None},
+        "n_prototypes": len(result.prototypes),
+        "merged_prototypes": result.step.merged,
+        "n_local": {str(cid): result.n_local(cid) for cid in ids},
+        "local_accuracy": mean("local_accuracy"),
+        "local_ari": mean("local_ari"),
+        "global_accuracy": clustering_accuracy(all_tasks, all_global) if labelled else None,
+        "global_ari": adjusted_rand(all_tasks, all_global) if labelled else None,
+        "task_clusters": owner or None,
+        "confusion": confusion(all_tasks, all_global) if labelled else None,
+        "router_accuracy": {"global": mean("router_global"), "local": mean("router_local")},
+        "silhouette": {"global": curve(result.step.silhouette),
+                       "local": {str(c): curve(v) for c, v in sorted(result.sub_silhouette.items())} or None},
         "per_client": rows,
     }
 
 
+def _score(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _curve_line(curve: dict | None) -> str:
+    """'1:0.081* 2:0.212 ...': silhouette by K (K=1: the bar a split must clear), * on the chosen K."""
+    if not curve:
+        return "-"
+    best = max(curve.values())
+    chosen = min(int(k) for k, v in curve.items() if v == best)
+    return " ".join(f"{k}:{v:.3f}{'*' if int(k) == chosen else ''}" for k, v in curve.items())
+
+
 def format_summary(report: dict) -> str:
     sil = report["silhouette"]["global"]
+    merged = report["merged_prototypes"]
     lines = [
         f"clusters | {report['data']} | scenario {report['scenario']} | {report['n_clients']} clients | "
         f"embedder {report['embedder']} | {report['wall_s']:.0f} s",
-        f"global: {report['n_global']} clusters{' (silhouette)' if sil else ''}, clustering accuracy "
-        f"{report['global_accuracy']:.3f}, ARI {report['global_ari']:.3f}",
-        f"local: mean clustering accuracy {report['local_accuracy']:.3f}, mean ARI {report['local_ari']:.3f}",
-        f"router accuracy: global {report['router_accuracy']['global']:.3f}, local {report['router_accuracy']['local']:.3f}",
+        f"global: {report['n_global']} clusters from {report['n_prototypes']} prototypes"
+        f"{f' ({len(merged)} groups merged by co-occurrence)' if merged else ''}, clustering accuracy "
+        f"{_score(report['global_accuracy'])}, ARI {_score(report['global_ari'])}",
+        f"local: mean clustering accuracy {_score(report['local_accuracy'])}, mean ARI {_score(report['local_ari'])}",
+        f"router accuracy: global {_score(report['router_accuracy']['global'])}, local {_score(report['router_accuracy']['local'])}",
     ]
     if sil:
-        lines.append("silhouette (global): " + " ".join(f"{k}:{v:.3f}" for k, v in sil.items()))
-    lines.append(f"{'client':>6}  {'tasks':<28} {'n_local':>7} {'local acc':>9} {'ARI':>6} {'router G':>8} {'router L':>8}")
+        lines.append("silhouette of the prototypes by K: " + _curve_line(sil))
+    lines.append(f"{'client':>6}  {'tasks':<28} {'sub':>4} {'n_local':>7} {'local acc':>9} {'ARI':>6} {'router G':>8} "
+                 f"{'router L':>8}  silhouette by K (1 = the bar a split must clear; * chosen)")
     for r in report["per_client"]:
-        lines.append(f"{r['client']:>6}  {'+'.join(r['tasks'])[:28]:<28} {r['n_local']:>7} {r['local_accuracy']:>9.3f} "
-                     f"{r['local_ari']:>6.3f} {r['router_global']:>8.3f} {r['router_local']:>8.3f}")
+        lines.append(f"{r['client']:>6}  {'+'.join(map(str, r['tasks']))[:28]:<28} {r['n_sub']:>4} {r['n_local']:>7} "
+                     f"{_score(r['local_accuracy']):>9} {_score(r['local_ari']):>6} {_score(r['router_global']):>8} "
+                     f"{_score(r['router_local']):>8}  {_curve_line(r['silhouette'])}")
+    if report.get("confusion"):
+        clusters = sorted({int(k) for counts in report["confusion"].values() for k in counts})
+        lines.append("confusion (training examples of each true task per global cluster):")
+        lines.append(f"{'task':<28} " + " ".join(f"{'c' + str(k):>6}" for k in clusters))
+        for task, counts in report["confusion"].items():
+            lines.append(f"{str(task)[:28]:<28} " + " ".join(f"{counts.get(str(k), 0):>6}" for k in clusters))
     return "\n".join(lines)
 
 

@@ -167,7 +167,11 @@ def format_summary(results: dict) -> str:
     if "clustering" in results:
         c = results["clustering"]
         router = c["router_accuracy"]
-        lines.append(f"clusters: {c['n_global']} global | local clustering accuracy {c['local_accuracy']:.3f} "
-                     f"(ARI {c['local_ari']:.3f}) | router accuracy: own tests {router['own_test']:.3f}, "
-                     f"all tasks {router['generalization']:.3f}")
+
+        def score(value):  # null where the clients' tasks are unknown here (no labels, or a deployment)
+            return "n/a" if value is None else f"{value:.3f}"
+
+        lines.append(f"clusters: {c['n_global']} global | local clustering accuracy {score(c['local_accuracy'])} "
+                     f"(ARI {score(c['local_ari'])}) | router accuracy: own tests {score(router['own_test'])}, "
+                     f"all tasks {score(router['generalization'])}")
     return "\n".join(lines)

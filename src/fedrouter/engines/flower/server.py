@@ -257,6 +257,9 @@ class FlowerClients:
     def embedding_map(self, seed: int) -> None:
         """No embedding map: it would need the clients' embeddings, which a federation does not share."""
 
+    def training_truth(self) -> None:
+        """No task labels: a federation never ships its clients' labels, so clustering scores are null."""
+
 
 def wait_for_nodes(grid: Grid, n: int, wait_s: float) -> list[int]:
     deadline = time.monotonic() + wait_s
