@@ -8,6 +8,7 @@ import pytest
 from fedrouter.core.cluster import (
     adjusted_rand,
     choose_k,
+    cooccurring,
     clustering_accuracy,
     kmeans,
     local_then_global,
@@ -327,3 +328,54 @@ def test_bad_k_is_a_fedrouter_error():
     with pytest.raises(FedrouterError, match="integers"):
         cluster_local(x, "auto", k_range=[2, "three"])
     assert not issubclass(FedrouterError, ValueError)  # why the _check_k tests above expect FedrouterError
+
+
+# --- issue 16: K = 1, tasks in several templates, no labels ----------------------------------------------
+
+def _blob(center, n, rng, spread=1.0):
+    return np.asarray(center, dtype=float) + spread * rng.normal(size=(n, len(center)))
+
+
+def test_choose_k_says_one_on_one_blob_and_three_on_three():
+    rng = np.random.default_rng(0)
+    one = _blob(np.zeros(10), 300, rng) * np.linspace(1, 3, 10)  # one anisotropic Gaussian: no clusters
+    k, curve = choose_k(one, range(1, 7))
+    assert k == 1 and curve[1] > max(v for kk, v in curve.items() if kk > 1)  # no split clears the bar
+    three = np.concatenate([_blob(8 * np.eye(10)[i], 100, rng) for i in range(3)])
+    k, curve = choose_k(three, range(1, 7))
+    assert k == 3 and curve[3] > curve[1]
+    assert choose_k(one, range(2, 7))[0] >= 2  # without 1 in the range, the silhouette alone cannot say 1
+
+
+def test_a_task_in_two_templates_is_one_cluster_by_co_occurrence():
+    # Task A comes in two templates (blobs far apart, drawn 1:1 wherever A is); task B in one. A's
+    # templates are as far from each other as from B, so geometry alone makes three clusters; they
+    # appear on the same clients in the same proportions, so the server merges them into one.
+    rng = np.random.default_rng(1)
+    a1, a2, b = 10 * np.eye(6)[0], 10 * np.eye(6)[1], 10 * np.eye(6)[2]
+    holds = {0: "A", 1: "A", 2: "B", 3: "B", 4: "AB", 5: "AB"}
+    data, truth = {}, {}
+    for c, tasks in holds.items():
+        parts, labels = [], []
+        if "A" in tasks:
+            parts += [_blob(a1, 40, rng), _blob(a2, 40, rng)]
+            labels += ["A"] * 80
+        if "B" in tasks:
+            parts.append(_blob(b, 60, rng))
+            labels += ["B"] * 60
+        data[c], truth[c] = np.concatenate(parts), labels
+    result = local_then_global(data, "auto", "auto", seed=0, k_range=range(1, 7))
+    assert len(result.prototypes) == 3 and result.n_global == 2 and len(result.step.merged) == 1
+    for c in holds:
+        assert result.n_local(c) == len(holds[c])  # a single-task client: one local cluster
+        assert clustering_accuracy(truth[c], result.global_labels(c)) == 1.0
+    # the router sends either template of A to A's adapter
+    assert set(result.route(np.stack([a1, a2])).tolist()) == {result.global_labels(0)[0]}
+
+
+def test_cooccurring_needs_same_clients_in_the_same_ratio_and_not_everywhere():
+    counts = np.array([[10, 20, 0], [11, 19, 0], [10, 0, 20], [30, 2, 0]])  # prototypes x clients
+    assert cooccurring(counts) == [[0, 1], [2], [3]]  # 3: same clients, other ratio; 2: other clients
+    everywhere = np.array([[10, 10, 10], [10, 10, 10]])
+    assert cooccurring(everywhere) == [[0], [1]]  # on every client: no evidence either way
+    assert cooccurring(np.array([[5, 0], [6, 0]])) == [[0], [1]]  # one client: no evidence

@@ -9,9 +9,9 @@ from fedrouter.cli import main
 
 REPORT_KEYS = {"data", "scenario", "n_clients", "seed", "embedder", "embedder_name", "tasks", "n_global", "n_local",
                "local_accuracy", "local_ari", "global_accuracy", "global_ari", "task_clusters", "router_accuracy",
-               "silhouette", "per_client", "k_range", "wall_s"}
-CLIENT_KEYS = {"client", "tasks", "n_train", "n_test", "n_local", "local_accuracy", "local_ari", "global_clusters",
-               "local_to_global", "router_global", "router_local"}
+               "silhouette", "per_client", "k_range", "wall_s", "confusion", "n_prototypes", "labelled"}
+CLIENT_KEYS = {"client", "tasks", "n_train", "n_test", "n_sub", "n_local", "silhouette", "local_accuracy", "local_ari",
+               "global_clusters", "sub_to_global", "router_global", "router_local"}
 
 
 def _error_lines(capsys) -> list[str]:
@@ -26,19 +26,19 @@ def test_flan8_minilm_finds_the_eight_tasks(flan8_dir, tmp_path, capsys):
     # The training data is all of flan8's train split, as with run's defaults; only the router's test inputs
     # are fewer (5 per task per client instead of 25), which keeps MiniLM on one CPU thread near a minute.
     code = main(["clusters", "--data", str(flan8_dir), "--embedder", "minilm", "--scenario", "all", "--clients", "8",
-                 "--n-local", "8", "--n-global", "auto", "--task-field", "category", "--test-per-client", "40",
+                 "--n-local", "auto", "--n-global", "auto", "--task-field", "category", "--test-per-client", "40",
                  "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "router accuracy" in printed and "global: 8 clusters" in printed
+    assert "router accuracy" in printed and "global: 8 clusters" in printed and "confusion" in printed
     report = json.loads(out.read_text())
     assert REPORT_KEYS <= set(report)
     assert len(report["tasks"]) == 8
 
-    # acceptance: the silhouette finds the 8 tasks, and the global clusters are the tasks
+    # acceptance (issue 16): auto K everywhere finds the 8 tasks, and the global clusters are the tasks
     assert report["n_global"] == 8, report["silhouette"]["global"]
-    assert max(report["silhouette"]["global"].items(), key=lambda kv: kv[1])[0] == "8"
-    assert report["global_accuracy"] >= 0.95, report["global_accuracy"]
+    assert report["global_accuracy"] >= 0.98, report["global_accuracy"]
+    assert sum(sum(counts.values()) for counts in report["confusion"].values()) == 2400
 
     assert report["n_local"] == {str(i): 8 for i in range(8)}
     assert 0.0 <= report["local_accuracy"] <= 1.0 and -1.0 <= report["local_ari"] <= 1.0
@@ -71,7 +71,7 @@ def test_synthetic_base_embedder_report(tiny_model_dir, tmp_path, capsys):
     for row in report["per_client"]:
         assert CLIENT_KEYS <= set(row)
         assert row["n_train"] == 24 and row["n_test"] == 8
-        assert 2 <= row["n_local"] <= 4
+        assert 1 <= row["n_local"] <= row["n_sub"] <= 4
     for key in ("local_accuracy", "global_accuracy"):
         assert 0.0 <= report[key] <= 1.0
     assert capsys.readouterr().out.count("\n") >= 6
@@ -92,7 +92,7 @@ def test_bad_n_global_exits_2(bad, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--n-local", "3,3"], "--n-local"),  # two values for 8 clients
-    (["--k-min", "1"], "--k-min"),
+    (["--k-min", "0"], "--k-min"),
     (["--k-min", "5", "--k-max", "3"], "--k-max"),
     (["--scenario", "nowhere"], "scenario"),
 ])

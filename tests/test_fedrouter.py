@@ -100,3 +100,48 @@ def test_pack_unpack_round_trip():
 def test_bad_options_are_one_line_errors(options):
     with pytest.raises(FedrouterError):
         options_for("fedrouter", options)
+
+
+class _EmbeddingWorkbench:
+    """Training examples with task labels, and fixed embeddings for them (two tasks, two far blobs)."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        self.train = [{"instruction": f"q{i}", "output": "o", "task": "secret-task-a" if i < 30 else "secret-task-b"}
+                      for i in range(60)]
+        self.vectors = np.concatenate([rng.normal(size=(30, 4)), 20 + rng.normal(size=(30, 4))]).astype(np.float32)
+
+    def examples(self, split):
+        return self.train
+
+    def embed(self, texts, spec):
+        return self.vectors
+
+
+def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_without_labels():
+    import json
+
+    from fedrouter.methods.base import ClientContext
+    from fedrouter.methods.fedrouter import Client
+    from fedrouter.core.cluster import local_then_global
+
+    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {}))
+    client = Client(setup)
+    replies = {cid: client.setup(Message(config={"oracle": False}), ClientContext(cid, _EmbeddingWorkbench(cid)))
+               for cid in (0, 1)}
+    for reply in replies.values():
+        assert set(reply.config) == {"sizes", "silhouette"}
+        assert "secret-task" not in json.dumps(reply.config)
+    server = Server(setup, dict(INIT), [0, 1])
+    server.aggregate_setup(replies)
+    # the method and `fedrouter clusters` (local_then_global) make the same assignment on the same data
+    offline = local_then_global({cid: _EmbeddingWorkbench(cid).vectors for cid in (0, 1)}, "auto", "auto", seed=0,
+                                k_range=range(1, 13))
+    assert server.sub_to_global == {cid: offline.step.sub_to_global[cid].tolist() for cid in (0, 1)}
+    assert np.allclose(server.prototypes, offline.prototypes)
+    # without labels (a deployment) the scores are null, the choice is still reported
+    report = server.report({"test": {}, "general": {}}, truth=None)["clustering"]
+    assert report["local_accuracy"] is None and report["accuracy"] is None and report["n_global"] == offline.n_global
+    truth = {cid: {"tasks": [e["task"] for e in _EmbeddingWorkbench(cid).train],
+                   "clusters": offline.global_labels(cid).tolist()} for cid in (0, 1)}
+    assert server.report({"test": {}, "general": {}}, truth)["clustering"]["accuracy"] == 1.0

@@ -2,8 +2,18 @@
 
 Plain functions, numpy in and out; scikit-learn does the math. `nearest` is the one routing step that
 FedRouter's server (local centroid -> global cluster) and router (test input -> adapter) both call.
-`local_then_global` is FedRouter's clustering pipeline without the training: K-Means per client, then
-K-Means on the server over all clients' local centroids.
+`local_then_global` is FedRouter's clustering pipeline without the training: K-Means per client
+(sub-clusters), then `server_step` over all clients' sub-centroids.
+
+How K is chosen ("auto"), measured in docs/benchmark.md (bench/task_discovery.py):
+- Silhouette over k_min..k_max, and K = 1 when 1 is in the range: it scores the bar NULL_MARGIN x the best
+  silhouette that K-Means reaches on one structureless Gaussian with the points' own spectrum, so a split
+  must beat what noise of the same shape gives (silhouette values alone cannot: real 8-task text scores
+  0.1, one task split by its content 0.2). Below NULL_MIN_POINTS points K = 1 is not offered.
+- On the server, K-Means prototypes over the sub-centroids, then `cooccurring`: prototypes that occur on
+  the same clients in the same proportions are parts of one task (its templates, its sub-topics) and
+  become one global cluster. A client's local clusters are its sub-clusters grouped by global cluster,
+  so a single-task client ends with one however its data split.
 
 Bad input is told as one `FedrouterError` line before scikit-learn sees it: no points (nothing to
 cluster), NaN or Inf in embeddings or centroids, a non-2-d or non-numeric array, an embedding dimension
@@ -158,6 +168,7 @@ def silhouette_curve(x, k_values, seed: int = 0) -> dict[int, float]:
 
 
 NULL_MARGIN = 1.25  # K >= 2 must beat a structureless reference's silhouette by this factor
+NULL_MIN_POINTS = 20  # below this, random points score high silhouettes too: K = 1 is not offered
 
 
 def _null_reference(x: np.ndarray, seed: int) -> np.ndarray:
@@ -187,7 +198,7 @@ def _choose_k(x: np.ndarray, k_values, seed: int, what: str) -> tuple[int, dict[
     if skipped:
         log.info("choosing K by silhouette on %s: skipped K=%s (%d distinct points among %d)",
                  what, ",".join(map(str, skipped)), distinct, n)
-    if ks[0] == 1:
+    if ks[0] == 1 and n >= NULL_MIN_POINTS:
         # K = 1 scores the bar a split must clear: NULL_MARGIN times the best silhouette that the same
         # K-Means finds in one structureless Gaussian of the same spread. Silhouette values alone cannot
         # say 1 (real text mixtures score 0.1, one task split by content 0.2); against its own null they can.
