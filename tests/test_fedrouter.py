@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,35 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
     truth = {cid: {"tasks": [e["task"] for e in _EmbeddingWorkbench(cid).train],
                    "clusters": offline.global_labels(cid).tolist()} for cid in (0, 1)}
     assert server.report({"test": {}, "general": {}}, truth)["clustering"]["accuracy"] == 1.0
+
+
+def test_data_without_task_labels_trains_and_reports_null_accuracy(tmp_path, tiny_overrides, tiny_model_dir):
+    from fedrouter.config import load_config
+    from fedrouter.core.synthetic import generate_examples
+    from fedrouter.experiment import run_experiment
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 40), ("test", 30)):
+        rows = generate_examples("paraphrase", n, seed=split) + generate_examples("headline", n, seed=split)
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"instruction": r["instruction"], "output": r["output"]}) + "\n"
+                                                      for r in rows))
+    out = tmp_path / "run"
+    cfg = load_config(None, {**tiny_overrides, "method": "fedrouter", "scenario": "all", "data": str(data),
+                             "general_test_per_task": 10})
+    run_experiment(cfg, out, progress=False)
+    results = json.loads((out / "results.json").read_text())
+    clustering = results["clustering"]
+    assert clustering["accuracy"] is None and clustering["local_accuracy"] is None and clustering["task_to_cluster"] is None
+    assert clustering["n_global"] >= 1 and results["tasks"] == ["unlabelled"]
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == tiny_overrides["rounds"] and all(r["tokens"] > 0 for r in rounds)  # it trained
+
+
+def test_data_with_some_task_labels_missing_is_refused(tmp_path):
+    from fedrouter.core.data import load_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"instruction": "a", "output": "b", "task": "t"}\n{"instruction": "c", "output": "d"}\n')
+    with pytest.raises(FedrouterError, match="row 2 has no 'task'"):
+        load_jsonl(path)

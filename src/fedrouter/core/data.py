@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SCENARIOS = ("single", "dual", "all", "dirichlet")
 SYNTHETIC = "synthetic"
 SYNTHETIC_HARD = "synthetic-hard"
+UNLABELLED = "unlabelled"  # the one task of data whose rows carry no task label (scenario "all" only)
 EMBEDDED = {SYNTHETIC: "default", SYNTHETIC_HARD: "hard"}  # data value -> variant of the embedded benchmark
 HF = "hf:"  # "hf:paper4" or "hf:<hub id or local path>" (fedrouter.core.hfdata)
 
@@ -116,7 +117,19 @@ def read_jsonl_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
 
 
 def load_jsonl(path: Path, task_field: str = "task") -> list[dict]:
-    """Examples ({instruction, output, task}) from a JSONL file whose task label sits in `task_field`."""
+    """Examples ({instruction, output, task}) from a JSONL file whose task label sits in `task_field`.
+
+    A file where no row has `task_field` is unlabelled: every example's task is UNLABELLED (what a real
+    client holds; FedRouter finds the tasks itself, and clustering scores are null). A file where only
+    some rows have it is refused, naming the first row without it.
+    """
+    rows = read_jsonl_rows(path, ("instruction", "output"))
+    labelled = [task_field in r for r in rows]
+    if not any(labelled):
+        return [{"instruction": r["instruction"], "output": r["output"], "task": UNLABELLED} for r in rows]
+    if not all(labelled):
+        raise FedrouterError(f"{path}: row {labelled.index(False) + 1} has no {task_field!r} field but others do "
+                             "(give every row a task label, or none)")
     return [{"instruction": r["instruction"], "output": r["output"], "task": r[task_field]}
             for r in read_jsonl_rows(path, ("instruction", "output", task_field))]
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fedrouter.core.cluster import adjusted_rand, cluster_local, clustering_accuracy, majority_cluster, route, server_step
+from fedrouter.core.data import UNLABELLED
 from fedrouter.core.privacy import noisy_centroids
 from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
@@ -183,7 +184,7 @@ class Server(ServerPart):
 
 def truth_scores(truth: dict | None, evaluations: dict) -> dict:
     """Clustering and routing accuracy against the true tasks (all None without labels)."""
-    if not truth or any(t is None for info in truth.values() for t in info["tasks"]):
+    if not truth or any(t in (None, UNLABELLED) for info in truth.values() for t in info["tasks"]):
         return {"accuracy": None, "local_accuracy": None, "local_ari": None, "per_client": None,
                 "task_to_cluster": None, "router_accuracy": {"own_test": None, "generalization": None}}
     # A task's cluster: the global cluster most of its training examples were assigned to.

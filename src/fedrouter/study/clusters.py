@@ -74,7 +74,9 @@ def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, 
     result = local_then_global(train_vectors, n_local, n_global, seed, k_range)
     clients = {c.client_id: c for c in data.clients}
     ids = sorted(clients)
-    labelled = all(ex.get("task") is not None for c in data.clients for ex in c.train)
+    from fedrouter.core.data import UNLABELLED
+
+    labelled = all(ex.get("task") not in (None, UNLABELLED) for c in data.clients for ex in c.train)
 
     all_tasks, all_global = [], []
     for cid in ids:
