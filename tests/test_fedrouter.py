@@ -162,7 +162,7 @@ def test_data_without_task_labels_trains_and_reports_null_accuracy(tmp_path, tin
                                                       for r in rows))
     out = tmp_path / "run"
     cfg = load_config(None, {**tiny_overrides, "method": "fedrouter", "scenario": "all", "data": str(data),
-                             "general_test_per_task": 10})
+                             "task_field": "none", "general_test_per_task": 10})
     run_experiment(cfg, out, progress=False)
     results = json.loads((out / "results.json").read_text())
     clustering = results["clustering"]
@@ -172,10 +172,11 @@ def test_data_without_task_labels_trains_and_reports_null_accuracy(tmp_path, tin
     assert len(rounds) == tiny_overrides["rounds"] and all(r["tokens"] > 0 for r in rounds)  # it trained
 
 
-def test_data_with_some_task_labels_missing_is_refused(tmp_path):
+def test_data_without_task_labels_needs_task_field_none(tmp_path):
     from fedrouter.core.data import load_jsonl
 
     path = tmp_path / "train.jsonl"
-    path.write_text('{"instruction": "a", "output": "b", "task": "t"}\n{"instruction": "c", "output": "d"}\n')
-    with pytest.raises(FedrouterError, match="row 2 has no 'task'"):
+    path.write_text('{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(FedrouterError, match="task_field 'none'"):  # a forgotten --task-field is not silently unlabelled
         load_jsonl(path)
+    assert load_jsonl(path, "none") == [{"instruction": "a", "output": "b", "task": "unlabelled"}]

@@ -117,7 +117,7 @@ class Config(_Strict):
     data: str = "synthetic"
     data_sources: dict[str, str] = {}  # hf:paper4: task -> a local copy of its dataset (file or folder) instead of the hub
     data_fields: dict[str, str] = {}  # hf:<id>: where instruction, output (and task) sit in its rows
-    task_field: str = "task"  # where the task label sits in JSONL rows ("category" in flan8)
+    task_field: str = "task"  # where the task label sits in JSONL rows ("category" in flan8; "none": no labels)
     tasks: list[str] | None = None  # a subset of the data's tasks; None = all
     train_per_client: int = Field(600, gt=0)
     test_per_client: int = Field(300, gt=0)

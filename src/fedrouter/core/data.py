@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 SCENARIOS = ("single", "dual", "all", "dirichlet")
 SYNTHETIC = "synthetic"
 SYNTHETIC_HARD = "synthetic-hard"
-UNLABELLED = "unlabelled"  # the one task of data whose rows carry no task label (scenario "all" only)
+NO_TASK_FIELD = "none"  # task_field for data without task labels
+UNLABELLED = "unlabelled"  # the one task such data is read as (use scenario "all")
 EMBEDDED = {SYNTHETIC: "default", SYNTHETIC_HARD: "hard"}  # data value -> variant of the embedded benchmark
 HF = "hf:"  # "hf:paper4" or "hf:<hub id or local path>" (fedrouter.core.hfdata)
 
@@ -101,7 +102,9 @@ def read_jsonl_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
                 for key in required:
                     if not isinstance(row.get(key), str):
                         problem = "missing" if key not in row else "not a string"
-                        raise FedrouterError(f"{path}:{lineno}: field {key!r} is {problem}")
+                        hint = (" (data without task labels: task_field 'none')"
+                                if key not in ("instruction", "output") and key not in row else "")
+                        raise FedrouterError(f"{path}:{lineno}: field {key!r} is {problem}{hint}")
                     try:
                         row[key].encode("utf-8")
                     except UnicodeEncodeError as exc:  # a lone surrogate such as \ud800: no text, and no tokenizer takes it
@@ -119,17 +122,12 @@ def read_jsonl_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
 def load_jsonl(path: Path, task_field: str = "task") -> list[dict]:
     """Examples ({instruction, output, task}) from a JSONL file whose task label sits in `task_field`.
 
-    A file where no row has `task_field` is unlabelled: every example's task is UNLABELLED (what a real
-    client holds; FedRouter finds the tasks itself, and clustering scores are null). A file where only
-    some rows have it is refused, naming the first row without it.
+    `task_field` NO_TASK_FIELD ("none") reads data without labels: every example's task is UNLABELLED (what
+    a real client holds; FedRouter finds the tasks itself, and clustering scores are null).
     """
-    rows = read_jsonl_rows(path, ("instruction", "output"))
-    labelled = [task_field in r for r in rows]
-    if not any(labelled):
-        return [{"instruction": r["instruction"], "output": r["output"], "task": UNLABELLED} for r in rows]
-    if not all(labelled):
-        raise FedrouterError(f"{path}: row {labelled.index(False) + 1} has no {task_field!r} field but others do "
-                             "(give every row a task label, or none)")
+    if task_field == NO_TASK_FIELD:
+        return [{"instruction": r["instruction"], "output": r["output"], "task": UNLABELLED}
+                for r in read_jsonl_rows(path, ("instruction", "output"))]
     return [{"instruction": r["instruction"], "output": r["output"], "task": r[task_field]}
             for r in read_jsonl_rows(path, ("instruction", "output", task_field))]
 
