@@ -95,10 +95,14 @@ def silhouette_curves(results: dict, path: Path) -> Path | None:
     if curves.get("global"):
         ks = sorted(curves["global"], key=int)
         ax.plot([int(k) for k in ks], [curves["global"][k] for k in ks], color="C3", lw=2.5, marker="o", label="global (server)")
-    chosen = results["clustering"].get("n_global")
+    # the server's K is its prototypes' (the curve's); co-occurrence may merge them into fewer clusters
+    chosen = results["clustering"].get("n_prototypes", results["clustering"].get("n_global"))
     if chosen:
-        ax.axvline(chosen, color="C3", ls="--", lw=1, label=f"chosen global K = {chosen}")
-    ax.set(xlabel="K", ylabel="silhouette score", title="Choosing K: silhouette vs number of clusters")
+        merged = results["clustering"].get("n_global")
+        ax.axvline(chosen, color="C3", ls="--", lw=1,
+                   label=f"chosen K = {chosen}" + (f", merged into {merged} clusters" if merged != chosen else ""))
+    ax.set(xlabel="K (at K = 1: the bar a split must clear)", ylabel="silhouette score",
+           title="Choosing K: silhouette vs number of clusters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
