@@ -50,6 +50,8 @@ def test_round_robin_schedule_and_star_schedule():
     assert server.jobs(0, 0) == [(0, clusters[0])]
     assert server.jobs(0, 1) == [(1, clusters[1])]
     assert server.jobs(0, 2) == server.jobs(0, 0)  # t mod n_local
+    clusters1 = sorted(set(server.sub_to_global[1]))
+    assert server.jobs(1, 0) == [(1, clusters1[1])]  # staggered by client: both clusters train every round
     star = two_blob_server(StarServer)
     assert [l for l, _ in star.jobs(1, 3)] == [0, 1]
 

@@ -103,9 +103,15 @@ class Server(ServerPart):
     # -- training rounds -----------------------------------------------------------------------------
     def jobs(self, cid: int, round_idx: int) -> list[tuple[int, int]]:
         """(local cluster, global cluster) pairs that client `cid` trains in `round_idx`; its local clusters
-        are its sub-clusters grouped by global cluster, numbered in global cluster order."""
+        are its sub-clusters grouped by global cluster, numbered in global cluster order.
+
+        The round robin ``t mod n_local`` starts at client `cid`'s offset: local numbering is arbitrary in
+        the paper, and numbering every client's clusters the same way (lowest global id first) would have
+        all clients train their lowest cluster in the same rounds, leaving the other clusters untrained in
+        those rounds (measured: 2 of 4 clusters per round in `dual`).
+        """
         clusters = sorted(set(self.sub_to_global[cid]))
-        local = range(len(clusters)) if self.train_all_local_clusters else [round_idx % len(clusters)]
+        local = range(len(clusters)) if self.train_all_local_clusters else [(round_idx + cid) % len(clusters)]
         return [(l, clusters[l]) for l in local]
 
     def configure_fit(self, round_idx, client_ids):
