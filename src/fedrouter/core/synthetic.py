@@ -197,17 +197,6 @@ def _dialogue(rng: random.Random) -> tuple[list[tuple[str, str]], str]:
     return turns, f"{doer} will {chore} the {KIND[thing]} on {day} ."
 
 
-def _news(rng: random.Random) -> tuple[str, str]:
-    """A news sentence and its headline (as `_headline` draws them)."""
-    org, city, day = rng.choice(ORGS), rng.choice(CITIES), rng.choice(DAYS)
-    project, place, month = rng.choice(PROJECTS), rng.choice(PLACES), rng.choice(MONTHS)
-    if rng.random() < 0.5:
-        sentence = f"the {org} of {city} said on {day} that it will {project} the {place} in {month} ."
-    else:
-        sentence = f"on {day} , officials of the {city} {org} announced plans to {project} the {place} in {month} ."
-    return sentence, f"{COUNTRY[city]} {org} to {project} {place} in {month}"
-
-
 # How an input is laid out, by kind of input: two questions (q_), one subject's facts (f_), a dialogue (d_),
 # a news sentence (n_).
 LAYOUTS: dict[str, Callable] = {
@@ -298,7 +287,7 @@ def _ask_summarize(rng: random.Random):
 
 
 def _ask_headline(rng: random.Random):
-    sentence, title = _news(rng)
+    sentence, title = _headline(rng)  # the default's news sentence and headline, same draws
     return sentence, {}, title
 
 

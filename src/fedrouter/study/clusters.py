@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrouter.errors import FedrouterError
+from fedrouter.study.tables import score_text
 
 
 
@@ -134,10 +135,6 @@ def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, 
     }
 
 
-def _score(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _curve_line(curve: dict | None) -> str:
     """'1:0.081* 2:0.212 ...': silhouette by K (K=1: the bar a split must clear), * on the chosen K."""
     if not curve:
@@ -155,9 +152,9 @@ def format_summary(report: dict) -> str:
         f"embedder {report['embedder']} | {report['wall_s']:.0f} s",
         f"global: {report['n_global']} clusters from {report['n_prototypes']} prototypes"
         f"{f' ({len(merged)} groups merged by co-occurrence)' if merged else ''}, clustering accuracy "
-        f"{_score(report['global_accuracy'])}, ARI {_score(report['global_ari'])}",
-        f"local: mean clustering accuracy {_score(report['local_accuracy'])}, mean ARI {_score(report['local_ari'])}",
-        f"router accuracy: global {_score(report['router_accuracy']['global'])}, local {_score(report['router_accuracy']['local'])}",
+        f"{score_text(report['global_accuracy'])}, ARI {score_text(report['global_ari'])}",
+        f"local: mean clustering accuracy {score_text(report['local_accuracy'])}, mean ARI {score_text(report['local_ari'])}",
+        f"router accuracy: global {score_text(report['router_accuracy']['global'])}, local {score_text(report['router_accuracy']['local'])}",
     ]
     if sil:
         lines.append("silhouette of the prototypes by K: " + _curve_line(sil))
@@ -165,8 +162,8 @@ def format_summary(report: dict) -> str:
                  f"{'router L':>8}  silhouette by K (1 = the bar a split must clear; * chosen)")
     for r in report["per_client"]:
         lines.append(f"{r['client']:>6}  {'+'.join(map(str, r['tasks']))[:28]:<28} {r['n_sub']:>4} {r['n_local']:>7} "
-                     f"{_score(r['local_accuracy']):>9} {_score(r['local_ari']):>6} {_score(r['router_global']):>8} "
-                     f"{_score(r['router_local']):>8}  {_curve_line(r['silhouette'])}")
+                     f"{score_text(r['local_accuracy']):>9} {score_text(r['local_ari']):>6} {score_text(r['router_global']):>8} "
+                     f"{score_text(r['router_local']):>8}  {_curve_line(r['silhouette'])}")
     if report.get("confusion"):
         clusters = sorted({int(k) for counts in report["confusion"].values() for k in counts})
         lines.append("confusion (training examples of each true task per global cluster):")

@@ -24,6 +24,11 @@ CELLS = "cells"
 SCENARIO_ORDER = ("single", "dual", "all", "dirichlet")
 
 
+def score_text(value) -> str:
+    """A score to 3 decimals, or "n/a" where it is null (the clients' tasks unknown: no labels, a deployment)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def load_cells(out: Path) -> list[dict]:
     """The finished cells' results, one dict each (what the tables are made of)."""
     rows = []
@@ -167,11 +172,7 @@ def format_summary(results: dict) -> str:
     if "clustering" in results:
         c = results["clustering"]
         router = c["router_accuracy"]
-
-        def score(value):  # null where the clients' tasks are unknown here (no labels, or a deployment)
-            return "n/a" if value is None else f"{value:.3f}"
-
-        lines.append(f"clusters: {c['n_global']} global | local clustering accuracy {score(c['local_accuracy'])} "
-                     f"(ARI {score(c['local_ari'])}) | router accuracy: own tests {score(router['own_test'])}, "
-                     f"all tasks {score(router['generalization'])}")
+        lines.append(f"clusters: {c['n_global']} global | local clustering accuracy {score_text(c['local_accuracy'])} "
+                     f"(ARI {score_text(c['local_ari'])}) | router accuracy: own tests {score_text(router['own_test'])}, "
+                     f"all tasks {score_text(router['generalization'])}")
     return "\n".join(lines)
