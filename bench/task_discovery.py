@@ -7,8 +7,10 @@ accuracy, the router accuracy (local and global mode) and the wall time, then ea
              client gets n_local == 1, local-mode router accuracy >= 0.98;
   hard       synthetic-hard, scenarios all/single, first 3 seeds: global clustering accuracy >= 0.95 (true K 6);
   flan8      ../shared/data/flan8 (from the repo root), scenario all, seed 0: K == 8, global accuracy >= 0.98.
+The hard and flan8 groups run once per `--cluster-on` value (default: both, the instructions alone -- the
+method's default -- and instruction + answer); the synthetic group runs the method's default.
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_discovery.py [--groups synthetic,hard,flan8]
-       [--seeds 0-4] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
+       [--seeds 0-4] [--cluster-on instruction,instruction+output] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
 Results go to docs/benchmark.md.
 """
 
@@ -35,15 +37,15 @@ def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
-def run(data: str, scenario: str, seed: int, **extra) -> dict:
+def run(data: str, scenario: str, seed: int, cluster_on: str = "instruction", **extra) -> dict:
     overrides = {"data": data, "scenario": scenario, "seed": seed, **extra}
     if os.environ.get("FEDROUTER_CACHE"):
         overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
-    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13))
+    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13), cluster_on)
     single = [r for r in report["per_client"] if len(r["tasks"]) == 1]
     report["single_ok"] = sum(r["n_local"] == 1 for r in single), len(single)
     router = report["router_accuracy"]
-    print(f"{Path(data).name:<15} {scenario:<7} seed {seed}  K {report['n_global']:>2}  "
+    print(f"{Path(data).name:<15} {cluster_on:<18} {scenario:<7} seed {seed}  K {report['n_global']:>2}  "
           f"global acc {report['global_accuracy']:.3f}  local acc {report['local_accuracy']:.3f}  "
           f"router local {router['local']:.3f} global {router['global']:.3f}  "
           f"single-task n_local==1 {report['single_ok'][0]}/{report['single_ok'][1]}  "
@@ -73,37 +75,44 @@ def synthetic(seeds: list[int]) -> list[dict]:
     return reports
 
 
-def hard(seeds: list[int]) -> list[dict]:
-    reports = [run("synthetic-hard", sc, s) for sc in ("all", "single") for s in seeds[:3]]
+def hard(seeds: list[int], modes: list[str]) -> list[dict]:
+    reports = [run("synthetic-hard", sc, s, mode) for mode in modes for sc in ("all", "single") for s in seeds[:3]]
     print(f"hard summary ({len(reports)} runs, true K 6):")
-    for sc in ("all", "single"):
-        acc = [r["global_accuracy"] for r in reports if r["scenario"] == sc]
-        ks = [r["n_global"] for r in reports if r["scenario"] == sc]
-        verdict(f"scenario {sc}: global clustering accuracy >= 0.95", min(acc) >= 0.95,
-                f"{' '.join(f'{a:.3f}' for a in acc)} (min {min(acc):.3f}); K {ks}")
+    for mode in modes:
+        for sc in ("all", "single"):
+            acc = [r["global_accuracy"] for r in reports if r["scenario"] == sc and r["cluster_on"] == mode]
+            ks = [r["n_global"] for r in reports if r["scenario"] == sc and r["cluster_on"] == mode]
+            verdict(f"cluster_on {mode}, scenario {sc}: global clustering accuracy >= 0.95", min(acc) >= 0.95,
+                    f"{' '.join(f'{a:.3f}' for a in acc)} (min {min(acc):.3f}); K {ks}")
     return reports
 
 
-def flan8(seeds: list[int]) -> list[dict]:
+def flan8(seeds: list[int], modes: list[str]) -> list[dict]:
     if not (FLAN8 / "train.jsonl").exists():
         print(f"flan8: SKIPPED, no data at {FLAN8}")
         return []
-    report = run(str(FLAN8), "all", 0, task_field="task")
+    reports = [run(str(FLAN8), "all", 0, mode, task_field="task") for mode in modes]
     print("flan8 summary:")
-    verdict("K == 8", report["n_global"] == 8, f"K {report['n_global']}")
-    verdict("global clustering accuracy >= 0.98", report["global_accuracy"] >= 0.98, f"{report['global_accuracy']:.3f}")
-    print(f"  wall time of the clustering: {report['wall_s']:.1f} s")
-    return [report]
+    for report in reports:
+        mode = report["cluster_on"]
+        verdict(f"cluster_on {mode}: K == 8", report["n_global"] == 8, f"K {report['n_global']}")
+        verdict(f"cluster_on {mode}: global clustering accuracy >= 0.98", report["global_accuracy"] >= 0.98,
+                f"{report['global_accuracy']:.3f}")
+        print(f"  wall time of the clustering: {report['wall_s']:.1f} s")
+    return reports
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", default="synthetic,hard,flan8", help="comma-separated: synthetic,hard,flan8")
     ap.add_argument("--seeds", default="0-4", help="'0-4' or '0,2'; the hard group uses the first 3")
+    ap.add_argument("--cluster-on", default="instruction,instruction+output",
+                    help="what the hard and flan8 groups cluster (comma-separated; the synthetic group: the default)")
     ap.add_argument("--json", type=Path, help="also write every report here")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
-    groups = {"synthetic": synthetic, "hard": hard, "flan8": flan8}
+    modes = [m.strip() for m in args.cluster_on.split(",") if m.strip()]
+    groups = {"synthetic": synthetic, "hard": lambda s: hard(s, modes), "flan8": lambda s: flan8(s, modes)}
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(chosen) - set(groups))
     if unknown:

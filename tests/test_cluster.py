@@ -15,6 +15,7 @@ from fedrouter.core.cluster import (
     nearest,
     route,
     silhouette_curve,
+    task_features,
 )
 from fedrouter.errors import FedrouterError
 
@@ -379,3 +380,36 @@ def test_cooccurring_needs_same_clients_in_the_same_ratio_and_not_everywhere():
     everywhere = np.array([[10, 10, 10], [10, 10, 10]])
     assert cooccurring(everywhere) == [[0], [1]]  # on every client: no evidence either way
     assert cooccurring(np.array([[5, 0], [6, 0]])) == [[0], [1]]  # one client: no evidence
+
+
+def test_task_features_stack_instruction_then_answer():
+    x, y = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[5.0], [6.0]])
+    assert np.array_equal(task_features(x, y), [[1, 2, 5], [3, 4, 6]])
+    assert np.array_equal(task_features(x), x)  # cluster_on "instruction": the instructions alone
+    with pytest.raises(FedrouterError, match="3 output embeddings were given for 2 instructions"):
+        task_features(x, np.zeros((3, 1)))
+
+
+def test_tasks_sharing_an_input_format_are_told_apart_by_their_answers():
+    # Tasks A and B ask different things of the same kind of input: their instruction embeddings are drawn
+    # from one blob (only a small offset tells them apart), their answers from two far blobs. Clustered on
+    # instructions they are one task; on instruction and answer, two -- and the router, which sees only
+    # an instruction, compares it with the instruction part of each prototype.
+    rng = np.random.default_rng(2)
+    ask = 0.2 * np.eye(6)[0]  # what B's instruction adds to the shared input
+    instr, answers, truth = {}, {}, {}
+    for c in range(4):
+        instr[c] = np.concatenate([_blob(np.zeros(6), 60, rng, 0.2), _blob(ask, 60, rng, 0.2)])
+        answers[c] = np.concatenate([_blob(10 * np.eye(4)[0], 60, rng), _blob(10 * np.eye(4)[1], 60, rng)])
+        truth[c] = ["A"] * 60 + ["B"] * 60
+    on_instructions = local_then_global(instr, "auto", "auto", seed=0, k_range=range(1, 7))
+    for c in instr:  # every client keeps its two tasks in one cluster
+        assert len(on_instructions.sub_centroids[c]) == 1
+        assert clustering_accuracy(truth[c], on_instructions.global_labels(c)) == 0.5
+    both = local_then_global({c: task_features(instr[c], answers[c]) for c in instr}, "auto", "auto", seed=0,
+                             k_range=range(1, 7), router_dims=6)
+    assert both.n_global == 2 and both.router_centroids.shape[1] == 6
+    for c in instr:
+        assert clustering_accuracy(truth[c], both.global_labels(c)) == 1.0
+    a_cluster, b_cluster = both.global_labels(0)[0], both.global_labels(0)[-1]
+    assert both.route(np.stack([np.zeros(6), ask])).tolist() == [a_cluster, b_cluster]

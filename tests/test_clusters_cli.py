@@ -56,14 +56,17 @@ def test_flan8_minilm_finds_the_eight_tasks(flan8_dir, tmp_path, capsys):
     assert sum(row["n_train"] for row in report["per_client"]) == 2400  # all of flan8's train split
 
 
-def test_synthetic_base_embedder_report(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("cluster_on", ["instruction", "instruction+output"])
+def test_synthetic_base_embedder_report(cluster_on, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sub" / "report.json"
     args = ["clusters", "--data", "synthetic", "--scenario", "dual", "--embedder", "base", "--model", str(tiny_model_dir),
             "--clients", "2", "--train-per-client", "24", "--test-per-client", "8", "--n-local", "auto",
-            "--n-global", "2", "--k-max", "4", "--out", str(out)]
+            "--n-global", "2", "--k-max", "4", "--cluster-on", cluster_on, "--out", str(out)]
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert REPORT_KEYS <= set(report)
+    printed = capsys.readouterr().out
+    assert report["cluster_on"] == cluster_on and f"on {cluster_on} |" in printed and printed.count("\n") >= 6
     assert report["embedder"] == "base" and report["embedder_name"].startswith("base:")
     assert report["n_global"] == 2 and report["silhouette"]["global"] is None
     assert set(report["silhouette"]["local"]) == {"0", "1"}
@@ -74,7 +77,6 @@ def test_synthetic_base_embedder_report(tiny_model_dir, tmp_path, capsys):
         assert 1 <= row["n_local"] <= row["n_sub"] <= 4
     for key in ("local_accuracy", "global_accuracy"):
         assert 0.0 <= report[key] <= 1.0
-    assert capsys.readouterr().out.count("\n") >= 6
     # the embeddings are cached: a second run gives the same report
     assert main(args) == 0
     again = json.loads(out.read_text())

@@ -19,7 +19,8 @@ INIT = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
 
 
 def setup_reply(centroids, tasks_per_local=None, n_local=None):
-    cfg = {"sizes": [10] * len(centroids), "silhouette": None}  # what a client sends: nothing label-derived
+    # what a client sends: nothing label-derived (here the router compares every dimension)
+    cfg = {"sizes": [10] * len(centroids), "silhouette": None, "router_dims": len(centroids[0])}
     if tasks_per_local is not None:
         cfg["local_tasks"] = tasks_per_local
     return Message({"centroids": torch.tensor(centroids, dtype=torch.float32)}, cfg)
@@ -100,26 +101,29 @@ def test_pack_unpack_round_trip():
     assert _unpack(_pack("g3", adapter), "g30") == {}
 
 
-@pytest.mark.parametrize("options", [{"n_local": 0}, {"n_global": "many"}, {"router": "nearest"}, {"typo": 1}])
+@pytest.mark.parametrize("options", [{"n_local": 0}, {"n_global": "many"}, {"router": "nearest"}, {"typo": 1},
+                                     {"cluster_on": "output"}])
 def test_bad_options_are_one_line_errors(options):
     with pytest.raises(FedrouterError):
         options_for("fedrouter", options)
 
 
 class _EmbeddingWorkbench:
-    """Training examples with task labels, and fixed embeddings for them (two tasks, two far blobs)."""
+    """Training examples with task labels, and fixed embeddings for them (two tasks, two far blobs; the
+    answers' embeddings are a 3-d blob of their own)."""
 
     def __init__(self, seed=0):
         rng = np.random.default_rng(seed)
-        self.train = [{"instruction": f"q{i}", "output": "o", "task": "secret-task-a" if i < 30 else "secret-task-b"}
+        self.train = [{"instruction": f"q{i}", "output": f"o{i}", "task": "secret-task-a" if i < 30 else "secret-task-b"}
                       for i in range(60)]
         self.vectors = np.concatenate([rng.normal(size=(30, 4)), 20 + rng.normal(size=(30, 4))]).astype(np.float32)
+        self.answer_vectors = rng.normal(size=(60, 3)).astype(np.float32)
 
     def examples(self, split):
         return self.train
 
     def embed(self, texts, spec):
-        return self.vectors
+        return self.answer_vectors if texts[0].startswith("o") else self.vectors
 
 
 def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_without_labels():
@@ -127,22 +131,26 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
 
     from fedrouter.methods.base import ClientContext
     from fedrouter.methods.fedrouter import Client
-    from fedrouter.core.cluster import local_then_global
+    from fedrouter.core.cluster import local_then_global, task_features
 
-    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {}))
+    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {"cluster_on": "instruction+output"}))
     client = Client(setup)
     replies = {cid: client.setup(Message(config={"oracle": False}), ClientContext(cid, _EmbeddingWorkbench(cid)))
                for cid in (0, 1)}
     for reply in replies.values():
-        assert set(reply.config) == {"sizes", "silhouette"}
+        assert set(reply.config) == {"sizes", "silhouette", "router_dims"}
         assert "secret-task" not in json.dumps(reply.config)
+        # clustered on instruction and answer side by side; the router compares the first 4 dimensions
+        assert reply.config["router_dims"] == 4 and reply.arrays["centroids"].shape[1] == 4 + 3
     server = Server(setup, dict(INIT), [0, 1])
     server.aggregate_setup(replies)
     # the method and `fedrouter clusters` (local_then_global) make the same assignment on the same data
-    offline = local_then_global({cid: _EmbeddingWorkbench(cid).vectors for cid in (0, 1)}, "auto", "auto", seed=0,
-                                k_range=range(1, 13))
+    features = {cid: task_features(wb.vectors, wb.answer_vectors) for cid, wb in ((c, _EmbeddingWorkbench(c)) for c in (0, 1))}
+    offline = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 13), router_dims=4)
     assert server.sub_to_global == {cid: offline.step.sub_to_global[cid].tolist() for cid in (0, 1)}
-    assert np.allclose(server.prototypes, offline.prototypes)
+    assert server.prototypes.shape == (len(offline.prototypes), 4)  # what the router and router.json hold
+    assert np.allclose(server.prototypes, offline.router_centroids)
+    assert np.allclose(offline.router_centroids, offline.prototypes[:, :4])
     # without labels (a deployment) the scores are null, the choice is still reported
     report = server.report({"test": {}, "general": {}}, truth=None)["clustering"]
     assert report["local_accuracy"] is None and report["accuracy"] is None and report["n_global"] == offline.n_global
@@ -182,3 +190,12 @@ def test_data_without_task_labels_needs_task_field_none(tmp_path):
     with pytest.raises(FedrouterError, match="task_field 'none'"):  # a forgotten --task-field is not silently unlabelled
         load_jsonl(path)
     assert load_jsonl(path, "none") == [{"instruction": "a", "output": "b", "task": "unlabelled"}]
+
+
+@pytest.mark.parametrize("said", [[4, 5], [4, "4"], [0, 0], [9, 9], [None, None]])
+def test_a_client_sending_a_bad_router_width_is_refused(said):
+    """`router_dims` comes from a client: the server checks it (the same everywhere, within the centroids)."""
+    replies = {cid: Message({"centroids": torch.zeros(2, 7)}, {"sizes": [5, 5], "silhouette": None, "router_dims": d})
+               for cid, d in enumerate(said)}
+    with pytest.raises(FedrouterError, match="router_dims"):
+        make_server().aggregate_setup(replies)

@@ -162,6 +162,8 @@ def _cmd_serve(args) -> int:
 # ------------------------------------------------------------------------------------------- clusters
 
 def _add_clusters(sub) -> None:
+    from fedrouter.core.cluster import CLUSTER_ON, INSTRUCTION
+
     p = sub.add_parser(
         "clusters", help="cluster clients' data as FedRouter does and score it against the true tasks",
         description="FedRouter's local and global clustering and its router on a data set, without training: "
@@ -171,6 +173,10 @@ def _add_clusters(sub) -> None:
     p.add_argument("--embedder", default="minilm",
                    help="'minilm' (all-MiniLM-L6-v2; FedRouter's default, chosen by measurement), 'base' (mean "
                         "last hidden state of --model; the paper's), or a Hugging Face encoder id or path")
+    p.add_argument("--cluster-on", default=INSTRUCTION, choices=CLUSTER_ON,
+                   help="what is clustered: the instructions (default; what the router compares), or each "
+                        "instruction's embedding followed by its answer's (for tasks that share an input format "
+                        "but differ in what they answer; it hurts where tasks share answers such as yes/no)")
     p.add_argument("--n-local", default="auto",
                    help="sub-clusters per client: K, 'auto' (silhouette against a null reference), or one K per client, comma-separated")
     p.add_argument("--n-global", default="auto", help="global clusters: K or 'auto' (silhouette)")
@@ -231,7 +237,7 @@ def _cmd_clusters(args) -> int:
     n_global = parse_k(args.n_global, "--n-global")
     if args.out.is_dir():
         raise FedrouterError(f"--out {args.out} is a directory; give a file name")
-    report = cluster_data(cfg, args.embedder, n_local, n_global, range(k_min, k_max + 1))
+    report = cluster_data(cfg, args.embedder, n_local, n_global, range(k_min, k_max + 1), args.cluster_on)
     write_report(args.out, report)
     print(format_summary(report))
     print(f"report: {args.out}")

@@ -44,6 +44,31 @@ log = logging.getLogger(__name__)
 Auto = str  # the literal "auto": choose K by silhouette score
 AUTO = "auto"
 
+# What FedRouter clusters: each training example's instruction embedding alone, or followed by its output's.
+INSTRUCTION = "instruction"
+INSTRUCTION_AND_OUTPUT = "instruction+output"
+CLUSTER_ON = (INSTRUCTION, INSTRUCTION_AND_OUTPUT)
+
+
+def task_features(instruction_vectors, output_vectors=None) -> np.ndarray:
+    """The vectors FedRouter clusters a client's training examples by: the instruction embeddings, followed
+    (when `output_vectors` is given) by the embeddings of the answers, side by side with equal weight.
+
+    Why the answer: a task is what is asked of an input. Tasks that share an input format (two questions:
+    "are they duplicates?" / "who is the first one about?") differ little in their instructions and much in
+    their answers, while one task written in several templates keeps one kind of answer. Measured in
+    docs/benchmark.md (bench/task_discovery.py). The router never sees an answer: it compares an input's
+    instruction embedding with the leading instruction part of each prototype (`Clustering.router_dims`),
+    which is a mean of instruction embeddings, as a K-Means centroid of stacked vectors is the stack of means.
+    """
+    x = _points(instruction_vectors, "instruction embeddings")
+    if output_vectors is None:
+        return x
+    y = _points(output_vectors, "output embeddings")
+    if len(y) != len(x):
+        raise FedrouterError(f"{len(y)} output embeddings were given for {len(x)} instructions")
+    return np.hstack([x, y]).astype(np.float32)
+
 
 def _points(x, what: str) -> np.ndarray:
     """`x` as a 2-d numeric array (points x dimensions) with finite values; FedrouterError otherwise.
@@ -323,6 +348,7 @@ class Clustering:
     sub_labels: dict[int, np.ndarray]  # client -> sub-cluster of each training example
     step: GlobalStep
     sub_silhouette: dict[int, dict[int, float]] = field(default_factory=dict)  # clients chosen by "auto"
+    router_dims: int | None = None  # leading dimensions of a prototype an input is compared with (None: all)
 
     @property
     def n_global(self) -> int:
@@ -331,6 +357,11 @@ class Clustering:
     @property
     def prototypes(self) -> np.ndarray:
         return self.step.prototypes
+
+    @property
+    def router_centroids(self) -> np.ndarray:
+        """The prototypes as the router sees them: their instruction part (see `task_features`)."""
+        return self.step.prototypes[:, : self.router_dims]
 
     def global_labels(self, client: int) -> np.ndarray:
         """Global cluster of each of `client`'s training examples, via its sub-cluster."""
@@ -351,7 +382,7 @@ class Clustering:
     def route(self, x, client: int | None = None) -> np.ndarray:
         """Global cluster per row of `x`: that of the nearest prototype, among all (client None) or among
         those of `client`'s local clusters."""
-        return route(x, self.step.prototypes, None if client is None else self.allowed(client), self.step.prototype_cluster)
+        return route(x, self.router_centroids, None if client is None else self.allowed(client), self.step.prototype_cluster)
 
 
 def _check_k(value, what: str) -> None:
@@ -367,11 +398,14 @@ def local_then_global(
     n_global: int | Auto,
     seed: int = 0,
     k_range=range(1, 13),
+    router_dims: int | None = None,
 ) -> Clustering:
     """FedRouter's clustering without the training: K-Means per client (`n_local`: one int, an int per
     client, or "auto" = chosen by silhouette against a null reference over `k_range`), then the server's
     `server_step` over every client's sub-centroids (`n_global`: int or "auto"). A K above a client's
-    distinct points is clipped with a warning (see the module docstring)."""
+    distinct points is clipped with a warning (see the module docstring). `client_embeddings` are the
+    clients' `task_features`; `router_dims` says how many leading dimensions of them the router compares
+    an input's embedding with (None: all)."""
     if not client_embeddings:
         raise FedrouterError("nothing to cluster: no clients were given")
     clients = sorted(client_embeddings)
@@ -393,7 +427,7 @@ def local_then_global(
             curves[c] = curve
     sizes = {c: np.bincount(labels[c], minlength=len(centroids[c])) for c in clients}
     step = server_step(centroids, n_global, seed, k_range, sizes)
-    return Clustering(centroids, labels, step, curves)
+    return Clustering(centroids, labels, step, curves, router_dims)
 
 
 def server_step(sub_centroids: dict[int, np.ndarray], n_global: int | Auto, seed: int = 0, k_range=range(1, 13),

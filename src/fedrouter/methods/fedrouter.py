@@ -1,7 +1,9 @@
 """FedRouter ("Task-Centric Personalized Federated Fine-Tuning of Language Models").
 
-Each client embeds its training instructions once, splits them into sub-clusters (K-Means, K by
-silhouette against a null reference) and sends their centroids and sizes once -- never a task label. The
+Each client embeds its training examples once (the instructions, or instruction and answer side by side:
+`task_features`),
+splits them into sub-clusters (K-Means, K by silhouette against a null reference) and sends their
+centroids and sizes once -- never a task label. The
 server clusters all sub-centroids (K-Means: prototypes), merges prototypes that co-occur across clients
 in the same proportions into one global cluster (the parts of one task), and keeps one LoRA adapter per
 global cluster. A client's local clusters are its sub-clusters grouped by global cluster (a single-task
@@ -9,13 +11,17 @@ client has one). In round t a client trains on its local cluster ``t mod n_local
 cluster's adapter; the server averages the returned adapters per global cluster, weighted by examples
 (a cluster nobody trained keeps its adapter). At evaluation an embedding
 router sends each input to the adapter of its nearest prototype (``global`` mode) or the nearest among
-the prototypes of this client's own clusters (``local`` mode); test-time generalization uses ``global``.
+the prototypes of this client's own clusters (``local`` mode), comparing the input's instruction embedding
+with the instruction part of each prototype; test-time generalization uses ``global``.
 
 Variants: ``fedrouter-star`` trains every local cluster's adapter every round (adapter-level budget);
 ``fedrouter-oracle`` clusters by the true task labels and routes by them (an upper reference).
 
 Options (``method_options``): embedder ("minilm", measured best on the benchmarks (docs/benchmark.md);
-"base" = the base model's mean-pooled last hidden state; or a Hugging Face encoder id/path), n_local and
+"base" = the base model's mean-pooled last hidden state; or a Hugging Face encoder id/path), cluster_on
+("instruction": what the router sees; "instruction+output": each instruction's embedding followed by its
+answer's, for tasks that share an input format and differ in what they answer -- measured in
+docs/benchmark.md, it helps there and hurts where tasks share answers such as yes/no), n_local and
 n_global (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see
 `core.cluster`), router ("local" or "global", for the clients' own test sets), mixed_batch
 (true: one generate call serves rows routed to different adapters; false: generate adapter by adapter).
@@ -28,13 +34,25 @@ from collections import Counter
 import numpy as np
 import torch
 
-from fedrouter.core.cluster import adjusted_rand, cluster_local, clustering_accuracy, majority_cluster, route, server_step
+from fedrouter.core.cluster import (
+    CLUSTER_ON,
+    INSTRUCTION,
+    INSTRUCTION_AND_OUTPUT,
+    adjusted_rand,
+    cluster_local,
+    clustering_accuracy,
+    majority_cluster,
+    route,
+    server_step,
+    task_features,
+)
+from fedrouter.errors import FedrouterError
 from fedrouter.core.data import UNLABELLED
 from fedrouter.core.privacy import noisy_centroids
 from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
-OPTIONS = {"embedder": "minilm", "n_local": "auto", "n_global": "auto", "k_min": 1, "k_max": 12, "router": "local",
+OPTIONS = {"embedder": "minilm", "cluster_on": INSTRUCTION, "n_local": "auto", "n_global": "auto", "k_min": 1, "k_max": 12, "router": "local",
            "mixed_batch": False}
 LOOSE = {"n_local", "n_global"}  # "auto" or a positive integer: check_options decides
 
@@ -46,6 +64,8 @@ def check_options(method: str, opts: dict) -> None:
                 f"{key} must be a positive integer or 'auto', got {value!r}")
     require(opts["router"] in ("local", "global"), method, f"router must be 'local' or 'global', got {opts['router']!r}")
     require(1 <= opts["k_min"] <= opts["k_max"], method, "k_min and k_max must satisfy 1 <= k_min <= k_max")
+    require(opts["cluster_on"] in CLUSTER_ON, method,
+            f"cluster_on must be one of {', '.join(map(repr, CLUSTER_ON))}, got {opts['cluster_on']!r}")
 
 
 def k_range(opts: dict) -> range:
@@ -67,6 +87,7 @@ class Server(ServerPart):
         self.initial_adapter = initial_adapter
         self.cluster_adapters: dict[int, dict] = {}
         self.prototypes: np.ndarray | None = None  # (n_prototypes, d): what the router compares inputs with
+        # (the instruction part of the server's K-Means centroids over the clients' task features)
         self.prototype_cluster: list[int] = []  # global cluster (adapter) of each prototype
         self.sub_to_global: dict[int, list[int]] = {}  # client -> global cluster of each of its sub-clusters
         self.setup_info: dict[int, dict] = {}
@@ -80,6 +101,7 @@ class Server(ServerPart):
     def aggregate_setup(self, replies):
         clients = sorted(replies)
         centroids = {cid: replies[cid].arrays["centroids"].numpy() for cid in clients}
+        router_dims = self._router_dims(replies, centroids)
         self.setup_info = {cid: replies[cid].config for cid in clients}
         if self.oracle:  # one global cluster per true task; its centroid is the mean of that task's local ones
             tasks = sorted({t for cid in clients for t in replies[cid].config["local_tasks"]})
@@ -97,8 +119,23 @@ class Server(ServerPart):
             self.prototypes, self.prototype_cluster = step.prototypes, step.prototype_cluster.tolist()
             self.sub_to_global = {cid: m.tolist() for cid, m in step.sub_to_global.items()}
             self.global_silhouette, self.merged = step.silhouette, step.merged
+        self.prototypes = self.prototypes[:, :router_dims]
         self.cluster_adapters = {g: dict(self.initial_adapter) for g in range(max(self.prototype_cluster) + 1)}
         return {}
+
+    @staticmethod
+    def _router_dims(replies, centroids) -> int:
+        """How many leading dimensions of the task features the router compares inputs with: every client
+        must say the same, within its centroids' width (a client's reply is input to check, not trust)."""
+        said = {cid: replies[cid].config.get("router_dims") for cid in replies}
+        values = set(said.values())
+        width = {c.shape[1] for c in centroids.values() if c.ndim == 2}
+        if len(values) != 1 or len(width) != 1:
+            raise FedrouterError(f"clients disagree on the embedding layout: router_dims {said}, centroid widths {sorted(width)}")
+        dims = values.pop()
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= width.pop():
+            raise FedrouterError(f"a client sent router_dims {dims!r}: not a width within its centroids'")
+        return dims
 
     # -- training rounds -----------------------------------------------------------------------------
     def jobs(self, cid: int, round_idx: int) -> list[tuple[int, int]]:
@@ -221,13 +258,15 @@ class Client(ClientPart):
     def upload_reference(self, msg):
         return job_reference(msg)
 
-    def _embed(self, ctx, examples: list[dict]) -> np.ndarray:
-        return ctx.workbench.embed([e["instruction"] for e in examples], self.options["embedder"])
+    def _embed(self, ctx, examples: list[dict], field: str = "instruction") -> np.ndarray:
+        return ctx.workbench.embed([e[field] for e in examples], self.options["embedder"])
 
     def setup(self, msg, ctx):
         train = ctx.workbench.examples("train")
-        x = self._embed(ctx, train)
-        curve, config = None, {}
+        instructions = self._embed(ctx, train)
+        answers = self._embed(ctx, train, "output") if self.options["cluster_on"] == INSTRUCTION_AND_OUTPUT else None
+        x = task_features(instructions, answers)
+        curve, config = None, {"router_dims": instructions.shape[1]}
         if msg.config.get("oracle"):  # the reference variant clusters by the true tasks: labels by design
             tasks = [e["task"] for e in train]
             config["local_tasks"] = local_tasks = sorted(set(tasks))

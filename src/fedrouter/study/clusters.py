@@ -1,8 +1,9 @@
 """`fedrouter clusters`: FedRouter's clustering and router on a data set, without any training.
 
-Builds the federated data exactly as `fedrouter run` does, embeds each client's training instructions
-(cached), clusters them locally per client and globally on the server (`core.cluster.local_then_global`),
-and measures how well clusters match the true tasks:
+Builds the federated data exactly as `fedrouter run` does, embeds each client's training examples as
+FedRouter does (instruction and answer, or the instruction only: `cluster_on`; cached), clusters them
+locally per client and globally on the server (`core.cluster.local_then_global`), and measures how well
+clusters match the true tasks:
 
 - local clustering accuracy: per client, local clusters vs true tasks (best one-to-one matching), and ARI;
 - global clustering accuracy: each training example's global cluster (that of its local cluster) vs its
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrouter.core.cluster import INSTRUCTION, INSTRUCTION_AND_OUTPUT, task_features
 from fedrouter.errors import FedrouterError
 from fedrouter.study.tables import score_text
 
@@ -68,11 +70,13 @@ def confusion(tasks: list[str], clusters: list[int]) -> dict[str, dict[str, int]
 
 def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, np.ndarray],
             n_local, n_global, seed: int, k_range) -> dict:
-    """Cluster, then score clusters and router against the true tasks (when the data has them); a
-    JSON-able report."""
+    """Cluster the training examples' task features (`train_vectors`), then score clusters and the router
+    (which sees the test instructions' embeddings, `test_vectors`) against the true tasks (when the data
+    has them); a JSON-able report."""
     from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, local_then_global
 
-    result = local_then_global(train_vectors, n_local, n_global, seed, k_range)
+    router_dims = next(iter(test_vectors.values())).shape[1] if test_vectors else None
+    result = local_then_global(train_vectors, n_local, n_global, seed, k_range, router_dims)
     clients = {c.client_id: c for c in data.clients}
     ids = sorted(clients)
     from fedrouter.core.data import UNLABELLED
@@ -149,7 +153,7 @@ def format_summary(report: dict) -> str:
     merged = report["merged_prototypes"]
     lines = [
         f"clusters | {report['data']} | scenario {report['scenario']} | {report['n_clients']} clients | "
-        f"embedder {report['embedder']} | {report['wall_s']:.0f} s",
+        f"embedder {report['embedder']} on {report['cluster_on']} | {report['wall_s']:.0f} s",
         f"global: {report['n_global']} clusters from {report['n_prototypes']} prototypes"
         f"{f' ({len(merged)} groups merged by co-occurrence)' if merged else ''}, clustering accuracy "
         f"{score_text(report['global_accuracy'])}, ARI {score_text(report['global_ari'])}",
@@ -184,7 +188,7 @@ def _strict(value):
     return value
 
 
-def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range) -> dict:
+def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_on: str = INSTRUCTION) -> dict:
     """FedRouter's clustering and router on the config's data, without training: the JSON-able report
     (the same data split, embeddings and clustering steps as a run of the method)."""
     from fedrouter.world import build_data
@@ -192,11 +196,13 @@ def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range) -> dict:
     start = time.perf_counter()
     data = build_data(cfg)
     embed, embedder_name = _embed(cfg, embedder)
-    train_vectors = {c.client_id: embed([ex["instruction"] for ex in c.train]) for c in data.clients}
+    train_vectors = {c.client_id: task_features(embed([ex["instruction"] for ex in c.train]),
+                                                embed([ex["output"] for ex in c.train]) if cluster_on == INSTRUCTION_AND_OUTPUT else None)
+                     for c in data.clients}
     test_vectors = {c.client_id: embed([ex["instruction"] for ex in c.test]) for c in data.clients}
     report = {
         "data": cfg.data, "scenario": cfg.scenario, "n_clients": cfg.n_clients, "seed": cfg.seed,
-        "task_field": cfg.task_field, "embedder": embedder, "embedder_name": embedder_name, "model": cfg.model if embedder == "base" else None,
+        "task_field": cfg.task_field, "embedder": embedder, "embedder_name": embedder_name, "cluster_on": cluster_on, "model": cfg.model if embedder == "base" else None,
         "n_local_setting": n_local if not isinstance(n_local, dict) else {str(k): v for k, v in n_local.items()},
         "n_global_setting": n_global, "k_range": [k_range.start, k_range.stop - 1],
     }
