@@ -14,14 +14,15 @@ to start; Flower's default 1 s) is set to the same interval unless already set. 
 `--fresh-clientapps` is given, that module's name `subprocess` is replaced by a stand-in that starts
 `python -m fedrouter.engines.flower.superexec` (Flower's SuperExec, forking each message's ClientApp
 process from one that has already imported Flower: see that module) where Flower starts
-`flower-superexec`, with the same arguments. Then Flower's own `flower-supernode` entry point runs with
-the remaining arguments. Since this reaches into Flower's
+`flower-superexec`, with the same arguments. Flower's first retry for a message object that is not there
+yet comes after the interval instead of 1 s (`shorten_pull_backoff`). Then Flower's own
+`flower-supernode` entry point runs with the remaining arguments. Since this reaches into Flower's
 internals, it runs only on the flwr release fedrouter pins (`FLWR_VERSION`) and only when that module
-still has exactly the three sleeps named above (and the names replaced); otherwise it refuses in one line (exit 2) -- run
-`flower-supernode` itself then.
+still has exactly the three sleeps named above and the names replaced are there; otherwise it refuses in
+one line (exit 2) -- run `flower-supernode` itself then.
 
 The cost: an idle node asks the SuperLink for messages every interval instead of every 3 s (one small
-request each; on this 2-core box 8 nodes at 0.1 s did not cost a measurable share of a round).
+request each; not measured apart from the per-round figures in docs/benchmark.md, issue 18).
 """
 
 from __future__ import annotations
