@@ -1,5 +1,5 @@
 """A real Flower deployment on loopback: a SuperLink over TLS with SuperNode authentication, two SuperNodes
-holding partitions 0 and 1 (node 0 with a long-lived `fedrouter flower worker`, node 1 doing the work in
+(`fedrouter flower supernode`: short polls, forked ClientApps) holding partitions 0 and 1 (node 0 with a long-lived `fedrouter flower worker`, node 1 doing the work in
 Flower's per-message ClientApp process), `flwr run` of the app `fedrouter flower app` writes -- 2 rounds
 of FedRouter, its server killed after round 1 and resumed.
 Every process is started by `LoopbackFederation` and stopped by its pid (with its children), never by name."""

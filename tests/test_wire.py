@@ -49,3 +49,38 @@ def test_several_messages_travel_as_one_and_come_apart_unchanged():
     assert [m.config for m in back] == [m.config for m in parts]
     for got, sent in zip(back, parts):
         assert list(got.arrays) == list(sent.arrays) and all(torch.equal(got.arrays[k], sent.arrays[k]) for k in sent.arrays)
+
+
+def test_tensors_travel_packed_in_one_array_and_the_old_form_is_still_read():
+    # One Array for all of a message's tensors: on a deployment each Array is pulled and pushed as objects
+    # of its own, one request each.
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fedrouter.engines.flower.wire import ARRAYS, CONFIG, LAYOUT, PACKED, from_records, to_records
+
+    msg = Message({f"g{i}/lora_{ab}": torch.randn(4, 3) for i in range(8) for ab in "AB"} | {"empty": torch.ones(0, 2)},
+                  {"round": 1})
+    records = to_records(msg)
+    assert list(records[ARRAYS]) == [PACKED] and LAYOUT in records
+    got = from_records(records)
+    assert list(got.arrays) == list(msg.arrays) and all(torch.equal(got.arrays[k], msg.arrays[k]) for k in msg.arrays)
+    assert got.arrays["empty"].shape == (0, 2)
+    got.arrays["g0/lora_A"].add_(1)  # each tensor is its own, as before
+    assert torch.equal(got.arrays["g0/lora_B"], msg.arrays["g0/lora_B"])
+    assert roundtrip(Message({"one": torch.ones(0)})).arrays["one"].shape == (0,)
+    assert roundtrip(Message({}, {"x": 1})).arrays == {}
+    # one Array per tensor (no layout): read as before
+    old = RecordDict({ARRAYS: ArrayRecord({"a": torch.ones(2, 2)}), CONFIG: ConfigRecord({"json": "{}"})})
+    assert torch.equal(from_records(old).arrays["a"], torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("layout", ['[["a", [3]]]', '[["a", [2]], ["a", [2]]]', '[["a", [-1]], ["b", [5]]]', '{"a": 1}', "[[1]]"])
+def test_a_layout_that_does_not_fit_its_array_is_refused(layout):
+    from flwr.app import ConfigRecord
+
+    from fedrouter.engines.flower.wire import LAYOUT, from_records, to_records
+
+    records = to_records(Message({"a": torch.ones(2), "b": torch.ones(2)}))
+    records[LAYOUT] = ConfigRecord({"json": layout})
+    with pytest.raises(ValueError, match="layout"):
+        from_records(records)

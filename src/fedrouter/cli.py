@@ -332,14 +332,21 @@ COMMANDS = {"run": (_add_run, _cmd_run), "clusters": (_add_clusters, _cmd_cluste
 def main(argv: list[str] | None = None) -> int:
     from fedrouter.runtime import quiet_libraries
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["flower", "supernode"]:  # every other argument is flower-supernode's: argparse must not see them
+        return _run_guarded(lambda: cli_flower.supernode(argv[2:]))
     parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
     quiet_libraries()
+    return _run_guarded(lambda: COMMANDS[args.command][1](args))
+
+
+def _run_guarded(command) -> int:
     try:
-        return COMMANDS[args.command][1](args)
+        return command()
     except FedrouterError as exc:
         print(f"fedrouter: error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,9 @@
   ClientApp) that `flwr run DIR <connection>` packages and runs;
 - `fedrouter flower worker --socket PATH` runs the long-lived process a SuperNode's ClientApp forwards
   its messages to (`--node-config '... worker="PATH"'`), so the model is loaded once per node;
+- `fedrouter flower supernode [--poll-interval S] ARGS...` runs Flower's own `flower-supernode ARGS...`
+  with its 3-s idle poll and 0.5-s reply polls shortened to S (see fedrouter.engines.flower.supernode);
+  `fedrouter.cli.main` hands it its arguments untouched, before argparse sees them;
 - `fedrouter flower keys DIR --hosts ... --supernodes N` writes a self-signed CA, the SuperLink's TLS
   certificate and SuperNode authentication keys (see fedrouter.engines.flower.keys).
 """
@@ -23,12 +26,22 @@ def add_parser(sub) -> None:
     worker.add_argument("--socket", type=Path, required=True,
                         help="Unix socket to listen on, in a folder only you can enter (mkdir -m 700); give the "
                              "SuperNode --node-config '... worker=\"PATH\"'")
+    # listed for --help only: `fedrouter.cli.main` sends `fedrouter flower supernode ...` to supernode() itself
+    what.add_parser("supernode", help="run Flower's flower-supernode (same arguments) with short polls "
+                                      "(--poll-interval S, default 0.1; Flower's idle poll is 3 s)")
     keys = what.add_parser("keys", help="write a self-signed CA, the SuperLink's TLS certificate and SuperNode keys")
     keys.add_argument("dir", type=Path)
     keys.add_argument("--hosts", default="127.0.0.1,localhost",
                       help="comma-separated host names / IP addresses the SuperLink is reached at (default: 127.0.0.1,localhost)")
     keys.add_argument("--supernodes", type=int, default=0, help="SuperNode authentication key pairs to write (default 0)")
     keys.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
+
+
+def supernode(argv: list[str]) -> int:
+    """`fedrouter flower supernode [--poll-interval S] ARGS...`: flower-supernode ARGS with short polls."""
+    from fedrouter.engines.flower.supernode import main
+
+    return main(argv)
 
 
 def run(args) -> int:

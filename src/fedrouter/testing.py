@@ -29,6 +29,7 @@ CONNECTION = "fedrouter-loopback"
 # How often a SuperNode's (and the SuperLink's) `flower-superexec` looks for a task to start a ClientApp
 # (ServerApp) process for: Flower's default is 1 s, which a message waits for half of on average.
 SUPEREXEC_POLL_S = "0.2"
+POLL_S = 0.1  # the SuperNodes' polls, `fedrouter flower supernode --poll-interval` (see LoopbackFederation)
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -97,10 +98,16 @@ def free_port() -> int:
 class LoopbackFederation:
     """`with LoopbackFederation(dir, n) as fed: fed.run(sets, run_dir)` -- see the module docstring."""
 
-    def __init__(self, workdir: Path, supernodes: int, tls: bool = True, workers: list[int] | None = None):
+    def __init__(self, workdir: Path, supernodes: int, tls: bool = True, workers: list[int] | None = None,
+                 poll_interval_s: float | None = POLL_S, fork_clientapps: bool = True):
         """`workers`: the SuperNodes (by partition) that get a long-lived `fedrouter flower worker`;
-        the others do the work in Flower's per-message ClientApp process."""
+        the others do the work in Flower's per-message ClientApp process. `poll_interval_s`: the SuperNodes
+        are `fedrouter flower supernode --poll-interval S` (their SuperExec polls every S too); None: the
+        stock `flower-supernode` (3-s idle poll; its SuperExec every FLWR_SUPEREXEC_TASK_POLL_INTERVAL).
+        `fork_clientapps=False`: `fedrouter flower supernode --fresh-clientapps` (a fresh ClientApp process
+        per message, as Flower starts it)."""
         self.workdir, self.n, self.tls, self.workers = Path(workdir), supernodes, tls, set(workers or [])
+        self.poll_interval_s, self.fork_clientapps = poll_interval_s, fork_clientapps
         self.env = flower_env(self.workdir / "flwr-home")
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -117,9 +124,9 @@ class LoopbackFederation:
         self.procs: list[subprocess.Popen] = []
         self._worker_folders: list[Path] = []
 
-    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         out = (self.logs / f"{name}.log").open("w")
-        proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
+        proc = subprocess.Popen(cmd, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
         self.procs.append(proc)
         return proc
 
@@ -153,8 +160,14 @@ class LoopbackFederation:
             node_config = f'partition-id={i} num-partitions={self.n} out-dir="{self.node_dir(i)}"'
             if i in self.workers:
                 node_config += f' worker="{self._start_worker(i)}"'  # a string value: quoted
-            self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                                          *node_security, "--port", str(free_port()), "--node-config", node_config])
+            args = ["--superlink", f"127.0.0.1:{self.port}", *node_security, "--port", str(free_port()), "--node-config", node_config]
+            if self.poll_interval_s is None:  # Flower's own
+                self._start(f"supernode{i}", [str(BIN / "flower-supernode"), *args])
+            else:  # its SuperExec then polls at the same interval (the variable would override it)
+                env = {k: v for k, v in self.env.items() if k != "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"}
+                self._start(f"supernode{i}", [sys.executable, "-m", "fedrouter.cli", "flower", "supernode",
+                                              "--poll-interval", f"{self.poll_interval_s:g}",
+                                              *([] if self.fork_clientapps else ["--fresh-clientapps"]), *args], env=env)
 
     def node_dir(self, i: int) -> Path:
         """Node i's own folder (its `out-dir`): its files for a run are in <node_dir>/<run name>/."""

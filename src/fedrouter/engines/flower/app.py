@@ -18,6 +18,7 @@ from fedrouter.config import Config, load_config, load_saved, parse_sets
 from fedrouter.engines.flower.client_app import client_app
 from fedrouter.engines.flower.node import NODE_DIR_ENV
 from fedrouter.engines.flower.server import PULL_INTERVAL_S, serve
+from fedrouter.engines.flower.supernode import shorten_pull_backoff
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ def _main(grid: Grid, context: Context) -> None:
     pull_interval_s = float(run_config.get("pull-interval-s", PULL_INTERVAL_S))  # an app written before it: the default
     if not 0 < pull_interval_s <= 60:
         raise FedrouterError(f"pull-interval-s must be in (0, 60] seconds, got {pull_interval_s:g}")
+    # A reply is visible to the server a moment before its objects are: pulled then, Flower waits 1 s before
+    # asking again; in this ServerApp process it asks again after pull-interval-s (on the pinned flwr only).
+    shorten_pull_backoff(pull_interval_s, strict=False)
     results = rundir.write_run(run_dir, cfg.model_dump(), lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
                                                                         node_wait_s=float(run_config.get("node-wait-s", 120)),
                                                                         pull_interval_s=pull_interval_s),

@@ -1,5 +1,6 @@
-"""fedrouter's Flower ClientApp: a thin module (no torch at import), because Flower 1.41 starts a fresh
-ClientApp process for every message in a deployment.
+"""fedrouter's Flower ClientApp: a thin module (no torch at import), because Flower starts a ClientApp
+process for every message in a deployment (a new Python under `flower-supernode`; forked from one that
+has imported Flower and this module under `fedrouter flower supernode`).
 
 Each handler either does the client's work in this process (`fedrouter.engines.flower.node.serve_message`,
 which imports torch and builds the model and data), or, when the SuperNode's node config names a
