@@ -70,6 +70,18 @@ def task_features(instruction_vectors, output_vectors=None) -> np.ndarray:
     return np.hstack([x, y]).astype(np.float32)
 
 
+def example_features(examples: list[dict], embed, cluster_on: str) -> tuple[np.ndarray, int]:
+    """A client's training `examples` as the vectors it clusters them by (`task_features`, as `cluster_on`
+    says), and the width of their instruction part (what the router compares an input with); `embed` maps
+    texts to an (n, d) array. FedRouter's clients and `fedrouter clusters` both call this, so they cluster
+    the same vectors."""
+    if cluster_on not in CLUSTER_ON:
+        raise FedrouterError(f"cluster_on must be one of {', '.join(map(repr, CLUSTER_ON))}, got {cluster_on!r}")
+    instructions = _points(embed([e["instruction"] for e in examples]), "instruction embeddings")
+    answers = embed([e["output"] for e in examples]) if cluster_on == INSTRUCTION_AND_OUTPUT else None
+    return task_features(instructions, answers), instructions.shape[1]
+
+
 def _points(x, what: str) -> np.ndarray:
     """`x` as a 2-d numeric array (points x dimensions) with finite values; FedrouterError otherwise.
 

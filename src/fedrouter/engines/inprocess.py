@@ -79,6 +79,7 @@ class InProcessClients:
         self.client, self.contexts = client, contexts
         self.transport = InProcessTransport(client, contexts, progress, inject_failures, seed, client_timeout_s, privacy)
         self.ids = sorted(contexts)
+        self._diagnostics: dict[int, dict] | None = None  # read once at the end of the run (_final_diagnostics)
 
     def info(self) -> dict[int, dict]:
         return {cid: {"tasks": ctx.workbench.tasks, "n_train": ctx.workbench.n_train} for cid, ctx in self.contexts.items()}
@@ -97,10 +98,7 @@ class InProcessClients:
 
         rng = np.random.default_rng(seed)
         vectors, points = [], []
-        for cid, ctx in sorted(self.contexts.items()):
-            diag = self.client.diagnostics(ctx)
-            if not diag:
-                continue
+        for cid, diag in self._final_diagnostics().items():
             n = len(diag["tasks"])
             keep = np.sort(rng.choice(n, size=min(per_client, n), replace=False))
             vectors.append(np.asarray(diag["vectors"])[keep])
@@ -113,12 +111,18 @@ class InProcessClients:
 
     def training_truth(self) -> dict[int, dict] | None:
         """True task and cluster of every training example, read in this process for the report only."""
-        truth = {}
-        for cid, ctx in sorted(self.contexts.items()):
-            diag = self.client.diagnostics(ctx)
-            if diag:
-                truth[cid] = {"tasks": diag["tasks"], "clusters": [int(c) for c in diag["clusters"]]}
+        truth = {cid: {"tasks": diag["tasks"], "clusters": [int(c) for c in diag["clusters"]]}
+                 for cid, diag in self._final_diagnostics().items()}
         return truth or None
+
+    def _final_diagnostics(self) -> dict[int, dict]:
+        """Each client's `diagnostics` (its training embeddings, true tasks and clusters), for the end-of-run
+        reports: read once, as the embedding map and the training truth both need them and the clients'
+        state no longer changes then (clients without any are left out)."""
+        if self._diagnostics is None:
+            self._diagnostics = {cid: diag for cid, ctx in sorted(self.contexts.items())
+                                 if (diag := self.client.diagnostics(ctx))}
+        return self._diagnostics
 
     def mark_checkpoint(self) -> None:
         """Nothing to do: every client's state is in this process, and goes into the checkpoint itself."""

@@ -1,9 +1,8 @@
 """FedRouter ("Task-Centric Personalized Federated Fine-Tuning of Language Models").
 
 Each client embeds its training examples once (the instructions, or instruction and answer side by side:
-`task_features`),
-splits them into sub-clusters (K-Means, K by silhouette against a null reference) and sends their
-centroids and sizes once -- never a task label. The
+`example_features`), splits them into sub-clusters (K-Means, K by silhouette against a null reference) and
+sends their centroids and sizes once -- never a task label. The
 server clusters all sub-centroids (K-Means: prototypes), merges prototypes that co-occur across clients
 in the same proportions into one global cluster (the parts of one task), and keeps one LoRA adapter per
 global cluster. A client's local clusters are its sub-clusters grouped by global cluster (a single-task
@@ -37,14 +36,13 @@ import torch
 from fedrouter.core.cluster import (
     CLUSTER_ON,
     INSTRUCTION,
-    INSTRUCTION_AND_OUTPUT,
     adjusted_rand,
     cluster_local,
     clustering_accuracy,
+    example_features,
     majority_cluster,
     route,
     server_step,
-    task_features,
 )
 from fedrouter.errors import FedrouterError
 from fedrouter.core.data import UNLABELLED
@@ -258,15 +256,14 @@ class Client(ClientPart):
     def upload_reference(self, msg):
         return job_reference(msg)
 
-    def _embed(self, ctx, examples: list[dict], field: str = "instruction") -> np.ndarray:
-        return ctx.workbench.embed([e[field] for e in examples], self.options["embedder"])
+    def _embed(self, ctx, examples: list[dict]) -> np.ndarray:
+        return ctx.workbench.embed([e["instruction"] for e in examples], self.options["embedder"])
 
     def setup(self, msg, ctx):
         train = ctx.workbench.examples("train")
-        instructions = self._embed(ctx, train)
-        answers = self._embed(ctx, train, "output") if self.options["cluster_on"] == INSTRUCTION_AND_OUTPUT else None
-        x = task_features(instructions, answers)
-        curve, config = None, {"router_dims": instructions.shape[1]}
+        x, router_dims = example_features(train, lambda texts: ctx.workbench.embed(texts, self.options["embedder"]),
+                                          self.options["cluster_on"])
+        curve, config = None, {"router_dims": router_dims}
         if msg.config.get("oracle"):  # the reference variant clusters by the true tasks: labels by design
             tasks = [e["task"] for e in train]
             config["local_tasks"] = local_tasks = sorted(set(tasks))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrouter.core.cluster import INSTRUCTION, INSTRUCTION_AND_OUTPUT, task_features
+from fedrouter.core.cluster import INSTRUCTION, example_features
 from fedrouter.errors import FedrouterError
 from fedrouter.study.tables import score_text
 
@@ -196,9 +196,7 @@ def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_
     start = time.perf_counter()
     data = build_data(cfg)
     embed, embedder_name = _embed(cfg, embedder)
-    train_vectors = {c.client_id: task_features(embed([ex["instruction"] for ex in c.train]),
-                                                embed([ex["output"] for ex in c.train]) if cluster_on == INSTRUCTION_AND_OUTPUT else None)
-                     for c in data.clients}
+    train_vectors = {c.client_id: example_features(c.train, embed, cluster_on)[0] for c in data.clients}
     test_vectors = {c.client_id: embed([ex["instruction"] for ex in c.test]) for c in data.clients}
     report = {
         "data": cfg.data, "scenario": cfg.scenario, "n_clients": cfg.n_clients, "seed": cfg.seed,

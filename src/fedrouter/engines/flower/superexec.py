@@ -34,8 +34,6 @@ import types
 from fedrouter.errors import FedrouterError
 
 CLIENTAPP_COMMAND = "flwr-clientapp"
-POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # set by `fedrouter flower supernode` to its --poll-interval
-DEFAULT_PULL_BACKOFF_S = 0.1
 _LENGTH = struct.Struct(">I")
 
 
@@ -121,7 +119,7 @@ class ForkingSubprocess(types.SimpleNamespace):
 
 def main(argv: list[str]) -> int:
     """`python -m fedrouter.engines.flower.superexec ARGS...`: flower-superexec ARGS, forking ClientApps."""
-    from fedrouter.engines.flower.supernode import check_flower, shorten_pull_backoff
+    from fedrouter.engines.flower.supernode import DEFAULT_POLL_S, SUPEREXEC_POLL_ENV, check_flower, shorten_pull_backoff
 
     check_flower()
     executor = importlib.import_module("flwr.supercore.superexec.executor.subprocess_executor")
@@ -135,7 +133,7 @@ def main(argv: list[str]) -> int:
                              "flower_superexec, the flwr-clientapp command): run fedrouter flower supernode --fresh-clientapps")
     # A forked ClientApp asks its SuperNode for the message at once, often before the node has all of its
     # objects: its first retry then comes after the poll interval, not Flower's 1 s.
-    shorten_pull_backoff(float(os.environ.get(POLL_ENV) or DEFAULT_PULL_BACKOFF_S))
+    shorten_pull_backoff(float(os.environ.get(SUPEREXEC_POLL_ENV) or DEFAULT_POLL_S))  # the node's --poll-interval
     read_fd, write_fd = os.pipe()
     if os.fork() == 0:  # the fork server (this process has no thread yet)
         try:
