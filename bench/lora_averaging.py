@@ -25,6 +25,7 @@ torch.set_num_threads(2)
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--task", default=None, help="the task whose two clients to pair (default: the first such task)")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     overrides = {"scenario": "single"}
@@ -35,7 +36,7 @@ def main():
     by_task: dict[tuple, list[int]] = {}
     for c in data.clients:
         by_task.setdefault(tuple(c.tasks), []).append(c.client_id)
-    task, pair = next((t, ids) for t, ids in by_task.items() if len(ids) == 2)
+    task, pair = next((t, ids) for t, ids in by_task.items() if len(ids) == 2 and args.task in (None, t[0]))
     world = World(cfg, progress=False, data=data)
     benches = [world.workbench(c) for c in pair]
     adapter = {k: v.clone() for k, v in benches[0].initial_adapter().items()}

@@ -71,3 +71,21 @@ def test_stream_state_lets_a_rebuilt_client_continue_exactly(workbench):
     torch.manual_seed(11)
     other, _ = fresh.train(shared.initial_adapter, 1, steps=3)
     assert any(not torch.equal(other[k], expected_main[k]) for k in other)
+
+
+def test_a_subset_of_every_example_draws_the_clients_own_batches(workbench):
+    # Why: a client with one local cluster (FedRouter on a single-task client) should train on exactly the
+    # batches a Local client draws, so that comparing the two measures the averaging, not batch-order luck.
+    shared = workbench.shared
+    tests = workbench.splits["test"][0]
+    data = ClientData(2, list(synthetic.TASKS), train=tests, test=tests[:2])
+
+    def fresh():
+        return ClientWorkbench(shared, data, general_test=tests[:2], seed=3)
+
+    everything = list(range(len(tests)))
+    plain, _ = fresh().train(shared.initial_adapter, 0, steps=2)
+    whole, _ = fresh().train(shared.initial_adapter, 0, steps=2, subset=("local0", everything[::-1]))
+    part, _ = fresh().train(shared.initial_adapter, 0, steps=2, subset=("local0", everything[:-1]))
+    assert all(torch.equal(whole[k], plain[k]) for k in plain)
+    assert any(not torch.equal(part[k], plain[k]) for k in plain)

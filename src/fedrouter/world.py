@@ -57,8 +57,11 @@ class World:
         self._general = self.shared.encode(self.data.general_test)
         self._clients = {c.client_id: c for c in self.data.clients}
 
-    def workbench(self, client_id: int) -> ClientWorkbench:
-        return ClientWorkbench(self.shared, self._clients[client_id], self.data.general_test, self.cfg.seed, self._general)
+    def workbench(self, client_id: int, train_seed: int | None = None) -> ClientWorkbench:
+        """`client_id`'s workbench; `train_seed` (default: the run's seed) seeds its batch order and dropout,
+        not its data: benchmarks use it to tell batch-order luck from a method's effect."""
+        seed = self.cfg.seed if train_seed is None else train_seed
+        return ClientWorkbench(self.shared, self._clients[client_id], self.data.general_test, seed, self._general)
 
     def contexts(self) -> dict[int, ClientContext]:
         """Every client's context (its workbench, an empty private state)."""

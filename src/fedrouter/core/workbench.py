@@ -300,7 +300,8 @@ class ClientWorkbench:
         """Start from `adapter`, run the round's local steps at the round's learning rate, return the result.
 
         `subset` = (name, example indices) trains on those examples only, from a stream of their own that
-        continues across rounds (FedRouter trains one local cluster at a time). `trainable` = "lora_A" or
+        continues across rounds (FedRouter trains one local cluster at a time); a subset of every training
+        example is the client's own stream, so one local cluster draws exactly the batches Local would. `trainable` = "lora_A" or
         "lora_B" updates only those matrices (FFA-LoRA freezes A); the others stay exactly as given.
         `penalty(live)` gets the live adapter parameters by name and returns a loss term (FedProx).
         `base_update` ({module: dense update}) is added to the frozen base first (FLoRA's merged rounds,
@@ -311,7 +312,8 @@ class ClientWorkbench:
         self.shared.use_base_delta(base_update)
         self.shared.load(adapter, slot)
         lr = round_lr(s.lr, round_idx, s.total_rounds, s.min_lr_ratio)
-        stream = self._stream if subset is None else self._subset_stream(*subset)
+        whole = subset is None or sorted(subset[1]) == list(range(self.n_train))
+        stream = self._stream if whole else self._subset_stream(*subset)
         live = self.shared.live_parameters(slot)
         params = [p for k, p in live.items() if trainable is None or f".{trainable}." in k]
         self.shared.model.set_adapter(slot)
