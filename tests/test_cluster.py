@@ -413,3 +413,23 @@ def test_tasks_sharing_an_input_format_are_told_apart_by_their_answers():
         assert clustering_accuracy(truth[c], both.global_labels(c)) == 1.0
     a_cluster, b_cluster = both.global_labels(0)[0], both.global_labels(0)[-1]
     assert both.route(np.stack([np.zeros(6), ask])).tolist() == [a_cluster, b_cluster]
+
+
+def test_kmeans_and_silhouette_run_with_one_blas_thread(monkeypatch):
+    # BLAS threads under scikit-learn's OpenMP threads oversubscribe the cores: 4x slower on 2 cores
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    fit = KMeans.fit
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1))
+        return fit(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(KMeans, "fit", spy)
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 0.1, (30, 4)), rng.normal(3, 0.1, (30, 4))])
+    k, _ = choose_k(x, range(1, 5))
+    assert k == 2
+    assert seen and set(seen) == {1}

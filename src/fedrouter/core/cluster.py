@@ -148,6 +148,15 @@ def n_distinct(x) -> int:
     return len(np.unique(x, axis=0)) if len(x) else 0
 
 
+def _one_blas_thread():
+    """scikit-learn's K-Means and silhouette run their OpenMP threads with BLAS single-threaded inside: BLAS
+    threads under OpenMP threads oversubscribe the cores (on 2 cores, a client's K choice took 5.6 s instead
+    of 1.4 s, with the same labels; docs/benchmark.md, `fedrouter run` with no arguments)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _kmeans(x: np.ndarray, k: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """K-Means on validated, non-empty points; K clipped to the distinct points with a warning."""
     from sklearn.cluster import KMeans
@@ -158,7 +167,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, what: str) -> tuple[np.ndarray, np
         log.warning("K-Means on %s: requested K=%d, but there are only %d distinct point(s) among %d; using K=%d",
                     what, k, distinct, n, distinct)
         k = distinct
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _one_blas_thread():
         # near-duplicates that np.unique tells apart but K-Means cannot: handled below, not a warning
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
@@ -193,7 +202,8 @@ def _silhouette_curve(x: np.ndarray, ks: list[int], seed: int, what: str) -> dic
         _, labels = _kmeans(x, k, seed, what)
         if len(np.unique(labels)) != k:  # near-duplicates merged clusters: this k is not what was scored
             continue
-        curve[k] = float(silhouette_score(x, labels))
+        with _one_blas_thread():
+            curve[k] = float(silhouette_score(x, labels))
     return curve
 
 
@@ -213,7 +223,8 @@ def _null_reference(x: np.ndarray, seed: int) -> np.ndarray:
     model of the gap statistic, here scored by silhouette)."""
     rng = np.random.default_rng([seed, 7919])
     centred = x - x.mean(axis=0)
-    _, spectrum, basis = np.linalg.svd(centred, full_matrices=False)
+    with _one_blas_thread():
+        _, spectrum, basis = np.linalg.svd(centred, full_matrices=False)
     draws = rng.standard_normal((len(x), len(spectrum)))
     return x.mean(axis=0) + (draws * (spectrum / np.sqrt(max(1, len(x) - 1)))) @ basis
 
