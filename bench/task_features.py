@@ -1,0 +1,162 @@
+"""Which task features FedRouter should cluster: the measurements behind the defaults (issue 16, item 2).
+
+For each data set and scenario (seed 0, 8 clients, the data split of `fedrouter clusters`), every variant
+below is clustered by FedRouter's own pipeline (`local_then_global`: K-Means per client with K by
+silhouette against a null reference, K = 1 allowed; the server's prototypes merged by co-occurrence), and
+the global K and global clustering accuracy are printed (true K: synthetic 4, synthetic-hard 6, flan8 8):
+
+  minilm           all-MiniLM-L6-v2 on the instruction, mean pooling, L2 (the default)
+  minilm-prompt    the same on the full prompt (the config's prompt template around the instruction)
+  minilm-centred   each client's vectors minus the client's mean (removes a client's own offset)
+  minilm-whitened  the local K-Means on the client's PCA-whitened vectors (30 components, 1/sigma); the
+                   sub-centroids the server sees are means of the unwhitened vectors
+  minilm+ngrams    MiniLM beside a surface view: word 1-3-grams hashed to 1,024, kept where >= 3 % of the
+                   client's instructions hold them, L2, weight 0.5 (a template-sensitive second view)
+  base-last-mean   the tiny base model's last hidden layer, mean over tokens (the "base" embedder)
+  base-last-token  its last hidden layer at the last token (what a causal LM reads next from)
+  base-mid-mean    its middle hidden layer, mean over tokens
+
+Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_features.py [--groups synthetic,hard,flan8]
+       [--variants minilm,base-last-mean,...]                      (MiniLM embeddings are cached)
+Results go to docs/benchmark.md ("Task discovery without labels").
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from fedrouter.config import load_config
+from fedrouter.core import cluster
+from fedrouter.runtime import quiet_libraries
+
+torch.set_num_threads(2)
+FLAN8 = Path(__file__).resolve().parents[1].parent / "shared/data/flan8"
+SETTINGS = {
+    "synthetic": [("synthetic", "single"), ("synthetic", "all")],
+    "hard": [("synthetic-hard", "single"), ("synthetic-hard", "all")],
+    "flan8": [(str(FLAN8), "all")],
+}
+VARIANTS = ["minilm", "minilm-prompt", "minilm-centred", "minilm-whitened", "minilm+ngrams",
+            "base-last-mean", "base-last-token", "base-mid-mean"]
+
+
+def whitened(x: np.ndarray, components: int = 30) -> np.ndarray:
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    m = min(components, len(s))
+    return (centred @ vt[:m].T) / np.maximum(s[:m] / np.sqrt(max(1, len(x) - 1)), 1e-12)
+
+
+def with_ngrams(texts: list[str], x: np.ndarray, weight: float = 0.5, min_share: float = 0.03) -> np.ndarray:
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    hashed = HashingVectorizer(n_features=1024, ngram_range=(1, 3), binary=True, norm=None, alternate_sign=False,
+                               token_pattern=r"\S+").transform(texts).toarray()
+    hashed[:, (hashed > 0).mean(axis=0) < min_share] = 0
+    norms = np.linalg.norm(hashed, axis=1, keepdims=True)
+    return np.hstack([x, weight * hashed / np.where(norms == 0, 1, norms)])
+
+
+class TinyBase:
+    """The tiny base's hidden states, read per layer and pooling (not cached: the model is small)."""
+
+    def __init__(self, cfg):
+        from fedrouter.core.model import load_base
+
+        self.model, self.tokenizer = load_base(cfg.model, Path(cfg.cache_dir) if cfg.cache_dir else None, progress=False)
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str], layer: int, pooling: str) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), 64):
+            batch = self.tokenizer(texts[start : start + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            hidden = self.model(**batch, output_hidden_states=True).hidden_states[layer]
+            mask = batch["attention_mask"]
+            if pooling == "mean":
+                pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            else:  # the last real token (padding is on the right)
+                pooled = hidden[torch.arange(len(hidden)), mask.sum(1) - 1]
+            out.append(pooled.float().numpy())
+        return np.concatenate(out)
+
+
+def features(variant: str, clients, embed, base, template: str) -> tuple[dict, dict | None]:
+    """{client: vectors the server's sub-centroids are means of}, and {client: vectors the local K-Means
+    runs on} where that differs (whitening)."""
+    texts = {c.client_id: [e["instruction"] for e in c.train] for c in clients}
+    if variant.startswith("base-"):
+        layers = base.model.config.num_hidden_layers
+        layer, pooling = {"base-last-mean": (layers, "mean"), "base-last-token": (layers, "token"),
+                          "base-mid-mean": (max(1, layers // 2), "mean")}[variant]
+        return {c: base(t, layer, pooling) for c, t in texts.items()}, None
+    if variant == "minilm-prompt":
+        return {c: embed([template.format(instruction=s) for s in t]) for c, t in texts.items()}, None
+    x = {c: np.asarray(embed(t), dtype=np.float64) for c, t in texts.items()}
+    if variant == "minilm-centred":
+        return {c: v - v.mean(axis=0) for c, v in x.items()}, None
+    if variant == "minilm-whitened":
+        return x, {c: whitened(v) for c, v in x.items()}
+    if variant == "minilm+ngrams":
+        return {c: with_ngrams(texts[c], v) for c, v in x.items()}, None
+    return x, None
+
+
+def cluster_all(x: dict, local_view: dict | None, seed: int) -> tuple[int, dict]:
+    """FedRouter's pipeline (as `local_then_global`), with the local K-Means on `local_view` when given."""
+    if local_view is None:
+        result = cluster.local_then_global(x, "auto", "auto", seed)
+        return result.n_global, {c: result.global_labels(c) for c in x}
+    centroids, labels = {}, {}
+    for c in sorted(x):
+        _, labels[c], _ = cluster.cluster_local(local_view[c], "auto", seed)
+        centroids[c] = np.stack([x[c][labels[c] == j].mean(axis=0) for j in range(labels[c].max() + 1)])
+    sizes = {c: np.bincount(labels[c]) for c in x}
+    step = cluster.server_step(centroids, "auto", seed, range(1, 13), sizes)
+    return step.n_global, {c: step.sub_to_global[c][labels[c]] for c in x}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", default="synthetic,hard,flan8")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    quiet_libraries(progress_bars=False)
+    from fedrouter.study.clusters import _embed
+    from fedrouter.world import build_data
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    base = None
+    with threadpool_limits(2):
+        for group in [g for g in args.groups.split(",") if g]:
+            if group == "flan8" and not (FLAN8 / "train.jsonl").exists():
+                print(f"flan8: skipped, {FLAN8} is absent")
+                continue
+            for data, scenario in SETTINGS[group]:
+                overrides = {"data": data, "scenario": scenario, "seed": 0}
+                if os.environ.get("FEDROUTER_CACHE"):
+                    overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
+                cfg = load_config(None, overrides)
+                clients = build_data(cfg).clients
+                embed, _ = _embed(cfg, "minilm")
+                if base is None and any(v.startswith("base-") for v in variants):
+                    base = TinyBase(cfg)
+                tasks = [e["task"] for c in clients for e in c.train]
+                for variant in variants:
+                    start = time.perf_counter()
+                    x, local_view = features(variant, clients, embed, base, cfg.prompt_template)
+                    k, labels = cluster_all(x, local_view, cfg.seed)
+                    found = np.concatenate([labels[c.client_id] for c in clients])
+                    print(f"{Path(data).name:<15} {scenario:<7} {variant:<16} K {k:>2}  global accuracy "
+                          f"{cluster.clustering_accuracy(tasks, found):.3f}  {time.perf_counter() - start:5.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
