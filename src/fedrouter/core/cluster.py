@@ -31,6 +31,7 @@ needs a silhouette score, which needs at least 3 distinct points and some K in t
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -148,13 +149,20 @@ def n_distinct(x) -> int:
     return len(np.unique(x, axis=0)) if len(x) else 0
 
 
-def _one_blas_thread():
-    """scikit-learn's K-Means and silhouette run their OpenMP threads with BLAS single-threaded inside: BLAS
-    threads under OpenMP threads oversubscribe the cores (on 2 cores, a client's K choice took 5.6 s instead
-    of 1.4 s, with the same labels; docs/benchmark.md, `fedrouter run` with no arguments)."""
-    from threadpoolctl import threadpool_limits
+def _one_blas_thread(fn):
+    """`fn` runs with BLAS single-threaded: scikit-learn's K-Means and silhouette run OpenMP threads, and BLAS
+    threads under them oversubscribe the cores (on 2 cores, a client's K choice took 5.6 s instead of 1.4 s,
+    with the same labels; docs/benchmark.md, `fedrouter run` with no arguments). Applied to this module's
+    entry points, not its inner steps: setting the limit costs about 4 ms each time."""
 
-    return threadpool_limits(limits=1, user_api="blas")
+    @functools.wraps(fn)
+    def limited(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return limited
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +175,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, what: str) -> tuple[np.ndarray, np
         log.warning("K-Means on %s: requested K=%d, but there are only %d distinct point(s) among %d; using K=%d",
                     what, k, distinct, n, distinct)
         k = distinct
-    with warnings.catch_warnings(), _one_blas_thread():
+    with warnings.catch_warnings():
         # near-duplicates that np.unique tells apart but K-Means cannot: handled below, not a warning
         warnings.simplefilter("ignore", ConvergenceWarning)
         model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
@@ -180,6 +188,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, what: str) -> tuple[np.ndarray, np
     return centroids, labels
 
 
+@_one_blas_thread
 def kmeans(x, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(centroids (k', d), labels (n,)) of K-Means with k' = min(k, distinct points), 10 restarts.
 
@@ -202,11 +211,11 @@ def _silhouette_curve(x: np.ndarray, ks: list[int], seed: int, what: str) -> dic
         _, labels = _kmeans(x, k, seed, what)
         if len(np.unique(labels)) != k:  # near-duplicates merged clusters: this k is not what was scored
             continue
-        with _one_blas_thread():
-            curve[k] = float(silhouette_score(x, labels))
+        curve[k] = float(silhouette_score(x, labels))
     return curve
 
 
+@_one_blas_thread
 def silhouette_curve(x, k_values, seed: int = 0) -> dict[int, float]:
     """Silhouette score of K-Means for each k in `k_values` that the points allow (2 <= k < n, k <= distinct)."""
     x = _points(x, "embeddings")
@@ -223,8 +232,7 @@ def _null_reference(x: np.ndarray, seed: int) -> np.ndarray:
     model of the gap statistic, here scored by silhouette)."""
     rng = np.random.default_rng([seed, 7919])
     centred = x - x.mean(axis=0)
-    with _one_blas_thread():
-        _, spectrum, basis = np.linalg.svd(centred, full_matrices=False)
+    _, spectrum, basis = np.linalg.svd(centred, full_matrices=False)
     draws = rng.standard_normal((len(x), len(spectrum)))
     return x.mean(axis=0) + (draws * (spectrum / np.sqrt(max(1, len(x) - 1)))) @ basis
 
@@ -256,6 +264,7 @@ def _choose_k(x: np.ndarray, k_values, seed: int, what: str) -> tuple[int, dict[
     return min(k for k, s in curve.items() if s == best), curve
 
 
+@_one_blas_thread
 def choose_k(x, k_values, seed: int = 0) -> tuple[int, dict[int, float]]:
     """(the k of the highest silhouette score -- the smallest on a tie --, the curve).
 
@@ -523,6 +532,7 @@ def majority_cluster(votes: dict) -> dict:
     return {task: min(counts, key=lambda k: (-counts[k], k)) for task, counts in sorted(votes.items())}
 
 
+@_one_blas_thread
 def _cluster_local(x, n_local, seed, k_range, who: str):
     _check_k(n_local, "n_local")
     x = _points(x, f"{who}'s embeddings")
@@ -544,6 +554,7 @@ def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(1, 13)):
     return _cluster_local(x, n_local, seed, k_range, "the client")
 
 
+@_one_blas_thread
 def cluster_global(local_centroids, n_global: int | Auto, seed: int = 0, k_range=range(1, 13)):
     """The server's step: K-Means over every client's local centroids -> (global centroids, curve or None).
 
