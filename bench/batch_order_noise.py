@@ -11,14 +11,12 @@ Results go to docs/benchmark.md ("FedRouter vs Local on single").
 """
 
 import argparse
-import os
 import statistics
 
 import torch
+from lora_averaging import study_pair  # bench/ is the script's folder: the same study pair
 
-from fedrouter.config import load_config
 from fedrouter.runtime import quiet_libraries
-from fedrouter.world import World, build_data
 
 torch.set_num_threads(2)
 
@@ -29,15 +27,7 @@ def main():
     ap.add_argument("--orders", type=int, default=5, help="batch orders (train seeds 0..N-1)")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
-    overrides = {"scenario": "single"}
-    if os.environ.get("FEDROUTER_CACHE"):
-        overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
-    cfg = load_config("configs/study.toml", overrides)
-    data = build_data(cfg)
-    pair = [c.client_id for c in data.clients if c.tasks == [args.task]]
-    if len(pair) != 2:
-        raise SystemExit(f"task {args.task!r} is held by {len(pair)} clients in this config, not 2")
-    world = World(cfg, progress=False, data=data)
+    cfg, world, _, pair = study_pair(args.task)
     print(f"task {args.task}, clients {pair}, {cfg.rounds} rounds of {cfg.local_steps} steps")
     local_scores, averaged_scores = [], []
     for order in range(args.orders):

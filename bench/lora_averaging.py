@@ -22,26 +22,36 @@ from fedrouter.world import World, build_data
 torch.set_num_threads(2)
 
 
+def study_pair(task: str | None):
+    """(config, world, task, its two clients) on the study protocol's `single` scenario (configs/study.toml;
+    $FEDROUTER_CACHE as the cache): the clients that hold `task`, or the first task two clients hold."""
+    overrides = {"scenario": "single"}
+    if os.environ.get("FEDROUTER_CACHE"):
+        overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
+    cfg = load_config("configs/study.toml", overrides)
+    data = build_data(cfg)
+    by_task: dict[str, list[int]] = {}
+    for c in data.clients:
+        if len(c.tasks) == 1:
+            by_task.setdefault(c.tasks[0], []).append(c.client_id)
+    pairs = [(t, ids) for t, ids in by_task.items() if len(ids) == 2 and task in (None, t)]
+    if not pairs:
+        raise SystemExit(f"no task{'' if task is None else ' ' + repr(task)} is held by exactly two clients in this config")
+    task, pair = pairs[0]
+    return cfg, World(cfg, progress=False, data=data), task, pair
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--task", default=None, help="the task whose two clients to pair (default: the first such task)")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
-    overrides = {"scenario": "single"}
-    if os.environ.get("FEDROUTER_CACHE"):
-        overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
-    cfg = load_config("configs/study.toml", overrides)
-    data = build_data(cfg)
-    by_task: dict[tuple, list[int]] = {}
-    for c in data.clients:
-        by_task.setdefault(tuple(c.tasks), []).append(c.client_id)
-    task, pair = next((t, ids) for t, ids in by_task.items() if len(ids) == 2 and args.task in (None, t[0]))
-    world = World(cfg, progress=False, data=data)
+    cfg, world, task, pair = study_pair(args.task)
     benches = [world.workbench(c) for c in pair]
     adapter = {k: v.clone() for k, v in benches[0].initial_adapter().items()}
     pairs = [(a, a.replace("lora_A", "lora_B")) for a in sorted(adapter) if "lora_A" in a]
-    print(f"task {task[0]}, clients {pair}")
+    print(f"task {task}, clients {pair}")
     for rnd in range(args.rounds):
         trained = [wb.train(adapter, rnd)[0] for wb in benches]
         averaged = {k: (trained[0][k] + trained[1][k]) / 2 for k in adapter}

@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
-    from fedrouter.study.clusters import _embed
+    from fedrouter.study.clusters import embedding_function
     from fedrouter.world import build_data
 
     variants = [v for v in args.variants.split(",") if v]
@@ -145,7 +145,7 @@ def main():
                     overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
                 cfg = load_config(None, overrides)
                 clients = build_data(cfg).clients
-                embed, _ = _embed(cfg, "minilm")
+                embed, _ = embedding_function(cfg, "minilm")
                 if base is None and any(v.startswith("base-") for v in variants):
                     base = TinyBase(cfg)
                 tasks = [e["task"] for c in clients for e in c.train]

@@ -30,7 +30,7 @@ from fedrouter.study.tables import score_text
 
 
 
-def _embed(cfg, spec: str):
+def embedding_function(cfg, spec: str):
     """(texts -> embeddings, the embedder's name), exactly as FedRouter's clients embed them (the base
     model through the shared model's embedder, cached; other encoders without loading the base model)."""
     from fedrouter.core.embed import BASE, embed_cached, resolve_embedder
@@ -195,7 +195,7 @@ def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_
 
     start = time.perf_counter()
     data = build_data(cfg)
-    embed, embedder_name = _embed(cfg, embedder)
+    embed, embedder_name = embedding_function(cfg, embedder)
     train_vectors = {c.client_id: example_features(c.train, embed, cluster_on)[0] for c in data.clients}
     test_vectors = {c.client_id: embed([ex["instruction"] for ex in c.test]) for c in data.clients}
     report = {
