@@ -7,10 +7,10 @@ accuracy, the router accuracy (local and global mode) and the wall time, then ea
              client gets n_local == 1, local-mode router accuracy >= 0.98;
   hard       synthetic-hard, scenarios all/single, first 3 seeds: global clustering accuracy >= 0.95 (true K 6);
   flan8      ../shared/data/flan8 (from the repo root), scenario all, seed 0: K == 8, global accuracy >= 0.98.
-The hard and flan8 groups run once per `--cluster-on` value (default: both, the instructions alone -- the
-method's default -- and instruction + answer); the synthetic group runs the method's default.
+Every group runs once per `--cluster-on` value (default: all three -- the instructions alone, the method's
+default; instruction + answer; instruction + answer at the server only, the clients splitting by instructions).
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_discovery.py [--groups synthetic,hard,flan8]
-       [--seeds 0-4] [--cluster-on instruction,instruction+output] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
+       [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
 Results go to docs/benchmark.md.
 """
 
@@ -23,6 +23,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedrouter.config import load_config
+from fedrouter.core.cluster import CLUSTER_ON
 from fedrouter.runtime import quiet_libraries
 from fedrouter.study.clusters import cluster_data, write_report
 
@@ -45,7 +46,7 @@ def run(data: str, scenario: str, seed: int, cluster_on: str = "instruction", **
     single = [r for r in report["per_client"] if len(r["tasks"]) == 1]
     report["single_ok"] = sum(r["n_local"] == 1 for r in single), len(single)
     router = report["router_accuracy"]
-    print(f"{Path(data).name:<15} {cluster_on:<18} {scenario:<7} seed {seed}  K {report['n_global']:>2}  "
+    print(f"{Path(data).name:<15} {cluster_on:<26} {scenario:<7} seed {seed}  K {report['n_global']:>2}  "
           f"global acc {report['global_accuracy']:.3f}  local acc {report['local_accuracy']:.3f}  "
           f"router local {router['local']:.3f} global {router['global']:.3f}  "
           f"single-task n_local==1 {report['single_ok'][0]}/{report['single_ok'][1]}  "
@@ -58,14 +59,21 @@ def verdict(label: str, ok: bool, detail: str) -> bool:
     return ok
 
 
-def synthetic(seeds: list[int]) -> list[dict]:
-    reports = [run("synthetic", sc, s) for sc in ("single", "dual", "all") for s in seeds]
+def synthetic(seeds: list[int], modes: list[str]) -> list[dict]:
+    every = []
+    for mode in modes:
+        every += synthetic_targets(seeds, mode)
+    return every
+
+
+def synthetic_targets(seeds: list[int], mode: str) -> list[dict]:
+    reports = [run("synthetic", sc, s, mode) for sc in ("single", "dual", "all") for s in seeds]
     ks = [r["n_global"] for r in reports]
     local = [r["local_accuracy"] for r in reports]
     single = [sum(x) for x in zip(*(r["single_ok"] for r in reports))]
     r_local = [r["router_accuracy"]["local"] for r in reports]
     r_global = [r["router_accuracy"]["global"] for r in reports]
-    print(f"synthetic summary ({len(reports)} runs):")
+    print(f"synthetic summary, cluster_on {mode} ({len(reports)} runs):")
     verdict("global K == 4 in every case", all(k == 4 for k in ks), f"{sum(k == 4 for k in ks)}/{len(ks)}, K seen {sorted(set(ks))}")
     verdict("local clustering accuracy >= 0.99", min(local) >= 0.99, f"min {min(local):.3f}, mean {sum(local) / len(local):.3f}")
     verdict("single-task clients n_local == 1", single[0] == single[1], f"{single[0]}/{single[1]}")
@@ -106,13 +114,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", default="synthetic,hard,flan8", help="comma-separated: synthetic,hard,flan8")
     ap.add_argument("--seeds", default="0-4", help="'0-4' or '0,2'; the hard group uses the first 3")
-    ap.add_argument("--cluster-on", default="instruction,instruction+output",
-                    help="what the hard and flan8 groups cluster (comma-separated; the synthetic group: the default)")
+    ap.add_argument("--cluster-on", default=",".join(CLUSTER_ON),
+                    help="what each group clusters (comma-separated values of cluster_on)")
     ap.add_argument("--json", type=Path, help="also write every report here")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     modes = [m.strip() for m in args.cluster_on.split(",") if m.strip()]
-    groups = {"synthetic": synthetic, "hard": lambda s: hard(s, modes), "flan8": lambda s: flan8(s, modes)}
+    groups = {"synthetic": lambda s: synthetic(s, modes), "hard": lambda s: hard(s, modes), "flan8": lambda s: flan8(s, modes)}
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(chosen) - set(groups))
     if unknown:

@@ -8,6 +8,7 @@ import pytest
 from fedrouter.core.cluster import (
     adjusted_rand,
     choose_k,
+    cluster_local,
     cooccurring,
     clustering_accuracy,
     kmeans,
@@ -15,6 +16,7 @@ from fedrouter.core.cluster import (
     nearest,
     route,
     silhouette_curve,
+    split_dims,
     task_features,
 )
 from fedrouter.errors import FedrouterError
@@ -413,6 +415,54 @@ def test_tasks_sharing_an_input_format_are_told_apart_by_their_answers():
         assert clustering_accuracy(truth[c], both.global_labels(c)) == 1.0
     a_cluster, b_cluster = both.global_labels(0)[0], both.global_labels(0)[-1]
     assert both.route(np.stack([np.zeros(6), ask])).tolist() == [a_cluster, b_cluster]
+
+
+def test_answers_at_the_server_tell_a_format_sharing_pair_apart_without_splitting_a_task_by_its_answers():
+    # Tasks A and B share an input format (one instruction blob, a small offset apart); A answers yes or no
+    # (two far answer blobs), B with a name (a third). Task C has an input of its own and answers like A.
+    # Two clients hold each task. Answers everywhere: the clients of A and C split their task by answer
+    # kind (which on flan8 the server then groups with another task's alike answers). Answers at the
+    # server only: clients split by instruction (every task stays whole), the server tells A from B by
+    # the sub-clusters' answer means, and the router still compares instructions alone.
+    rng = np.random.default_rng(3)
+    ask, other = 0.3 * np.eye(6)[0], 8 * np.eye(6)[1]
+    yes, no, name = 10 * np.eye(4)[0], 10 * np.eye(4)[1], 10 * np.eye(4)[2]
+    instr, answers, truth = {}, {}, {}
+    for c, (task, centre, kinds) in enumerate([("A", np.zeros(6), (yes, no)), ("A", np.zeros(6), (yes, no)),
+                                               ("B", ask, (name,)), ("B", ask, (name,)),
+                                               ("C", other, (yes, no)), ("C", other, (yes, no))]):
+        instr[c] = _blob(centre, 120, rng, 0.05)
+        answers[c] = np.concatenate([_blob(kind, 120 // len(kinds), rng, 0.3) for kind in kinds])
+        truth[c] = [task] * 120
+    features = {c: task_features(instr[c], answers[c]) for c in instr}
+    tasks = [t for c in sorted(truth) for t in truth[c]]
+
+    def accuracy(result):
+        return clustering_accuracy(tasks, np.concatenate([result.global_labels(c) for c in sorted(truth)]))
+
+    everywhere = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 7), router_dims=6)
+    assert [len(everywhere.sub_centroids[c]) for c in sorted(instr)] == [2, 2, 1, 1, 2, 2]
+    at_server = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 7), router_dims=6,
+                                  local_dims=split_dims("instruction+output@server", 6))
+    assert [len(at_server.sub_centroids[c]) for c in sorted(instr)] == [1] * 6
+    assert accuracy(at_server) == 1.0 and at_server.n_global == 3
+    assert all(at_server.n_local(c) == 1 for c in instr)  # a single-task client keeps one local cluster
+    a, b = at_server.global_labels(0)[0], at_server.global_labels(2)[0]
+    assert at_server.route(np.stack([np.zeros(6), ask])).tolist() == [a, b]
+    # the instructions alone cannot tell A from B
+    assert accuracy(local_then_global(instr, "auto", "auto", seed=0, k_range=range(1, 7))) < 0.95
+
+
+def test_a_client_splits_by_the_leading_dimensions_and_sends_means_over_all():
+    rng = np.random.default_rng(4)
+    x = np.hstack([np.concatenate([_blob(np.zeros(3), 40, rng), _blob(6 * np.ones(3), 40, rng)]),
+                   rng.normal(size=(80, 2)) * 20])  # the last two dimensions: loud noise, no structure
+    centroids, labels, _ = cluster_local(x, 2, dims=3)
+    assert sorted(np.bincount(labels).tolist()) == [40, 40] and len(set(labels[:40])) == 1
+    assert np.allclose(centroids, [x[labels == j].mean(axis=0) for j in range(2)])
+    assert split_dims("instruction", 3) is None and split_dims("instruction+output", 3) is None
+    with pytest.raises(FedrouterError, match="first 9 of 5 dimensions"):
+        cluster_local(x, 2, dims=9)
 
 
 def test_kmeans_and_silhouette_run_with_one_blas_thread(monkeypatch):

@@ -126,14 +126,15 @@ class _EmbeddingWorkbench:
         return self.answer_vectors if texts[0].startswith("o") else self.vectors
 
 
-def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_without_labels():
+@pytest.mark.parametrize("cluster_on", ["instruction+output", "instruction+output@server"])
+def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_without_labels(cluster_on):
     import json
 
     from fedrouter.methods.base import ClientContext
     from fedrouter.methods.fedrouter import Client
-    from fedrouter.core.cluster import local_then_global, task_features
+    from fedrouter.core.cluster import local_then_global, split_dims, task_features
 
-    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {"cluster_on": "instruction+output"}))
+    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {"cluster_on": cluster_on}))
     client = Client(setup)
     replies = {cid: client.setup(Message(config={"oracle": False}), ClientContext(cid, _EmbeddingWorkbench(cid)))
                for cid in (0, 1)}
@@ -146,7 +147,11 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
     server.aggregate_setup(replies)
     # the method and `fedrouter clusters` (local_then_global) make the same assignment on the same data
     features = {cid: task_features(wb.vectors, wb.answer_vectors) for cid, wb in ((c, _EmbeddingWorkbench(c)) for c in (0, 1))}
-    offline = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 13), router_dims=4)
+    offline = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 13), router_dims=4,
+                                local_dims=split_dims(cluster_on, 4))
+    for cid in (0, 1):  # the sub-centroids sent are the sub-clusters' means over instruction and answer
+        sent, labels = replies[cid].arrays["centroids"].numpy(), offline.sub_labels[cid]
+        assert np.allclose(sent, [features[cid][labels == j].mean(axis=0) for j in range(len(sent))], atol=1e-5)
     assert server.sub_to_global == {cid: offline.step.sub_to_global[cid].tolist() for cid in (0, 1)}
     assert server.prototypes.shape == (len(offline.prototypes), 4)  # what the router and router.json hold
     assert np.allclose(server.prototypes, offline.router_centroids)

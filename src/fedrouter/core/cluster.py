@@ -45,10 +45,13 @@ log = logging.getLogger(__name__)
 Auto = str  # the literal "auto": choose K by silhouette score
 AUTO = "auto"
 
-# What FedRouter clusters: each training example's instruction embedding alone, or followed by its output's.
+# What FedRouter clusters: each training example's instruction embedding alone, or followed by its output's
+# -- everywhere ("instruction+output"), or only where the server groups a client's sub-clusters, the client
+# splitting its data by instructions ("instruction+output@server").
 INSTRUCTION = "instruction"
 INSTRUCTION_AND_OUTPUT = "instruction+output"
-CLUSTER_ON = (INSTRUCTION, INSTRUCTION_AND_OUTPUT)
+OUTPUT_AT_SERVER = "instruction+output@server"
+CLUSTER_ON = (INSTRUCTION, INSTRUCTION_AND_OUTPUT, OUTPUT_AT_SERVER)
 
 
 def task_features(instruction_vectors, output_vectors=None) -> np.ndarray:
@@ -79,8 +82,20 @@ def example_features(examples: list[dict], embed, cluster_on: str) -> tuple[np.n
     if cluster_on not in CLUSTER_ON:
         raise FedrouterError(f"cluster_on must be one of {', '.join(map(repr, CLUSTER_ON))}, got {cluster_on!r}")
     instructions = _points(embed([e["instruction"] for e in examples]), "instruction embeddings")
-    answers = embed([e["output"] for e in examples]) if cluster_on == INSTRUCTION_AND_OUTPUT else None
+    answers = embed([e["output"] for e in examples]) if cluster_on != INSTRUCTION else None
     return task_features(instructions, answers), instructions.shape[1]
+
+
+def split_dims(cluster_on: str, router_dims: int) -> int | None:
+    """How many leading dimensions of the task features a client's K-Means splits its data by (None: all):
+    with "instruction+output@server", the instruction part (`router_dims` wide) only.
+
+    Why: answers tell apart tasks that share an input format (a yes/no against a name), but within a
+    client they also split one task by its answer kinds (snli's "yes" from its "it is not possible to
+    tell"), which the server then groups with another task's alike answers (glue_qqp's yes/no): flan8 0.745
+    with answers everywhere. Split by instructions, each sub-cluster's answer mean describes its whole
+    answer mix, and the server tells a format-sharing pair apart by it (docs/benchmark.md)."""
+    return router_dims if cluster_on == OUTPUT_AT_SERVER else None
 
 
 def _points(x, what: str) -> np.ndarray:
@@ -431,13 +446,15 @@ def local_then_global(
     seed: int = 0,
     k_range=range(1, 13),
     router_dims: int | None = None,
+    local_dims: int | None = None,
 ) -> Clustering:
     """FedRouter's clustering without the training: K-Means per client (`n_local`: one int, an int per
     client, or "auto" = chosen by silhouette against a null reference over `k_range`), then the server's
     `server_step` over every client's sub-centroids (`n_global`: int or "auto"). A K above a client's
     distinct points is clipped with a warning (see the module docstring). `client_embeddings` are the
     clients' `task_features`; `router_dims` says how many leading dimensions of them the router compares
-    an input's embedding with (None: all)."""
+    an input's embedding with (None: all), `local_dims` how many of them the clients' K-Means splits by
+    (None: all; see `split_dims`)."""
     if not client_embeddings:
         raise FedrouterError("nothing to cluster: no clients were given")
     clients = sorted(client_embeddings)
@@ -454,7 +471,8 @@ def local_then_global(
 
     centroids, labels, curves = {}, {}, {}
     for c in clients:
-        centroids[c], labels[c], curve = _cluster_local(client_embeddings[c], per_client[c], seed, k_range, f"client {c}")
+        centroids[c], labels[c], curve = _cluster_local(client_embeddings[c], per_client[c], seed, k_range, f"client {c}",
+                                                             local_dims)
         if curve is not None:
             curves[c] = curve
     sizes = {c: np.bincount(labels[c], minlength=len(centroids[c])) for c in clients}
@@ -533,25 +551,32 @@ def majority_cluster(votes: dict) -> dict:
 
 
 @_one_blas_thread
-def _cluster_local(x, n_local, seed, k_range, who: str):
+def _cluster_local(x, n_local, seed, k_range, who: str, dims: int | None = None):
     _check_k(n_local, "n_local")
     x = _points(x, f"{who}'s embeddings")
     if len(x) == 0:
         raise FedrouterError(f"nothing to cluster: {who} has no training examples")
+    if dims is not None and not 0 < dims <= x.shape[1]:
+        raise FedrouterError(f"{who}: cannot split by the first {dims} of {x.shape[1]} dimensions")
+    seen = x if dims is None else x[:, :dims]
     curve = None
     if n_local == AUTO:
-        n_local, curve = _choose_k(x, k_range, seed, f"{who}'s embeddings")
-    centroids, labels = _kmeans(x, int(n_local), seed, f"{who}'s embeddings")
+        n_local, curve = _choose_k(seen, k_range, seed, f"{who}'s embeddings")
+    centroids, labels = _kmeans(seen, int(n_local), seed, f"{who}'s embeddings")
+    if dims is not None:  # the sub-clusters' means over every dimension: what the server groups them by
+        centroids = np.stack([x[labels == j].mean(axis=0) for j in range(len(centroids))])
     return centroids, labels, curve
 
 
-def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(1, 13)):
-    """A client's step: K-Means on its embeddings -> (centroids, labels, silhouette curve or None).
+def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(1, 13), dims: int | None = None):
+    """A client's step: K-Means on its embeddings -> (centroids, labels, silhouette curve or None). With
+    `dims`, the K-Means sees only the first `dims` dimensions (`split_dims`) and the centroids are the
+    sub-clusters' means over all of them.
 
     No examples -> FedrouterError; K above the distinct embeddings -> clipped with a warning; "auto" on
     fewer than 3 distinct embeddings -> K = their number, with a warning and an empty curve.
     """
-    return _cluster_local(x, n_local, seed, k_range, "the client")
+    return _cluster_local(x, n_local, seed, k_range, "the client", dims)
 
 
 @_one_blas_thread

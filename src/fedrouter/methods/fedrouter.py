@@ -43,6 +43,7 @@ from fedrouter.core.cluster import (
     majority_cluster,
     route,
     server_step,
+    split_dims,
 )
 from fedrouter.errors import FedrouterError
 from fedrouter.core.data import UNLABELLED
@@ -270,7 +271,8 @@ class Client(ClientPart):
             labels = np.array([local_tasks.index(t) for t in tasks])
             centroids = np.stack([x[labels == l].mean(axis=0) for l in range(len(local_tasks))])
         else:  # nothing label-derived leaves the client: centroids, sizes and the silhouette curve
-            centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options))
+            centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options),
+                                                     split_dims(self.options["cluster_on"], router_dims))
         privacy = self.settings.privacy
         if privacy.get("centroid_noise_multiplier") is not None:  # released through the Gaussian mechanism
             rng = np.random.default_rng([self.settings.seed, ctx.client_id, 17])

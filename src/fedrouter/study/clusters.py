@@ -69,14 +69,15 @@ def confusion(tasks: list[str], clusters: list[int]) -> dict[str, dict[str, int]
 
 
 def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, np.ndarray],
-            n_local, n_global, seed: int, k_range) -> dict:
+            n_local, n_global, seed: int, k_range, cluster_on: str = INSTRUCTION) -> dict:
     """Cluster the training examples' task features (`train_vectors`), then score clusters and the router
     (which sees the test instructions' embeddings, `test_vectors`) against the true tasks (when the data
     has them); a JSON-able report."""
-    from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, local_then_global
+    from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, local_then_global, split_dims
 
     router_dims = next(iter(test_vectors.values())).shape[1] if test_vectors else None
-    result = local_then_global(train_vectors, n_local, n_global, seed, k_range, router_dims)
+    local_dims = split_dims(cluster_on, router_dims) if router_dims else None
+    result = local_then_global(train_vectors, n_local, n_global, seed, k_range, router_dims, local_dims)
     clients = {c.client_id: c for c in data.clients}
     ids = sorted(clients)
     from fedrouter.core.data import UNLABELLED
@@ -204,7 +205,7 @@ def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_
         "n_local_setting": n_local if not isinstance(n_local, dict) else {str(k): v for k, v in n_local.items()},
         "n_global_setting": n_global, "k_range": [k_range.start, k_range.stop - 1],
     }
-    report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, k_range))
+    report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, k_range, cluster_on))
     report["wall_s"] = time.perf_counter() - start
     return report
 
