@@ -16,14 +16,21 @@ the global K and global clustering accuracy are printed (true K: synthetic 4, sy
   base-last-token  its last hidden layer at the last token (what a causal LM reads next from)
   base-mid-mean    its middle hidden layer, mean over tokens
 
+With --diagnose, instead: whether the default features hold the tasks at all, and which clusterer finds
+them. Per setting, on the MiniLM instruction vectors of all clients: 3-fold cross-validated logistic
+regression on the true tasks, nearest true-task mean, the share of each example's 10 nearest neighbours
+of its task; then, on client 0 with the true K given, the clustering accuracy of K-Means, spectral
+clustering (10-NN graph), a diagonal Gaussian mixture and Ward linkage (scikit-learn).
+
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_features.py [--groups synthetic,hard,flan8]
-       [--variants minilm,base-last-mean,...]                      (MiniLM embeddings are cached)
+       [--variants minilm,base-last-mean,...] [--diagnose]          (MiniLM embeddings are cached)
 Results go to docs/benchmark.md ("Task discovery without labels").
 """
 
 import argparse
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +127,43 @@ def cluster_all(x: dict, local_view: dict | None, seed: int) -> tuple[int, dict]
     return step.n_global, {c: step.sub_to_global[c][labels[c]] for c in x}
 
 
+def diagnose(label: str, x: dict, tasks: dict, seed: int) -> None:
+    """The --diagnose lines for one setting (see the module docstring)."""
+    from sklearn.cluster import AgglomerativeClustering, SpectralClustering
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.mixture import GaussianMixture
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import NearestNeighbors
+
+    points, truth = np.concatenate([x[c] for c in sorted(x)]), np.concatenate([tasks[c] for c in sorted(x)])
+    names = sorted(set(truth))
+    means = np.stack([points[truth == t].mean(axis=0) for t in names])
+    nearest_mean = (np.asarray(names)[cluster.nearest(points, means)] == truth).mean()
+    linear = cross_val_score(LogisticRegression(max_iter=2000), points, truth, cv=3).mean()
+    _, neighbours = NearestNeighbors(n_neighbors=11).fit(points).kneighbors(points)
+    purity = (truth[neighbours[:, 1:]] == truth[:, None]).mean()
+    print(f"{label}  tasks in the features: logistic regression {linear:.3f}, nearest task mean {nearest_mean:.3f}, "
+          f"10-NN purity {purity:.3f}", flush=True)
+    first = min(x)
+    own, own_tasks = x[first], tasks[first]
+    k = len(set(own_tasks))
+    with warnings.catch_warnings():  # a 10-NN graph of well-separated tasks is not connected: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        found = {
+            "K-Means": cluster.kmeans(own, k, seed)[1],
+            "spectral": SpectralClustering(k, affinity="nearest_neighbors", n_neighbors=10, random_state=seed).fit_predict(own),
+            "Gaussian mixture": GaussianMixture(k, covariance_type="diag", random_state=seed).fit_predict(own),
+            "Ward": AgglomerativeClustering(k).fit_predict(own),
+        }
+    print(f"{label}  client {first}, true K {k} given: " + ", ".join(
+        f"{name} {cluster.clustering_accuracy(list(own_tasks), list(labels)):.3f}" for name, labels in found.items()), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", default="synthetic,hard,flan8")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--diagnose", action="store_true", help="the separability diagnostics instead of the variants")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     from fedrouter.study.clusters import embedding_function
@@ -149,6 +189,11 @@ def main():
                 if base is None and any(v.startswith("base-") for v in variants):
                     base = TinyBase(cfg)
                 tasks = [e["task"] for c in clients for e in c.train]
+                if args.diagnose:
+                    x = {c.client_id: np.asarray(embed([e["instruction"] for e in c.train]), dtype=np.float64) for c in clients}
+                    diagnose(f"{Path(data).name:<15} {scenario:<7}", x,
+                             {c.client_id: np.array([e["task"] for e in c.train]) for c in clients}, cfg.seed)
+                    continue
                 for variant in variants:
                     start = time.perf_counter()
                     x, local_view = features(variant, clients, embed, base, cfg.prompt_template)

@@ -56,7 +56,7 @@ def test_flan8_minilm_finds_the_eight_tasks(flan8_dir, tmp_path, capsys):
     assert sum(row["n_train"] for row in report["per_client"]) == 2400  # all of flan8's train split
 
 
-@pytest.mark.parametrize("cluster_on", ["instruction", "instruction+output"])
+@pytest.mark.parametrize("cluster_on", ["instruction", "instruction+output", "instruction+output@server"])
 def test_synthetic_base_embedder_report(cluster_on, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sub" / "report.json"
     args = ["clusters", "--data", "synthetic", "--scenario", "dual", "--embedder", "base", "--model", str(tiny_model_dir),

@@ -162,7 +162,7 @@ def _cmd_serve(args) -> int:
 # ------------------------------------------------------------------------------------------- clusters
 
 def _add_clusters(sub) -> None:
-    from fedrouter.core.cluster import CLUSTER_ON, INSTRUCTION
+    from fedrouter.core.cluster import CLUSTER_ON, DEFAULT_CLUSTER_ON
 
     p = sub.add_parser(
         "clusters", help="cluster clients' data as FedRouter does and score it against the true tasks",
@@ -173,7 +173,7 @@ def _add_clusters(sub) -> None:
     p.add_argument("--embedder", default="minilm",
                    help="'minilm' (all-MiniLM-L6-v2; FedRouter's default, chosen by measurement), 'base' (mean "
                         "last hidden state of --model; the paper's), or a Hugging Face encoder id or path")
-    p.add_argument("--cluster-on", default=INSTRUCTION, choices=CLUSTER_ON,
+    p.add_argument("--cluster-on", default=DEFAULT_CLUSTER_ON, choices=CLUSTER_ON,
                    help="what is clustered: the instructions (default; what the router compares); each "
                         "instruction's embedding followed by its answer's (for tasks that share an input format "
                         "but differ in what they answer; it hurts where tasks share answers such as yes/no); or "

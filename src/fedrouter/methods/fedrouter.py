@@ -18,9 +18,10 @@ Variants: ``fedrouter-star`` trains every local cluster's adapter every round (a
 
 Options (``method_options``): embedder ("minilm", measured best on the benchmarks (docs/benchmark.md);
 "base" = the base model's mean-pooled last hidden state; or a Hugging Face encoder id/path), cluster_on
-("instruction": what the router sees; "instruction+output": each instruction's embedding followed by its
-answer's, for tasks that share an input format and differ in what they answer -- measured in
-docs/benchmark.md, it helps there and hurts where tasks share answers such as yes/no), n_local and
+("instruction+output@server", the default: a client splits its data by instructions and sends each part's
+instruction and answer means, so the server tells apart tasks that share an input format; "instruction":
+instruction means only; "instruction+output": answers in the client's split too, which splits a task by
+its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and
 n_global (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see
 `core.cluster`), router ("local" or "global", for the clients' own test sets), mixed_batch
 (true: one generate call serves rows routed to different adapters; false: generate adapter by adapter).
@@ -35,7 +36,7 @@ import torch
 
 from fedrouter.core.cluster import (
     CLUSTER_ON,
-    INSTRUCTION,
+    DEFAULT_CLUSTER_ON,
     adjusted_rand,
     cluster_local,
     clustering_accuracy,
@@ -51,7 +52,7 @@ from fedrouter.core.privacy import noisy_centroids
 from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
-OPTIONS = {"embedder": "minilm", "cluster_on": INSTRUCTION, "n_local": "auto", "n_global": "auto", "k_min": 1, "k_max": 12, "router": "local",
+OPTIONS = {"embedder": "minilm", "cluster_on": DEFAULT_CLUSTER_ON, "n_local": "auto", "n_global": "auto", "k_min": 1, "k_max": 12, "router": "local",
            "mixed_batch": False}
 LOOSE = {"n_local", "n_global"}  # "auto" or a positive integer: check_options decides
 

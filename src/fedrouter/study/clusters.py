@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrouter.core.cluster import INSTRUCTION, example_features
+from fedrouter.core.cluster import DEFAULT_CLUSTER_ON, example_features
 from fedrouter.errors import FedrouterError
 from fedrouter.study.tables import score_text
 
@@ -69,7 +69,7 @@ def confusion(tasks: list[str], clusters: list[int]) -> dict[str, dict[str, int]
 
 
 def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, np.ndarray],
-            n_local, n_global, seed: int, k_range, cluster_on: str = INSTRUCTION) -> dict:
+            n_local, n_global, seed: int, k_range, cluster_on: str = DEFAULT_CLUSTER_ON) -> dict:
     """Cluster the training examples' task features (`train_vectors`), then score clusters and the router
     (which sees the test instructions' embeddings, `test_vectors`) against the true tasks (when the data
     has them); a JSON-able report."""
@@ -189,7 +189,7 @@ def _strict(value):
     return value
 
 
-def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_on: str = INSTRUCTION) -> dict:
+def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_on: str = DEFAULT_CLUSTER_ON) -> dict:
     """FedRouter's clustering and router on the config's data, without training: the JSON-able report
     (the same data split, embeddings and clustering steps as a run of the method)."""
     from fedrouter.world import build_data
