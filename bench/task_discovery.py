@@ -7,8 +7,8 @@ accuracy, the router accuracy (local and global mode) and the wall time, then ea
              client gets n_local == 1, local-mode router accuracy >= 0.98;
   hard       synthetic-hard, scenarios all/single, first 3 seeds: global clustering accuracy >= 0.95 (true K 6);
   flan8      ../shared/data/flan8 (from the repo root), scenario all, seed 0: K == 8, global accuracy >= 0.98.
-Every group runs once per `--cluster-on` value (default: all three -- the instructions alone, the method's
-default; instruction + answer; instruction + answer at the server only, the clients splitting by instructions).
+Every group runs once per `--cluster-on` value (default: all three -- the instructions alone; instruction +
+answer; instruction + answer at the server only, the clients splitting by instructions: the method's default).
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_discovery.py [--groups synthetic,hard,flan8]
        [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
 Results go to docs/benchmark.md.
@@ -23,7 +23,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedrouter.config import load_config
-from fedrouter.core.cluster import CLUSTER_ON
+from fedrouter.core.cluster import CLUSTER_ON, DEFAULT_CLUSTER_ON
 from fedrouter.runtime import quiet_libraries
 from fedrouter.study.clusters import cluster_data, write_report
 
@@ -38,7 +38,7 @@ def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
-def run(data: str, scenario: str, seed: int, cluster_on: str = "instruction", **extra) -> dict:
+def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_ON, **extra) -> dict:
     overrides = {"data": data, "scenario": scenario, "seed": seed, **extra}
     if os.environ.get("FEDROUTER_CACHE"):
         overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
@@ -60,10 +60,7 @@ def verdict(label: str, ok: bool, detail: str) -> bool:
 
 
 def synthetic(seeds: list[int], modes: list[str]) -> list[dict]:
-    every = []
-    for mode in modes:
-        every += synthetic_targets(seeds, mode)
-    return every
+    return [report for mode in modes for report in synthetic_targets(seeds, mode)]
 
 
 def synthetic_targets(seeds: list[int], mode: str) -> list[dict]:

@@ -174,11 +174,11 @@ def _add_clusters(sub) -> None:
                    help="'minilm' (all-MiniLM-L6-v2; FedRouter's default, chosen by measurement), 'base' (mean "
                         "last hidden state of --model; the paper's), or a Hugging Face encoder id or path")
     p.add_argument("--cluster-on", default=DEFAULT_CLUSTER_ON, choices=CLUSTER_ON,
-                   help="what is clustered: the instructions (default; what the router compares); each "
-                        "instruction's embedding followed by its answer's (for tasks that share an input format "
-                        "but differ in what they answer; it hurts where tasks share answers such as yes/no); or "
-                        "'instruction+output@server': clients split by instructions, the server groups their "
-                        "sub-clusters by instruction and answer means")
+                   help="what is clustered: 'instruction+output@server' (default): clients split by "
+                        "instructions, the server groups their sub-clusters by instruction and answer means; "
+                        "'instruction': the instructions alone, everywhere; 'instruction+output': each "
+                        "instruction's embedding followed by its answer's, everywhere (it splits a task by its "
+                        "answer kinds and joins tasks that share answers such as yes/no)")
     p.add_argument("--n-local", default="auto",
                    help="sub-clusters per client: K, 'auto' (silhouette against a null reference), or one K per client, comma-separated")
     p.add_argument("--n-global", default="auto", help="global clusters: K or 'auto' (silhouette)")

@@ -101,6 +101,11 @@ def split_dims(cluster_on: str, router_dims: int) -> int | None:
     return router_dims if cluster_on == OUTPUT_AT_SERVER else None
 
 
+def label_means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, d): the mean of `x`'s rows with each label 0..k-1 (every label must occur)."""
+    return np.stack([x[labels == j].mean(axis=0) for j in range(k)])
+
+
 def _points(x, what: str) -> np.ndarray:
     """`x` as a 2-d numeric array (points x dimensions) with finite values; FedrouterError otherwise.
 
@@ -567,7 +572,7 @@ def _cluster_local(x, n_local, seed, k_range, who: str, dims: int | None = None)
         n_local, curve = _choose_k(seen, k_range, seed, f"{who}'s embeddings")
     centroids, labels = _kmeans(seen, int(n_local), seed, f"{who}'s embeddings")
     if dims is not None:  # the sub-clusters' means over every dimension: what the server groups them by
-        centroids = np.stack([x[labels == j].mean(axis=0) for j in range(len(centroids))])
+        centroids = label_means(x, labels, len(centroids))
     return centroids, labels, curve
 
 

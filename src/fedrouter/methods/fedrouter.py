@@ -41,6 +41,7 @@ from fedrouter.core.cluster import (
     cluster_local,
     clustering_accuracy,
     example_features,
+    label_means,
     majority_cluster,
     route,
     server_step,
@@ -270,7 +271,7 @@ class Client(ClientPart):
             tasks = [e["task"] for e in train]
             config["local_tasks"] = local_tasks = sorted(set(tasks))
             labels = np.array([local_tasks.index(t) for t in tasks])
-            centroids = np.stack([x[labels == l].mean(axis=0) for l in range(len(local_tasks))])
+            centroids = label_means(x, labels, len(local_tasks))
         else:  # nothing label-derived leaves the client: centroids, sizes and the silhouette curve
             centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options),
                                                      split_dims(self.options["cluster_on"], router_dims))
