@@ -22,12 +22,24 @@ regression on the true tasks, nearest true-task mean, the share of each example'
 of its task; then, on client 0 with the true K given, the clustering accuracy of K-Means, spectral
 clustering (10-NN graph), a diagonal Gaussian mixture and Ward linkage (scikit-learn).
 
+With --answer-effects, instead: whether answers can tell a format-sharing pair from one task's own parts.
+Per setting and seed, each client splits its data as FedRouter does by default (instructions, auto K);
+each sub-cluster is cut into --parts instruction parts by K-Means on the surface view (`ngram_view`, the
+words of its templates); then, between two parts of at least MIN_PART examples that are each >= PURE one
+task, the answer effect (`answer_effect`: the squared distance of their mean MiniLM answer embeddings over
+the within-part spread, less the sampling term, so alike parts score about 0). Printed: per task the
+largest effect between two of its own parts, and per pair of tasks the smallest effect between a part of
+each. A threshold on this effect can split the pairs and keep every task whole only if the pairs'
+smallest effects lie above every task's largest, in every setting.
+
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_features.py [--groups synthetic,hard,flan8]
        [--variants minilm,base-last-mean,...] [--diagnose]          (MiniLM embeddings are cached)
+       FEDROUTER_CACHE=/tmp/frcache python bench/task_features.py --answer-effects [--seeds 0,1,2] [--parts 8]
 Results go to docs/benchmark.md ("Task discovery without labels").
 """
 
 import argparse
+import itertools
 import os
 import time
 import warnings
@@ -59,14 +71,20 @@ def whitened(x: np.ndarray, components: int = 30) -> np.ndarray:
     return (centred @ vt[:m].T) / np.maximum(s[:m] / np.sqrt(max(1, len(x) - 1)), 1e-12)
 
 
-def with_ngrams(texts: list[str], x: np.ndarray, weight: float = 0.5, min_share: float = 0.03) -> np.ndarray:
+def ngram_view(texts: list[str], min_share: float, n_features: int = 1024) -> np.ndarray:
+    """The surface view of `texts`: word 1-3-grams, hashed, kept where at least `min_share` of the texts hold
+    them (a template's words, not its content), L2-normalised."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    hashed = HashingVectorizer(n_features=1024, ngram_range=(1, 3), binary=True, norm=None, alternate_sign=False,
+    hashed = HashingVectorizer(n_features=n_features, ngram_range=(1, 3), binary=True, norm=None, alternate_sign=False,
                                token_pattern=r"\S+").transform(texts).toarray()
     hashed[:, (hashed > 0).mean(axis=0) < min_share] = 0
     norms = np.linalg.norm(hashed, axis=1, keepdims=True)
-    return np.hstack([x, weight * hashed / np.where(norms == 0, 1, norms)])
+    return hashed / np.where(norms == 0, 1, norms)
+
+
+def with_ngrams(texts: list[str], x: np.ndarray, weight: float = 0.5, min_share: float = 0.03) -> np.ndarray:
+    return np.hstack([x, weight * ngram_view(texts, min_share)])
 
 
 class TinyBase:
@@ -159,11 +177,65 @@ def diagnose(label: str, x: dict, tasks: dict, seed: int) -> None:
         f"{name} {cluster.clustering_accuracy(list(own_tasks), list(labels)):.3f}" for name, labels in found.items()), flush=True)
 
 
+# --answer-effects: instruction parts (--parts per sub-cluster), compared when they hold >= MIN_PART examples,
+# >= PURE of them of one task (the labels only name what is compared)
+EFFECT_SETTINGS = [("synthetic", "dual"), ("synthetic", "all"), ("synthetic-hard", "single"), ("synthetic-hard", "all"),
+                   (str(FLAN8), "all")]
+MIN_PART, PURE, TEMPLATE_SHARE = 8, 0.9, 0.05
+
+
+def answer_effect(answers: np.ndarray, a: np.ndarray, b: np.ndarray, spread: float) -> float:
+    """How far apart the answers of parts `a` and `b` (row indices) lie: the squared distance of their mean
+    answer embeddings over the within-part spread, less what sampling alone gives (1/|a| + 1/|b|), so that
+    two parts drawn alike score about 0 at any size."""
+    gap = answers[a].mean(axis=0) - answers[b].mean(axis=0)
+    return float(gap @ gap / spread - (1 / len(a) + 1 / len(b)))
+
+
+def answer_effects(label: str, clients, embed, seed: int, n_parts: int) -> None:
+    """The --answer-effects lines for one setting (see the module docstring)."""
+    same, cross = {}, {}
+    for client in clients:
+        x, router_dims = cluster.example_features(client.train, embed, cluster.DEFAULT_CLUSTER_ON)
+        answers, tasks = x[:, router_dims:], np.array([e["task"] for e in client.train])
+        texts = [e["instruction"] for e in client.train]
+        dims = cluster.split_dims(cluster.DEFAULT_CLUSTER_ON, router_dims)
+        _, sub, _ = cluster.cluster_local(x, cluster.AUTO, seed, dims=dims)
+        for j in range(sub.max() + 1):
+            members = np.flatnonzero(sub == j)
+            if len(members) < n_parts * MIN_PART:
+                continue
+            _, part = cluster.kmeans(ngram_view([texts[k] for k in members], TEMPLATE_SHARE), n_parts, seed)
+            parts = [members[part == p] for p in range(part.max() + 1)]
+            spread = sum(((answers[p] - answers[p].mean(axis=0)) ** 2).sum() for p in parts) / (len(members) - len(parts))
+            kept = []
+            for p in parts:
+                names, counts = np.unique(tasks[p], return_counts=True)
+                if len(p) >= MIN_PART and counts.max() >= PURE * len(p):
+                    kept.append((p, str(names[counts.argmax()])))
+            for (a, task_a), (b, task_b) in itertools.combinations(kept, 2):
+                effect = answer_effect(answers, a, b, spread)
+                if task_a == task_b:
+                    same[task_a] = max(same.get(task_a, -np.inf), effect)
+                else:
+                    key = "/".join(sorted((task_a, task_b)))
+                    cross[key] = min(cross.get(key, np.inf), effect)
+    print(f"{label}  one task's parts, largest answer effect: "
+          + (", ".join(f"{t} {v:.2f}" for t, v in sorted(same.items())) or "none compared"), flush=True)
+    if cross:
+        print(f"{label}  two tasks' parts, smallest answer effect: "
+              + ", ".join(f"{t} {v:.2f}" for t, v in sorted(cross.items())), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", default="synthetic,hard,flan8")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--diagnose", action="store_true", help="the separability diagnostics instead of the variants")
+    ap.add_argument("--answer-effects", action="store_true",
+                    help="how far apart the answers of instruction parts lie, within one task and across tasks")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (--answer-effects only)")
+    ap.add_argument("--parts", type=int, default=8, help="instruction parts per sub-cluster (--answer-effects only)")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     from fedrouter.study.clusters import embedding_function
@@ -173,19 +245,33 @@ def main():
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+
+    def setting(data: str, scenario: str, seed: int):
+        overrides = {"data": data, "scenario": scenario, "seed": seed}
+        if os.environ.get("FEDROUTER_CACHE"):
+            overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
+        cfg = load_config(None, overrides)
+        return cfg, build_data(cfg).clients, embedding_function(cfg, "minilm")[0]
+
+    flan8_absent = not (FLAN8 / "train.jsonl").exists()
+    if args.answer_effects:
+        with threadpool_limits(2):
+            for seed in [int(s) for s in args.seeds.split(",") if s]:
+                for data, scenario in EFFECT_SETTINGS:
+                    if data == str(FLAN8) and flan8_absent:
+                        print(f"flan8: skipped, {FLAN8} is absent")
+                        continue
+                    cfg, clients, embed = setting(data, scenario, seed)
+                    answer_effects(f"{Path(data).name:<15} {scenario:<7} seed {seed}", clients, embed, cfg.seed, args.parts)
+        return
     base = None
     with threadpool_limits(2):
         for group in [g for g in args.groups.split(",") if g]:
-            if group == "flan8" and not (FLAN8 / "train.jsonl").exists():
+            if group == "flan8" and flan8_absent:
                 print(f"flan8: skipped, {FLAN8} is absent")
                 continue
             for data, scenario in SETTINGS[group]:
-                overrides = {"data": data, "scenario": scenario, "seed": 0}
-                if os.environ.get("FEDROUTER_CACHE"):
-                    overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
-                cfg = load_config(None, overrides)
-                clients = build_data(cfg).clients
-                embed, _ = embedding_function(cfg, "minilm")
+                cfg, clients, embed = setting(data, scenario, 0)
                 if base is None and any(v.startswith("base-") for v in variants):
                     base = TinyBase(cfg)
                 tasks = [e["task"] for c in clients for e in c.train]
