@@ -5,7 +5,7 @@ the method's defaults, no training) and prints, per setting, the global K, the g
 accuracy, the router accuracy (local and global mode) and the wall time, then each group against its targets:
   synthetic  scenarios single/dual/all x seeds: K == 4 every time, local accuracy >= 0.99, every single-task
              client gets n_local == 1, local-mode router accuracy >= 0.98;
-  hard       synthetic-hard, scenarios all/single, first 3 seeds: global clustering accuracy >= 0.95 (true K 6);
+  hard       synthetic-hard, scenarios all/dual/single, first 3 seeds: global clustering accuracy >= 0.95 (true K 6);
   flan8      ../shared/data/flan8 (from the repo root), scenario all, seed 0: K == 8, global accuracy >= 0.98.
 Every group runs once per `--cluster-on` value (default: all three -- the instructions alone; instruction +
 answer; instruction + answer at the server only, the clients splitting by instructions: the method's default).
@@ -80,11 +80,14 @@ def synthetic_targets(seeds: list[int], mode: str) -> list[dict]:
     return reports
 
 
+HARD_SCENARIOS = ("all", "dual", "single")
+
+
 def hard(seeds: list[int], modes: list[str]) -> list[dict]:
-    reports = [run("synthetic-hard", sc, s, mode) for mode in modes for sc in ("all", "single") for s in seeds[:3]]
+    reports = [run("synthetic-hard", sc, s, mode) for mode in modes for sc in HARD_SCENARIOS for s in seeds[:3]]
     print(f"hard summary ({len(reports)} runs, true K 6):")
     for mode in modes:
-        for sc in ("all", "single"):
+        for sc in HARD_SCENARIOS:
             acc = [r["global_accuracy"] for r in reports if r["scenario"] == sc and r["cluster_on"] == mode]
             ks = [r["n_global"] for r in reports if r["scenario"] == sc and r["cluster_on"] == mode]
             verdict(f"cluster_on {mode}, scenario {sc}: global clustering accuracy >= 0.95", min(acc) >= 0.95,
