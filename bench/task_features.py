@@ -192,6 +192,12 @@ def answer_effect(answers: np.ndarray, a: np.ndarray, b: np.ndarray, spread: flo
     return float(gap @ gap / spread - (1 / len(a) + 1 / len(b)))
 
 
+def template_parts(members: np.ndarray, texts: list[str], n_parts: int, seed: int) -> list[np.ndarray]:
+    """`members` (row indices of one sub-cluster) cut into `n_parts` by K-Means on their surface view."""
+    _, part = cluster.kmeans(ngram_view([texts[k] for k in members], TEMPLATE_SHARE), n_parts, seed)
+    return [members[part == p] for p in range(part.max() + 1)]
+
+
 def answer_effects(label: str, clients, embed, seed: int, n_parts: int) -> None:
     """The --answer-effects lines for one setting (see the module docstring)."""
     same, cross = {}, {}
@@ -201,12 +207,9 @@ def answer_effects(label: str, clients, embed, seed: int, n_parts: int) -> None:
         texts = [e["instruction"] for e in client.train]
         dims = cluster.split_dims(cluster.DEFAULT_CLUSTER_ON, router_dims)
         _, sub, _ = cluster.cluster_local(x, cluster.AUTO, seed, dims=dims)
-        for j in range(sub.max() + 1):
-            members = np.flatnonzero(sub == j)
-            if len(members) < n_parts * MIN_PART:
-                continue
-            _, part = cluster.kmeans(ngram_view([texts[k] for k in members], TEMPLATE_SHARE), n_parts, seed)
-            parts = [members[part == p] for p in range(part.max() + 1)]
+        subclusters = [np.flatnonzero(sub == j) for j in range(sub.max() + 1)]
+        for members in [m for m in subclusters if len(m) >= n_parts * MIN_PART]:
+            parts = template_parts(members, texts, n_parts, seed)
             spread = sum(((answers[p] - answers[p].mean(axis=0)) ** 2).sum() for p in parts) / (len(members) - len(parts))
             kept = []
             for p in parts:
