@@ -139,7 +139,7 @@ def cluster_all(x: dict, local_view: dict | None, seed: int) -> tuple[int, dict]
     centroids, labels = {}, {}
     for c in sorted(x):
         _, labels[c], _ = cluster.cluster_local(local_view[c], "auto", seed)
-        centroids[c] = np.stack([x[c][labels[c] == j].mean(axis=0) for j in range(labels[c].max() + 1)])
+        centroids[c] = cluster.label_means(x[c], labels[c], labels[c].max() + 1)
     sizes = {c: np.bincount(labels[c]) for c in x}
     step = cluster.server_step(centroids, "auto", seed, range(1, 13), sizes)
     return step.n_global, {c: step.sub_to_global[c][labels[c]] for c in x}

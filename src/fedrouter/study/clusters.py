@@ -69,15 +69,15 @@ def confusion(tasks: list[str], clusters: list[int]) -> dict[str, dict[str, int]
 
 
 def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, np.ndarray],
-            n_local, n_global, seed: int, k_range, cluster_on: str = DEFAULT_CLUSTER_ON) -> dict:
-    """Cluster the training examples' task features (`train_vectors`), then score clusters and the router
-    (which sees the test instructions' embeddings, `test_vectors`) against the true tasks (when the data
-    has them); a JSON-able report."""
+            n_local, n_global, seed: int, k_range, cluster_on: str, router_dims: int) -> dict:
+    """Cluster the training examples' task features (`train_vectors`, as `example_features` gives them for
+    `cluster_on`, their first `router_dims` dimensions the instruction part), then score clusters and the
+    router (which sees the test instructions' embeddings, `test_vectors`) against the true tasks (when the
+    data has them); a JSON-able report."""
     from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, local_then_global, split_dims
 
-    router_dims = next(iter(test_vectors.values())).shape[1] if test_vectors else None
-    local_dims = split_dims(cluster_on, router_dims) if router_dims else None
-    result = local_then_global(train_vectors, n_local, n_global, seed, k_range, router_dims, local_dims)
+    result = local_then_global(train_vectors, n_local, n_global, seed, k_range, router_dims,
+                               split_dims(cluster_on, router_dims))
     clients = {c.client_id: c for c in data.clients}
     ids = sorted(clients)
     from fedrouter.core.data import UNLABELLED
@@ -197,7 +197,9 @@ def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_
     start = time.perf_counter()
     data = build_data(cfg)
     embed, embedder_name = embedding_function(cfg, embedder)
-    train_vectors = {c.client_id: example_features(c.train, embed, cluster_on)[0] for c in data.clients}
+    features = {c.client_id: example_features(c.train, embed, cluster_on) for c in data.clients}
+    train_vectors = {cid: x for cid, (x, _) in features.items()}
+    router_dims = next(iter(features.values()))[1]  # the instruction embeddings' width, the same for every client
     test_vectors = {c.client_id: embed([ex["instruction"] for ex in c.test]) for c in data.clients}
     report = {
         "data": cfg.data, "scenario": cfg.scenario, "n_clients": cfg.n_clients, "seed": cfg.seed,
@@ -205,7 +207,7 @@ def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_
         "n_local_setting": n_local if not isinstance(n_local, dict) else {str(k): v for k, v in n_local.items()},
         "n_global_setting": n_global, "k_range": [k_range.start, k_range.stop - 1],
     }
-    report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, k_range, cluster_on))
+    report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, k_range, cluster_on, router_dims))
     report["wall_s"] = time.perf_counter() - start
     return report
 
