@@ -8,9 +8,10 @@ accuracy, the router accuracy (local and global mode) and the wall time, then ea
   hard       synthetic-hard, scenarios all/dual/single, first 3 seeds: global clustering accuracy >= 0.95 (true K 6);
   flan8      ../shared/data/flan8 (from the repo root), scenario all, seed 0: K == 8, global accuracy >= 0.98.
 Every group runs once per `--cluster-on` value (default: all three -- the instructions alone; instruction +
-answer; instruction + answer at the server only, the clients splitting by instructions: the method's default).
+answer; instruction + answer at the server only, the clients splitting by instructions: the method's default),
+with each example assigned as `--assign` says (default "example", the method's; "sub-cluster": the paper's form).
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_discovery.py [--groups synthetic,hard,flan8]
-       [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
+       [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--assign sub-cluster] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
 Results go to docs/benchmark.md.
 """
 
@@ -23,7 +24,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedrouter.config import load_config
-from fedrouter.core.cluster import CLUSTER_ON, DEFAULT_CLUSTER_ON
+from fedrouter.core.cluster import ASSIGN, CLUSTER_ON, DEFAULT_ASSIGN, DEFAULT_CLUSTER_ON
 from fedrouter.runtime import quiet_libraries
 from fedrouter.study.clusters import cluster_data, write_report
 
@@ -38,11 +39,15 @@ def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
+ASSIGNED = {"by": DEFAULT_ASSIGN}  # --assign, for every run of this process
+
+
 def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_ON, **extra) -> dict:
     overrides = {"data": data, "scenario": scenario, "seed": seed, **extra}
     if os.environ.get("FEDROUTER_CACHE"):
         overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
-    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13), cluster_on)
+    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13), cluster_on,
+                          ASSIGNED["by"])
     single = [r for r in report["per_client"] if len(r["tasks"]) == 1]
     report["single_ok"] = sum(r["n_local"] == 1 for r in single), len(single)
     router = report["router_accuracy"]
@@ -116,10 +121,13 @@ def main():
     ap.add_argument("--seeds", default="0-4", help="'0-4' or '0,2'; the hard group uses the first 3")
     ap.add_argument("--cluster-on", default=",".join(CLUSTER_ON),
                     help="what each group clusters (comma-separated values of cluster_on)")
+    ap.add_argument("--assign", default=DEFAULT_ASSIGN, choices=ASSIGN, help="how an example gets its global cluster")
     ap.add_argument("--json", type=Path, help="also write every report here")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     modes = [m.strip() for m in args.cluster_on.split(",") if m.strip()]
+    ASSIGNED["by"] = args.assign
+    print(f"assign: {args.assign}")
     groups = {"synthetic": lambda s: synthetic(s, modes), "hard": lambda s: hard(s, modes), "flan8": lambda s: flan8(s, modes)}
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(chosen) - set(groups))

@@ -32,16 +32,9 @@ largest effect between two of its own parts, and per pair of tasks the smallest 
 each. A threshold on this effect can split the pairs and keep every task whole only if the pairs'
 smallest effects lie above every task's largest, in every setting.
 
-With --assign-examples, instead: the default clustering (`local_then_global`), then every training example
-assigned on its own to the nearest cluster centre (the mean instruction and answer embedding of the
-examples the default sent there, which the server can compute from the sub-centroids and their sizes),
-among the centres that get >= MIN_SHARE of the client's examples; the global clustering accuracy before
-and after (a candidate for synthetic-hard `dual`, not in the method).
-
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_features.py [--groups synthetic,hard,flan8]
        [--variants minilm,base-last-mean,...] [--diagnose]          (MiniLM embeddings are cached)
        FEDROUTER_CACHE=/tmp/frcache python bench/task_features.py --answer-effects [--seeds 0,1,2] [--parts 8]
-       FEDROUTER_CACHE=/tmp/frcache python bench/task_features.py --assign-examples [--seeds 0,1,2]
 Results go to docs/benchmark.md ("Task discovery without labels").
 """
 
@@ -237,43 +230,6 @@ def answer_effects(label: str, clients, embed, seed: int, n_parts: int) -> None:
               + ", ".join(f"{t} {v:.2f}" for t, v in sorted(cross.items())), flush=True)
 
 
-# --assign-examples: the settings, and the share of a client's examples below which a cluster is left out
-ASSIGN_SETTINGS = [("synthetic", "single"), ("synthetic", "dual"), ("synthetic", "all"), ("synthetic-hard", "single"),
-                   ("synthetic-hard", "dual"), ("synthetic-hard", "all"), (str(FLAN8), "all")]
-MIN_SHARE = 0.05
-
-
-def nearest_kept(x: np.ndarray, centres: np.ndarray, min_share: float = MIN_SHARE) -> np.ndarray:
-    """Each row of `x` to its nearest centre, among the centres that at least `min_share` of the rows are
-    nearest to."""
-    first = cluster.nearest(x, centres)
-    counts = np.bincount(first, minlength=len(centres))
-    kept = np.flatnonzero(counts >= min_share * len(x))
-    return kept[cluster.nearest(x, centres[kept])]
-
-
-def assign_examples(label: str, clients, embed, seed: int) -> None:
-    """The --assign-examples line for one setting (see the module docstring)."""
-    features = {c.client_id: cluster.example_features(c.train, embed, cluster.DEFAULT_CLUSTER_ON) for c in clients}
-    router_dims = next(iter(features.values()))[1]
-    x = {cid: v for cid, (v, _) in features.items()}
-    result = cluster.local_then_global(x, cluster.AUTO, cluster.AUTO, seed, range(1, 13), router_dims,
-                                       cluster.split_dims(cluster.DEFAULT_CLUSTER_ON, router_dims))
-    ids = sorted(x)
-    before = np.concatenate([result.global_labels(cid) for cid in ids])
-    # each cluster's centre over instruction and answer: what the server can compute from the sub-centroids
-    # and their sizes (the mean of the examples sent to it)
-    centres = cluster.label_means(np.concatenate([x[cid] for cid in ids]), before, result.n_global)
-    after = {cid: nearest_kept(x[cid], centres) for cid in ids}
-    tasks = [e["task"] for c in sorted(clients, key=lambda c: c.client_id) for e in c.train]
-    single = [c.client_id for c in clients if len(c.tasks) == 1]
-    found = np.concatenate([after[cid] for cid in ids])
-    print(f"{label}  K {result.n_global}  accuracy {cluster.clustering_accuracy(tasks, before):.3f} -> "
-          f"{cluster.clustering_accuracy(tasks, found):.3f} one by one ({len(set(found.tolist()))} clusters used)"
-          + (f"; single-task clients with one cluster {sum(len(set(after[c].tolist())) == 1 for c in single)}/{len(single)}"
-             if single else ""), flush=True)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", default="synthetic,hard,flan8")
@@ -281,9 +237,7 @@ def main():
     ap.add_argument("--diagnose", action="store_true", help="the separability diagnostics instead of the variants")
     ap.add_argument("--answer-effects", action="store_true",
                     help="how far apart the answers of instruction parts lie, within one task and across tasks")
-    ap.add_argument("--assign-examples", action="store_true",
-                    help="the default clustering, then every training example to its nearest cluster centre")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (--answer-effects, --assign-examples)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (--answer-effects)")
     ap.add_argument("--parts", type=int, default=8, help="instruction parts per sub-cluster (--answer-effects only)")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
@@ -303,20 +257,16 @@ def main():
         return cfg, build_data(cfg).clients, embedding_function(cfg, "minilm")[0]
 
     flan8_absent = not (FLAN8 / "train.jsonl").exists()
-    if args.answer_effects or args.assign_examples:
-        settings = EFFECT_SETTINGS if args.answer_effects else ASSIGN_SETTINGS
+    if args.answer_effects:
         with threadpool_limits(2):
             for seed in [int(s) for s in args.seeds.split(",") if s]:
-                for data, scenario in settings:
+                for data, scenario in EFFECT_SETTINGS:
                     if data == str(FLAN8) and flan8_absent:
                         print(f"flan8: skipped, {FLAN8} is absent")
                         continue
                     cfg, clients, embed = setting(data, scenario, seed)
                     label = f"{Path(data).name:<15} {scenario:<7} seed {seed}"
-                    if args.answer_effects:
-                        answer_effects(label, clients, embed, cfg.seed, args.parts)
-                    else:
-                        assign_examples(label, clients, embed, cfg.seed)
+                    answer_effects(label, clients, embed, cfg.seed, args.parts)
         return
     base = None
     with threadpool_limits(2):

@@ -6,14 +6,17 @@ import numpy as np
 import pytest
 
 from fedrouter.core.cluster import (
+    GlobalStep,
     adjusted_rand,
     choose_k,
+    cluster_centres,
     cluster_local,
     cooccurring,
     clustering_accuracy,
     kmeans,
     local_then_global,
     nearest,
+    nearest_held,
     route,
     silhouette_curve,
     split_dims,
@@ -405,9 +408,9 @@ def test_tasks_sharing_an_input_format_are_told_apart_by_their_answers():
         answers[c] = np.concatenate([_blob(10 * np.eye(4)[0], 60, rng), _blob(10 * np.eye(4)[1], 60, rng)])
         truth[c] = ["A"] * 60 + ["B"] * 60
     on_instructions = local_then_global(instr, "auto", "auto", seed=0, k_range=range(1, 7))
-    for c in instr:  # every client keeps its two tasks in one cluster
+    for c in instr:  # every client keeps its two tasks in one sub-cluster, and no instruction tells them apart
         assert len(on_instructions.sub_centroids[c]) == 1
-        assert clustering_accuracy(truth[c], on_instructions.global_labels(c)) == 0.5
+        assert clustering_accuracy(truth[c], on_instructions.global_labels(c)) < 0.95
     both = local_then_global({c: task_features(instr[c], answers[c]) for c in instr}, "auto", "auto", seed=0,
                              k_range=range(1, 7), router_dims=6)
     assert both.n_global == 2 and both.router_centroids.shape[1] == 6
@@ -483,3 +486,54 @@ def test_kmeans_and_silhouette_run_with_one_blas_thread(monkeypatch):
     k, _ = choose_k(x, range(1, 5))
     assert k == 2
     assert seen and set(seen) == {1}
+
+
+def test_each_example_goes_to_its_nearest_centre_so_a_client_holding_a_format_sharing_pair_is_split():
+    # Tasks A and B share an input format (one instruction blob, a small offset apart) and answer far apart.
+    # Clients 0-1 hold A, 2-3 hold B, 4-5 hold both: the last split by instruction into one half-and-half
+    # sub-cluster, which the server makes a third cluster of its own (the synthetic-hard `dual` miss). With
+    # each example assigned to the nearest cluster centre by instruction and answer, the mixed clients'
+    # examples go to A's and B's clusters, the third is left empty and dropped.
+    rng = np.random.default_rng(5)
+    ask, a_answer, b_answer = 0.2 * np.eye(6)[0], 10 * np.eye(4)[0], 10 * np.eye(4)[1]
+    features, truth = {}, {}
+    for c, tasks in enumerate(["A", "A", "B", "B", "AB", "AB"]):
+        parts = [task_features(_blob(np.zeros(6) if t == "A" else ask, 120 // len(tasks), rng, 0.2),
+                               _blob(a_answer if t == "A" else b_answer, 120 // len(tasks), rng)) for t in tasks]
+        features[c], truth[c] = np.concatenate(parts), [t for t in tasks for _ in range(120 // len(tasks))]
+    tasks = [t for c in sorted(truth) for t in truth[c]]
+
+    def run(assign):
+        result = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 7), router_dims=6,
+                                   local_dims=split_dims("instruction+output@server", 6), assign=assign)
+        return result, clustering_accuracy(tasks, np.concatenate([result.global_labels(c) for c in sorted(truth)]))
+
+    by_sub_cluster, accuracy = run("sub-cluster")
+    assert [len(by_sub_cluster.sub_centroids[c]) for c in (4, 5)] == [1, 1]
+    assert by_sub_cluster.n_global == 3 and accuracy == pytest.approx(2 / 3)
+    by_example, accuracy = run("example")
+    assert by_example.n_global == 2 and accuracy == 1.0
+    assert [by_example.n_local(c) for c in range(6)] == [1, 1, 1, 1, 2, 2]
+    assert len(by_example.prototypes) == len(by_sub_cluster.prototypes) - 1  # the empty cluster's prototype went
+    assert set(by_example.step.sub_to_global[4].tolist()) == {-1}  # the mixed sub-clusters' cluster was dropped
+    with pytest.raises(FedrouterError, match="assign must be one of"):
+        local_then_global(features, "auto", "auto", assign="nearest")
+
+
+def test_cluster_centres_nearest_held_and_keep_on_small_arrays():
+    step = GlobalStep(prototypes=np.array([[0.0, 0.0], [4.0, 0.0], [5.0, 0.0]]), prototype_cluster=np.array([0, 1, 1]),
+                      sub_to_global={0: np.array([0, 1]), 1: np.array([1])}, silhouette=None, merged=[[1, 2]])
+    subs = {0: np.array([[0.0, 0.0], [4.0, 2.0]]), 1: np.array([[6.0, 0.0]])}
+    # a cluster's centre: its sub-centroids' mean weighted by their sizes (the mean of their examples)
+    centres = cluster_centres(step, subs, {0: np.array([5, 1]), 1: np.array([3])})
+    assert np.allclose(centres, [[0.0, 0.0], [(4 * 1 + 6 * 3) / 4, 2 / 4]])
+    # 1 of 30 rows is nearest to centre 1: under the 5 % share it goes to its nearest held centre, 0
+    x = np.array([[0.1, 0.0]] * 29 + [[5.0, 0.5]])
+    assert nearest_held(x, centres).tolist() == [0] * 30
+    assert nearest_held(x, centres, min_share=0.0).tolist() == [0] * 29 + [1]
+    kept, remap = step.keep([1])
+    assert remap.tolist() == [-1, 0] and kept.n_global == 1
+    assert kept.prototypes.tolist() == [[4.0, 0.0], [5.0, 0.0]] and kept.merged == [[0, 1]]
+    assert kept.sub_to_global[0].tolist() == [-1, 0] and kept.sub_to_global[1].tolist() == [0]
+    with pytest.raises(FedrouterError, match="clusters to keep"):
+        step.keep([2])

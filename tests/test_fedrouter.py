@@ -145,6 +145,17 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
         assert reply.config["router_dims"] == 4 and reply.arrays["centroids"].shape[1] == 4 + 3
     server = Server(setup, dict(INIT), [0, 1])
     server.aggregate_setup(replies)
+    # second exchange: the cluster centres out, each client's count of examples per centre back
+    contexts = {cid: ClientContext(cid, _EmbeddingWorkbench(cid)) for cid in (0, 1)}
+    for cid, ctx in contexts.items():
+        client.setup(Message(config={"oracle": False}), ctx)
+    assigning = server.configure_setup([0, 1])
+    assert set(assigning[0].arrays) == {"centres"} and assigning[0].arrays["centres"].shape[1] == 4 + 3
+    counts = {cid: client.setup(assigning[cid], ctx) for cid, ctx in contexts.items()}
+    for reply in counts.values():
+        assert set(reply.config) == {"held"} and not reply.arrays and "secret-task" not in json.dumps(reply.config)
+    server.aggregate_setup(counts)
+    assert server.configure_setup([0, 1]) == {}  # setup is over
     # the method and `fedrouter clusters` (local_then_global) make the same assignment on the same data
     features = {cid: task_features(wb.vectors, wb.answer_vectors) for cid, wb in ((c, _EmbeddingWorkbench(c)) for c in (0, 1))}
     offline = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 13), router_dims=4,
@@ -152,6 +163,9 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
     for cid in (0, 1):  # the sub-centroids sent are the sub-clusters' means over instruction and answer
         sent, labels = replies[cid].arrays["centroids"].numpy(), offline.sub_labels[cid]
         assert np.allclose(sent, [features[cid][labels == j].mean(axis=0) for j in range(len(sent))], atol=1e-5)
+        fit = server.configure_fit(0, [cid])[cid]
+        assert np.array_equal(np.asarray(fit.config["mapping"])[contexts[cid].state["labels"]], offline.global_labels(cid))
+        assert server.client_clusters[cid] == offline.allowed(cid).tolist()
     assert server.sub_to_global == {cid: offline.step.sub_to_global[cid].tolist() for cid in (0, 1)}
     assert server.prototypes.shape == (len(offline.prototypes), 4)  # what the router and router.json hold
     assert np.allclose(server.prototypes, offline.router_centroids)
@@ -204,3 +218,73 @@ def test_a_client_sending_a_bad_router_width_is_refused(said):
                for cid, d in enumerate(said)}
     with pytest.raises(FedrouterError, match="router_dims"):
         make_server().aggregate_setup(replies)
+
+
+class _PlantedWorkbench(_EmbeddingWorkbench):
+    """Given instruction and answer embeddings for `len(tasks)` training examples."""
+
+    def __init__(self, tasks, vectors, answer_vectors):
+        self.train = [{"instruction": f"q{i}", "output": f"o{i}", "task": t} for i, t in enumerate(tasks)]
+        self.vectors, self.answer_vectors = vectors.astype(np.float32), answer_vectors.astype(np.float32)
+
+
+def _set_up(server, client, contexts):
+    """The engine's setup loop (`RoundLoop.setup`) without an engine."""
+    while messages := server.configure_setup(sorted(contexts)):
+        server.aggregate_setup({cid: client.setup(msg, contexts[cid]) for cid, msg in messages.items()})
+
+
+def test_the_method_assigns_each_example_to_its_nearest_centre_as_fedrouter_clusters_does():
+    # clients 0-1 hold task A, 2-3 task B, 4-5 both; A and B share an instruction format, answer apart
+    from fedrouter.core.cluster import clustering_accuracy, local_then_global, split_dims, task_features
+    from fedrouter.methods.base import ClientContext
+    from fedrouter.methods.fedrouter import Client
+
+    rng = np.random.default_rng(5)
+    benches = {}
+    for cid, tasks in enumerate(["A", "A", "B", "B", "AB", "AB"]):
+        n = 120 // len(tasks)
+        instr = [0.2 * np.eye(6)[0] * (t == "B") + 0.2 * rng.normal(size=(n, 6)) for t in tasks]
+        answers = [10 * np.eye(4)["AB".index(t)] + rng.normal(size=(n, 4)) for t in tasks]
+        benches[cid] = _PlantedWorkbench([t for t in tasks for _ in range(n)], np.concatenate(instr), np.concatenate(answers))
+    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {}))
+    server, client = Server(setup, dict(INIT), list(benches)), Client(setup)
+    contexts = {cid: ClientContext(cid, wb) for cid, wb in benches.items()}
+    _set_up(server, client, contexts)
+    offline = local_then_global({cid: task_features(wb.vectors, wb.answer_vectors) for cid, wb in benches.items()},
+                                "auto", "auto", seed=0, k_range=range(1, 13), router_dims=6,
+                                local_dims=split_dims("instruction+output@server", 6))
+    found = {cid: np.asarray(server.label_map[cid])[contexts[cid].state["labels"]] for cid in benches}
+    for cid in benches:
+        assert np.array_equal(found[cid], offline.global_labels(cid))
+    tasks = [e["task"] for cid in sorted(benches) for e in benches[cid].train]
+    assert clustering_accuracy(tasks, np.concatenate([found[c] for c in sorted(found)])) == 1.0
+    assert len(server.cluster_adapters) == 2 and server.dropped_clusters == 1
+    assert [len(server.client_clusters[c]) for c in sorted(benches)] == [1, 1, 1, 1, 2, 2]
+    assert len(server.prototypes) == len(server.prototype_cluster) and max(server.prototype_cluster) == 1
+    report = server.report({"test": {}, "general": {}})["clustering"]
+    assert report["n_global"] == 2 and report["dropped_clusters"] == 1 and report["n_local"]["4"] == 2
+
+
+def test_a_bad_assignment_message_or_reply_is_one_line():
+    from fedrouter.methods.base import ClientContext
+    from fedrouter.methods.fedrouter import Client
+
+    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {}))
+    client, ctx = Client(setup), ClientContext(0, _EmbeddingWorkbench(0))
+    for centres in ({}, {"centres": torch.zeros(2, 5)}, {"centres": torch.zeros(0, 7)}):
+        with pytest.raises(FedrouterError, match="cluster centres of shape"):
+            client.setup(Message(centres, {"phase": "assign"}), ctx)
+    client.setup(Message(config={"oracle": False}), ctx)
+    with pytest.raises(FedrouterError, match="cluster mapping"):
+        client.fit(Message(config={"round": 0, "jobs": [], "mapping": []}), ctx)
+    server = make_server()
+    server.aggregate_setup({0: setup_reply([[0, 0], [10, 10]]), 1: setup_reply([[10.2, 10], [0.1, 0]])})
+    n = len(server.centres)
+    for held in ([1] * (n + 1), [-1] + [5] * (n - 1), [0] * n, "all"):
+        with pytest.raises(FedrouterError, match="client 1 sent held"):
+            server.aggregate_setup({0: Message(config={"held": [3] * n}), 1: Message(config={"held": held})})
+    with pytest.raises(FedrouterError, match=r"client\(s\) \[1\] did not answer"):
+        server.aggregate_setup({0: Message(config={"held": [3] * n})})
+    with pytest.raises(FedrouterError, match="client 0 sent sizes"):
+        make_server().aggregate_setup({0: Message({"centroids": torch.zeros(2, 2)}, {"sizes": [1], "router_dims": 2})})

@@ -14,6 +14,13 @@ How K is chosen ("auto"), measured in docs/benchmark.md (bench/task_discovery.py
   the same clients in the same proportions are parts of one task (its templates, its sub-topics) and
   become one global cluster. A client's local clusters are its sub-clusters grouped by global cluster,
   so a single-task client ends with one however its data split.
+- Then, by default (`assign` "example"), every training example goes on its own to the nearest cluster
+  centre (`cluster_centres`: a cluster's mean task feature, instruction and answer) among the clusters
+  that hold at least MIN_SHARE of the client's examples (`nearest_held`); clusters no example went to are
+  dropped (`GlobalStep.keep`). Why: a client whose instructions cannot tell two tasks apart (two tasks
+  sharing an input format) sends one half-and-half sub-cluster, which the server cannot split; the
+  example's answer, next to the centres, can (synthetic-hard `dual` 0.72-0.79 -> 0.91-1.00, nothing else
+  moved). "sub-cluster" keeps the paper's form: an example goes where its sub-cluster went.
 
 Bad input is told as one `FedrouterError` line before scikit-learn sees it: no points (nothing to
 cluster), NaN or Inf in embeddings or centroids, a non-2-d or non-numeric array, an embedding dimension
@@ -55,6 +62,16 @@ CLUSTER_ON = (INSTRUCTION, INSTRUCTION_AND_OUTPUT, OUTPUT_AT_SERVER)
 # the default of the method and of `fedrouter clusters`: the only one at every target of docs/benchmark.md
 # that instructions alone meet, and also at synthetic-hard `single` (1.000 against 0.625)
 DEFAULT_CLUSTER_ON = OUTPUT_AT_SERVER
+
+# How a client's training examples get their global cluster: each on its own, to the nearest cluster centre
+# (the default), or all of a sub-cluster to where the server put that sub-cluster (the paper's form).
+EXAMPLE, SUB_CLUSTER = "example", "sub-cluster"
+ASSIGN = (EXAMPLE, SUB_CLUSTER)
+DEFAULT_ASSIGN = EXAMPLE
+# A cluster nearer than all others to fewer than this share of a client's examples is not one of its
+# clusters: its few examples go to their nearest among the rest (measured with bench/task_features.py
+# --assign-examples; 5 % keeps every single-task client at one cluster).
+MIN_SHARE = 0.05
 
 
 def task_features(instruction_vectors, output_vectors=None) -> np.ndarray:
@@ -391,6 +408,49 @@ class GlobalStep:
     def n_global(self) -> int:
         return int(self.prototype_cluster.max()) + 1 if len(self.prototype_cluster) else 0
 
+    def keep(self, used) -> tuple["GlobalStep", np.ndarray]:
+        """This step with only the global clusters in `used`, renumbered 0.. in their order, and the old ->
+        new cluster id map (-1: dropped). A dropped cluster's prototypes go too (the router must not send
+        an input to an adapter nobody trained); a sub-cluster mapped to it maps to -1."""
+        used = np.unique(np.asarray(list(used), dtype=np.int64))
+        if len(used) == 0 or used.min() < 0 or used.max() >= self.n_global:
+            raise FedrouterError(f"clusters to keep must be some of 0..{self.n_global - 1}, got {used.tolist()}")
+        remap = np.full(self.n_global, -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        kept_prototypes = np.flatnonzero(remap[self.prototype_cluster] >= 0)
+        new_index = np.full(len(self.prototypes), -1, dtype=np.int64)
+        new_index[kept_prototypes] = np.arange(len(kept_prototypes))
+        merged = [new_index[m].tolist() for m in self.merged if new_index[m[0]] >= 0]
+        step = GlobalStep(self.prototypes[kept_prototypes], remap[self.prototype_cluster[kept_prototypes]],
+                          {c: remap[m] for c, m in self.sub_to_global.items()}, self.silhouette, merged)
+        return step, remap
+
+
+def cluster_centres(step: GlobalStep, sub_centroids: dict[int, np.ndarray], sizes: dict[int, np.ndarray]) -> np.ndarray:
+    """(n_global, d): each global cluster's mean task feature over the examples the server put in it --
+    the sub-centroids mapped to it, weighted by their sizes; what a client assigns its examples by."""
+    d = next(iter(sub_centroids.values())).shape[1]
+    sums, counts = np.zeros((step.n_global, d)), np.zeros(step.n_global)
+    for c, centroids in sub_centroids.items():
+        weights = np.asarray(sizes[c], dtype=np.float64)
+        np.add.at(sums, step.sub_to_global[c], weights[:, None] * np.asarray(centroids, dtype=np.float64))
+        np.add.at(counts, step.sub_to_global[c], weights)
+    if (counts <= 0).any():
+        raise FedrouterError(f"global cluster(s) {np.flatnonzero(counts <= 0).tolist()} hold no examples")
+    return sums / counts[:, None]
+
+
+def nearest_held(x, centres, min_share: float = MIN_SHARE) -> np.ndarray:
+    """A client's step: each of its examples' task features `x` to the nearest of the `centres`
+    (`cluster_centres`), among those nearest to at least `min_share` of the examples (the largest such
+    cluster always stays)."""
+    first = nearest(x, centres)
+    counts = np.bincount(first, minlength=len(centres))
+    held = np.flatnonzero(counts >= max(min_share * len(first), 1))
+    if len(held) == 0:
+        held = np.array([int(np.argmax(counts))])
+    return held[nearest(x, np.asarray(centres)[held])]
+
 
 @dataclass
 class Clustering:
@@ -404,6 +464,8 @@ class Clustering:
     step: GlobalStep
     sub_silhouette: dict[int, dict[int, float]] = field(default_factory=dict)  # clients chosen by "auto"
     router_dims: int | None = None  # leading dimensions of a prototype an input is compared with (None: all)
+    example_clusters: dict[int, np.ndarray] | None = None  # client -> global cluster of each example
+    # (assign "example"; None: via its sub-cluster)
 
     @property
     def n_global(self) -> int:
@@ -419,13 +481,16 @@ class Clustering:
         return self.step.prototypes[:, : self.router_dims]
 
     def global_labels(self, client: int) -> np.ndarray:
-        """Global cluster of each of `client`'s training examples, via its sub-cluster."""
+        """Global cluster of each of `client`'s training examples: its own (assign "example"), or its
+        sub-cluster's."""
+        if self.example_clusters is not None:
+            return self.example_clusters[client]
         return self.step.sub_to_global[client][self.sub_labels[client]]
 
     def allowed(self, client: int) -> np.ndarray:
-        """The global clusters that `client`'s sub-clusters map to: its local clusters, and its candidates
-        in local routing."""
-        return np.unique(self.step.sub_to_global[client])
+        """The global clusters that hold `client`'s examples: its local clusters, and its candidates in
+        local routing."""
+        return np.unique(self.global_labels(client))
 
     def n_local(self, client: int) -> int:
         return len(self.allowed(client))
@@ -455,6 +520,7 @@ def local_then_global(
     k_range=range(1, 13),
     router_dims: int | None = None,
     local_dims: int | None = None,
+    assign: str = DEFAULT_ASSIGN,
 ) -> Clustering:
     """FedRouter's clustering without the training: K-Means per client (`n_local`: one int, an int per
     client, or "auto" = chosen by silhouette against a null reference over `k_range`), then the server's
@@ -462,7 +528,9 @@ def local_then_global(
     distinct points is clipped with a warning (see the module docstring). `client_embeddings` are the
     clients' `task_features`; `router_dims` says how many leading dimensions of them the router compares
     an input's embedding with (None: all), `local_dims` how many of them the clients' K-Means splits by
-    (None: all; see `split_dims`)."""
+    (None: all; see `split_dims`), `assign` how an example gets its global cluster (`ASSIGN`)."""
+    if assign not in ASSIGN:
+        raise FedrouterError(f"assign must be one of {', '.join(map(repr, ASSIGN))}, got {assign!r}")
     if not client_embeddings:
         raise FedrouterError("nothing to cluster: no clients were given")
     clients = sorted(client_embeddings)
@@ -485,7 +553,12 @@ def local_then_global(
             curves[c] = curve
     sizes = {c: np.bincount(labels[c], minlength=len(centroids[c])) for c in clients}
     step = server_step(centroids, n_global, seed, k_range, sizes)
-    return Clustering(centroids, labels, step, curves, router_dims)
+    if assign == SUB_CLUSTER:
+        return Clustering(centroids, labels, step, curves, router_dims)
+    centres = cluster_centres(step, centroids, sizes)
+    held = {c: nearest_held(client_embeddings[c], centres) for c in clients}
+    step, remap = step.keep(np.concatenate(list(held.values())))
+    return Clustering(centroids, labels, step, curves, router_dims, {c: remap[held[c]] for c in clients})
 
 
 def server_step(sub_centroids: dict[int, np.ndarray], n_global: int | Auto, seed: int = 0, k_range=range(1, 13),

@@ -122,13 +122,14 @@ class RoundLoop:
         self.history: list[dict] = []
 
     def setup(self) -> dict:
-        """The method's one-time exchange before training, if it has one."""
-        messages = self.server.configure_setup(self.client_ids)
-        if not messages:
-            return {}
-        replies = self.transport.setup(messages)
-        self.traffic.count(messages, replies)
-        return self.server.aggregate_setup(replies)
+        """The method's exchanges before training, if it has any: as long as the server has setup messages
+        to send (FedRouter: centroids in, then its cluster assignment), they go out and the replies back."""
+        report = {}
+        while messages := self.server.configure_setup(self.client_ids):
+            replies = self.transport.setup(messages)
+            self.traffic.count(messages, replies)
+            report.update(self.server.aggregate_setup(replies))
+        return report
 
     def evaluate(self, split: str, base: bool = False) -> dict[int, dict]:
         """Each client's evaluation report on `split` (its own "test" set, or the "general" all-task set);

@@ -119,7 +119,9 @@ class ServerPart:
         return sent.arrays
 
     def configure_setup(self, client_ids: list[int]) -> dict[int, Message]:
-        """A one-time exchange before the first round (e.g. FedRouter's local centroids); none by default."""
+        """Exchanges before the first round (e.g. FedRouter's local centroids): the engine sends these
+        messages and hands the replies to `aggregate_setup`, again and again until this returns none (so
+        a method with setup must move on in `aggregate_setup`); none by default."""
         return {}
 
     def aggregate_setup(self, replies: dict[int, Message]) -> dict:

@@ -2,11 +2,14 @@
 
 Each client embeds its training examples once (the instructions, or instruction and answer side by side:
 `example_features`), splits them into sub-clusters (K-Means, K by silhouette against a null reference) and
-sends their centroids and sizes once -- never a task label. The
+sends their centroids and sizes -- never a task label. The
 server clusters all sub-centroids (K-Means: prototypes), merges prototypes that co-occur across clients
 in the same proportions into one global cluster (the parts of one task), and keeps one LoRA adapter per
-global cluster. A client's local clusters are its sub-clusters grouped by global cluster (a single-task
-client has one). In round t a client trains on its local cluster ``t mod n_local`` from that global
+global cluster. Then (``assign`` "example", the default) it sends each cluster's centre, every client
+puts each training example in the cluster of its nearest centre and replies how many went where, and
+clusters that got no example are dropped; with "sub-cluster" an example goes where its sub-cluster went
+(one exchange, the paper's form). A client's local clusters are the global clusters holding its examples
+(a single-task client has one). In round t a client trains on its local cluster ``t mod n_local`` from that global
 cluster's adapter; the server averages the returned adapters per global cluster, weighted by examples
 (a cluster nobody trained keeps its adapter). At evaluation an embedding
 router sends each input to the adapter of its nearest prototype (``global`` mode) or the nearest among
@@ -23,7 +26,7 @@ instruction and answer means, so the server tells apart tasks that share an inpu
 instruction means only; "instruction+output": answers in the client's split too, which splits a task by
 its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and
 n_global (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see
-`core.cluster`), router ("local" or "global", for the clients' own test sets), mixed_batch
+`core.cluster`), assign ("example" or "sub-cluster", see above and `core.cluster`), router ("local" or "global", for the clients' own test sets), mixed_batch
 (true: one generate call serves rows routed to different adapters; false: generate adapter by adapter).
 """
 
@@ -35,14 +38,20 @@ import numpy as np
 import torch
 
 from fedrouter.core.cluster import (
+    ASSIGN,
     CLUSTER_ON,
+    DEFAULT_ASSIGN,
     DEFAULT_CLUSTER_ON,
+    EXAMPLE,
+    GlobalStep,
     adjusted_rand,
     cluster_local,
+    cluster_centres,
     clustering_accuracy,
     example_features,
     label_means,
     majority_cluster,
+    nearest_held,
     route,
     server_step,
     split_dims,
@@ -53,8 +62,8 @@ from fedrouter.core.privacy import noisy_centroids
 from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
-OPTIONS = {"embedder": "minilm", "cluster_on": DEFAULT_CLUSTER_ON, "n_local": "auto", "n_global": "auto", "k_min": 1, "k_max": 12, "router": "local",
-           "mixed_batch": False}
+OPTIONS = {"embedder": "minilm", "cluster_on": DEFAULT_CLUSTER_ON, "assign": DEFAULT_ASSIGN, "n_local": "auto", "n_global": "auto",
+           "k_min": 1, "k_max": 12, "router": "local", "mixed_batch": False}
 LOOSE = {"n_local", "n_global"}  # "auto" or a positive integer: check_options decides
 
 
@@ -67,10 +76,21 @@ def check_options(method: str, opts: dict) -> None:
     require(1 <= opts["k_min"] <= opts["k_max"], method, "k_min and k_max must satisfy 1 <= k_min <= k_max")
     require(opts["cluster_on"] in CLUSTER_ON, method,
             f"cluster_on must be one of {', '.join(map(repr, CLUSTER_ON))}, got {opts['cluster_on']!r}")
+    require(opts["assign"] in ASSIGN, method, f"assign must be one of {', '.join(map(repr, ASSIGN))}, got {opts['assign']!r}")
 
 
 def k_range(opts: dict) -> range:
     return range(opts["k_min"], opts["k_max"] + 1)
+
+
+def example_counts(reply: Message, key: str, n: int, cid: int) -> np.ndarray:
+    """A client's count of training examples per sub-cluster or per centre (`key` in its reply), checked:
+    `n` non-negative integers, not all zero -- a reply is input to check, not trust."""
+    value = reply.config.get(key)
+    if not (isinstance(value, list) and len(value) == n and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                                for v in value) and sum(value) > 0):
+        raise FedrouterError(f"client {cid} sent {key} {value!r}: not {n} example counts")
+    return np.asarray(value, dtype=np.int64)
 
 
 def job_reference(sent: Message) -> dict:
@@ -91,38 +111,78 @@ class Server(ServerPart):
         # (the instruction part of the server's K-Means centroids over the clients' task features)
         self.prototype_cluster: list[int] = []  # global cluster (adapter) of each prototype
         self.sub_to_global: dict[int, list[int]] = {}  # client -> global cluster of each of its sub-clusters
+        # client -> global cluster of each label its examples carry (their sub-cluster, or after the
+        # assignment exchange their nearest centre), and the global clusters holding its examples
+        self.label_map: dict[int, list[int]] = {}
+        self.client_clusters: dict[int, list[int]] = {}
         self.setup_info: dict[int, dict] = {}
         self.global_silhouette = None
         self.merged: list[list[int]] = []
+        self.setup_phase = "split"  # -> "assign" (assign "example") -> "done"
+        self.centres: np.ndarray | None = None  # the clusters' mean task features, sent for the assignment
+        self.router_dims: int | None = None
+        self.dropped_clusters = 0  # clusters the assignment left without examples
 
-    # -- once: sub-cluster centroids in, global clusters out ------------------------------------------
+    # -- setup: sub-cluster centroids in, global clusters out; then (assign "example") centres out, counts in
     def configure_setup(self, client_ids):
-        return {cid: Message(config={"oracle": self.oracle}) for cid in client_ids}
+        if self.setup_phase == "split":
+            return {cid: Message(config={"oracle": self.oracle}) for cid in client_ids}
+        if self.setup_phase == "assign":
+            centres = torch.tensor(self.centres, dtype=torch.float32)
+            return {cid: Message({"centres": centres}, {"phase": "assign"}) for cid in client_ids}
+        return {}
 
     def aggregate_setup(self, replies):
+        if self.setup_phase == "assign":
+            return self._aggregate_assign(replies)
         clients = sorted(replies)
         centroids = {cid: replies[cid].arrays["centroids"].numpy() for cid in clients}
-        router_dims = self._router_dims(replies, centroids)
+        self.router_dims = self._router_dims(replies, centroids)
         self.setup_info = {cid: replies[cid].config for cid in clients}
+        self.setup_phase = "done"
         if self.oracle:  # one global cluster per true task; its centroid is the mean of that task's local ones
             tasks = sorted({t for cid in clients for t in replies[cid].config["local_tasks"]})
             stacked = {t: [] for t in tasks}
             for cid in clients:
                 for t, c in zip(replies[cid].config["local_tasks"], centroids[cid]):
                     stacked[t].append(c)
-            self.prototypes = np.stack([np.mean(stacked[t], axis=0) for t in tasks])
-            self.prototype_cluster = list(range(len(tasks)))
-            self.sub_to_global = {cid: [tasks.index(t) for t in replies[cid].config["local_tasks"]] for cid in clients}
+            step = GlobalStep(np.stack([np.mean(stacked[t], axis=0) for t in tasks]), np.arange(len(tasks)),
+                              {cid: np.array([tasks.index(t) for t in replies[cid].config["local_tasks"]]) for cid in clients},
+                              None, [])
             self.oracle_task_cluster = {t: g for g, t in enumerate(tasks)}
         else:
-            sizes = {cid: np.asarray(replies[cid].config["sizes"]) for cid in clients}
+            sizes = {cid: example_counts(replies[cid], "sizes", len(centroids[cid]), cid) for cid in clients}
             step = server_step(centroids, self.options["n_global"], self.settings.seed, k_range(self.options), sizes)
-            self.prototypes, self.prototype_cluster = step.prototypes, step.prototype_cluster.tolist()
-            self.sub_to_global = {cid: m.tolist() for cid, m in step.sub_to_global.items()}
-            self.global_silhouette, self.merged = step.silhouette, step.merged
-        self.prototypes = self.prototypes[:, :router_dims]
-        self.cluster_adapters = {g: dict(self.initial_adapter) for g in range(max(self.prototype_cluster) + 1)}
+            if self.options["assign"] == EXAMPLE:
+                self.centres, self.setup_phase = cluster_centres(step, centroids, sizes), "assign"
+        self._adopt(step, step.sub_to_global)
+        self.client_clusters = {cid: sorted(set(m)) for cid, m in self.sub_to_global.items()}
         return {}
+
+    def _aggregate_assign(self, replies):
+        """Each client's count of examples per centre in: the clusters nobody's examples went to are
+        dropped and the rest renumbered (`GlobalStep.keep`)."""
+        missing = sorted(set(self.sub_to_global) - set(replies))
+        if missing:
+            raise FedrouterError(f"client(s) {missing} did not answer the cluster assignment")
+        held = {cid: example_counts(replies[cid], "held", len(self.centres), cid) for cid in sorted(replies)}
+        step = GlobalStep(self.prototypes, np.asarray(self.prototype_cluster),
+                          {cid: np.asarray(m) for cid, m in self.sub_to_global.items()}, self.global_silhouette, self.merged)
+        step, remap = step.keep(np.flatnonzero(np.sum(list(held.values()), axis=0)))
+        self.dropped_clusters = len(remap) - step.n_global
+        self._adopt(step, {cid: remap for cid in held})
+        self.client_clusters = {cid: remap[np.flatnonzero(counts)].tolist() for cid, counts in held.items()}
+        self.setup_phase, self.centres = "done", None
+        return {}
+
+    def _adopt(self, step: GlobalStep, label_map: dict) -> None:
+        """Take the server step's choice as this server's state (fresh adapters, one per global cluster)."""
+        self.prototypes = step.prototypes[:, :self.router_dims]
+        self.prototype_cluster = np.asarray(step.prototype_cluster).tolist()
+        self.sub_to_global = {cid: np.asarray(m).tolist() for cid, m in step.sub_to_global.items()}
+        self.label_map = {cid: np.asarray(m).tolist() for cid, m in label_map.items()}
+        self.global_silhouette, self.merged = step.silhouette, step.merged
+        self.cluster_adapters = {g: dict(self.initial_adapter) for g in range(step.n_global)}
 
     @staticmethod
     def _router_dims(replies, centroids) -> int:
@@ -141,14 +201,14 @@ class Server(ServerPart):
     # -- training rounds -----------------------------------------------------------------------------
     def jobs(self, cid: int, round_idx: int) -> list[tuple[int, int]]:
         """(local cluster, global cluster) pairs that client `cid` trains in `round_idx`; its local clusters
-        are its sub-clusters grouped by global cluster, numbered in global cluster order.
+        are the global clusters holding its examples, numbered in global cluster order.
 
         The round robin ``t mod n_local`` starts at client `cid`'s offset: local numbering is arbitrary in
         the paper, and numbering every client's clusters the same way (lowest global id first) would have
         all clients train their lowest cluster in the same rounds, leaving the other clusters untrained in
         those rounds (measured: 2 of 4 clusters per round in `dual`).
         """
-        clusters = sorted(set(self.sub_to_global[cid]))
+        clusters = self.client_clusters[cid]
         local = range(len(clusters)) if self.train_all_local_clusters else [(round_idx + cid) % len(clusters)]
         return [(l, clusters[l]) for l in local]
 
@@ -159,7 +219,7 @@ class Server(ServerPart):
             arrays = {}
             for g in sorted({g for _, g in jobs}):
                 arrays.update(pack_under(f"g{g}", self.cluster_adapters[g]))
-            out[cid] = Message(arrays, {"round": round_idx, "jobs": [list(j) for j in jobs], "mapping": self.sub_to_global[cid]})
+            out[cid] = Message(arrays, {"round": round_idx, "jobs": [list(j) for j in jobs], "mapping": self.label_map[cid]})
         return out
 
     def upload_reference(self, client_id, sent):
@@ -192,8 +252,7 @@ class Server(ServerPart):
         config = {"router": self.options["router"], "owner": list(self.prototype_cluster)}
         if self.oracle:
             config["task_cluster"] = self.oracle_task_cluster
-        return {cid: Message(dict(arrays), {**config, "allowed": sorted(set(self.sub_to_global[cid])),
-                                            "mapping": self.sub_to_global[cid]})
+        return {cid: Message(dict(arrays), {**config, "allowed": self.client_clusters[cid], "mapping": self.label_map[cid]})
                 for cid in client_ids}
 
     def adapters(self):
@@ -216,9 +275,11 @@ class Server(ServerPart):
             "n_global": len(self.cluster_adapters),
             "n_prototypes": len(self.prototypes),
             "merged_prototypes": self.merged,
-            "n_local": {str(cid): len(set(m)) for cid, m in self.sub_to_global.items()},
+            "assign": "true task" if self.oracle else self.options["assign"],
+            "dropped_clusters": self.dropped_clusters,
+            "n_local": {str(cid): len(m) for cid, m in self.client_clusters.items()},
             "n_sub": {str(cid): len(m) for cid, m in self.sub_to_global.items()},
-            "local_to_global": {str(cid): sorted(set(m)) for cid, m in self.sub_to_global.items()},
+            "local_to_global": {str(cid): m for cid, m in self.client_clusters.items()},
             "router_mode": {"own_test": self.options["router"], "generalization": "global"},
             "silhouette": {"global": self.global_silhouette,
                            "local": {str(cid): cfg["silhouette"] for cid, cfg in self.setup_info.items() if cfg.get("silhouette")}},
@@ -266,6 +327,8 @@ class Client(ClientPart):
         train = ctx.workbench.examples("train")
         x, router_dims = example_features(train, lambda texts: ctx.workbench.embed(texts, self.options["embedder"]),
                                           self.options["cluster_on"])
+        if msg.config.get("phase") == "assign":
+            return self._assign(msg, ctx, x)
         curve, config = None, {"router_dims": router_dims}
         if msg.config.get("oracle"):  # the reference variant clusters by the true tasks: labels by design
             tasks = [e["task"] for e in train]
@@ -280,13 +343,23 @@ class Client(ClientPart):
             rng = np.random.default_rng([self.settings.seed, ctx.client_id, 17])
             centroids = noisy_centroids(x, labels, len(centroids), privacy["centroid_clip"],
                                         privacy["centroid_noise_multiplier"], rng)
-        ctx.state["sub_labels"] = labels  # (the embeddings are cached on disk: diagnostics reads them back)
+        ctx.state["labels"] = labels  # (the embeddings are cached on disk: diagnostics reads them back)
         config.update({"sizes": np.bincount(labels, minlength=len(centroids)).tolist(), "silhouette": curve})
         return Message({"centroids": torch.tensor(centroids, dtype=torch.float32)}, config)
 
+    @staticmethod
+    def _assign(msg, ctx, x: np.ndarray) -> Message:
+        """Each training example to its nearest cluster centre (`nearest_held`); the reply is how many
+        went to each centre."""
+        centres = msg.arrays.get("centres")
+        if centres is None or centres.ndim != 2 or centres.shape[1] != x.shape[1] or len(centres) == 0:
+            shape = None if centres is None else tuple(centres.shape)
+            raise FedrouterError(f"the server sent cluster centres of shape {shape}, not (clusters, {x.shape[1]})")
+        ctx.state["labels"] = labels = nearest_held(x, centres.double().numpy())
+        return Message(config={"held": np.bincount(labels, minlength=len(centres)).tolist()})
+
     def fit(self, msg, ctx):
-        ctx.state["sub_to_global"] = mapping = msg.config["mapping"]
-        cluster_of_example = np.asarray(mapping)[ctx.state["sub_labels"]]
+        cluster_of_example = self._clusters_of_examples(msg, ctx)
         arrays, job_examples, job_losses, tokens, seconds = {}, [], [], 0, 0.0
         for j, (l, g) in enumerate(msg.config["jobs"]):
             indices = np.flatnonzero(cluster_of_example == g).tolist()
@@ -302,7 +375,8 @@ class Client(ClientPart):
     def evaluate(self, msg, ctx):
         split = msg.config.get("split", "test")
         examples = ctx.workbench.examples(split)
-        ctx.state["sub_to_global"] = msg.config["mapping"]
+        if "labels" in ctx.state:  # (for diagnostics; a client set up elsewhere evaluates all the same)
+            self._clusters_of_examples(msg, ctx)
         centroids = msg.arrays["centroids"].numpy()
         x = self._embed(ctx, examples)
         mode = "global" if split == "general" else msg.config.get("router", "local")
@@ -317,14 +391,24 @@ class Client(ClientPart):
         report["route_counts"] = {t: dict(c) for t, c in counts.items()}
         return Message(config=report)
 
+    @staticmethod
+    def _clusters_of_examples(msg, ctx) -> np.ndarray:
+        """The global cluster of each training example: the server's `mapping` of the labels this client
+        gave its examples at setup (kept in its state, with the mapping, for diagnostics)."""
+        mapping, labels = msg.config.get("mapping"), ctx.state["labels"]
+        if not (isinstance(mapping, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in mapping)
+                and len(mapping) > int(np.max(labels, initial=-1))):
+            raise FedrouterError(f"the server's cluster mapping {mapping!r} does not cover this client's {int(np.max(labels)) + 1} labels")
+        ctx.state["label_map"] = mapping
+        return np.asarray(mapping, dtype=np.int64)[labels]
 
     def diagnostics(self, ctx):
-        if "sub_labels" not in ctx.state:
+        if "labels" not in ctx.state:
             return None
         train = ctx.workbench.examples("train")
-        mapping = ctx.state.get("sub_to_global")
+        mapping = ctx.state.get("label_map")
         return {"vectors": self._embed(ctx, train), "tasks": [e.get("task") for e in train],
-                "clusters": [mapping[l] if mapping else -1 for l in ctx.state["sub_labels"]]}
+                "clusters": [mapping[l] if mapping else -1 for l in ctx.state["labels"]]}
 
 
 class StarServer(Server):
