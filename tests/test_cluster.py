@@ -17,6 +17,7 @@ from fedrouter.core.cluster import (
     local_then_global,
     nearest,
     nearest_held,
+    regroup_by_examples,
     route,
     silhouette_curve,
     split_dims,
@@ -531,9 +532,23 @@ def test_cluster_centres_nearest_held_and_keep_on_small_arrays():
     x = np.array([[0.1, 0.0]] * 29 + [[5.0, 0.5]])
     assert nearest_held(x, centres).tolist() == [0] * 30
     assert nearest_held(x, centres, min_share=0.0).tolist() == [0] * 29 + [1]
-    kept, remap = step.keep([1])
+    kept, remap = step.regroup([[1]])  # cluster 0 dropped
     assert remap.tolist() == [-1, 0] and kept.n_global == 1
     assert kept.prototypes.tolist() == [[4.0, 0.0], [5.0, 0.0]] and kept.merged == [[0, 1]]
     assert kept.sub_to_global[0].tolist() == [-1, 0] and kept.sub_to_global[1].tolist() == [0]
-    with pytest.raises(FedrouterError, match="clusters to keep"):
-        step.keep([2])
+    joined, remap = step.regroup([[1, 0]])
+    assert remap.tolist() == [0, 0] and joined.prototype_cluster.tolist() == [0, 0, 0] and joined.merged == [[0, 1, 2]]
+    for groups in ([[2]], [[0], [0, 1]], [[]], []):
+        with pytest.raises(FedrouterError, match="cluster groups|no global cluster"):
+            step.regroup(groups)
+
+
+def test_after_the_assignment_empty_clusters_go_and_co_occurring_ones_join():
+    step = GlobalStep(prototypes=np.eye(4), prototype_cluster=np.arange(4), sub_to_global={}, silhouette=None, merged=[])
+    # clusters 0 and 1 sit on clients 0-2 in the same proportions (one task's two parts); 2 on clients 0 and 3;
+    # nothing went to 3
+    held = {0: np.array([50, 25, 10, 0]), 1: np.array([40, 20, 0, 0]), 2: np.array([60, 30, 0, 0]), 3: np.array([0, 0, 30, 0])}
+    joined, remap = regroup_by_examples(step, held, merge=True)
+    assert remap.tolist() == [0, 0, 1, -1] and joined.n_global == 2 and joined.merged == [[0, 1]]
+    kept, remap = regroup_by_examples(step, held, merge=False)  # a K the user fixed: only the empty one goes
+    assert remap.tolist() == [0, 1, 2, -1] and kept.merged == []

@@ -66,7 +66,8 @@ def test_synthetic_base_embedder_report(cluster_on, tiny_model_dir, tmp_path, ca
     report = json.loads(out.read_text())
     assert REPORT_KEYS <= set(report)
     printed = capsys.readouterr().out
-    assert report["cluster_on"] == cluster_on and f"on {cluster_on} |" in printed and printed.count("\n") >= 6
+    assert report["cluster_on"] == cluster_on and report["assign"] == "example"
+    assert f"on {cluster_on}, assign by example |" in printed and printed.count("\n") >= 6
     assert report["embedder"] == "base" and report["embedder_name"].startswith("base:")
     assert report["n_global"] == 2 and report["silhouette"]["global"] is None
     assert set(report["silhouette"]["local"]) == {"0", "1"}

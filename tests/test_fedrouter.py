@@ -259,11 +259,12 @@ def test_the_method_assigns_each_example_to_its_nearest_centre_as_fedrouter_clus
         assert np.array_equal(found[cid], offline.global_labels(cid))
     tasks = [e["task"] for cid in sorted(benches) for e in benches[cid].train]
     assert clustering_accuracy(tasks, np.concatenate([found[c] for c in sorted(found)])) == 1.0
-    assert len(server.cluster_adapters) == 2 and server.dropped_clusters == 1
+    assert len(server.cluster_adapters) == 2 and server.assignment["clusters_before"] == 3
+    assert len(server.assignment["emptied"]) == 1 and server.assignment["joined"] == []
     assert [len(server.client_clusters[c]) for c in sorted(benches)] == [1, 1, 1, 1, 2, 2]
     assert len(server.prototypes) == len(server.prototype_cluster) and max(server.prototype_cluster) == 1
     report = server.report({"test": {}, "general": {}})["clustering"]
-    assert report["n_global"] == 2 and report["dropped_clusters"] == 1 and report["n_local"]["4"] == 2
+    assert report["n_global"] == 2 and report["assignment"] == server.assignment and report["n_local"]["4"] == 2
 
 
 def test_a_bad_assignment_message_or_reply_is_one_line():

@@ -2,19 +2,19 @@
 
 Each client embeds its training examples once (the instructions, or instruction and answer side by side:
 `example_features`), splits them into sub-clusters (K-Means, K by silhouette against a null reference) and
-sends their centroids and sizes -- never a task label. The
-server clusters all sub-centroids (K-Means: prototypes), merges prototypes that co-occur across clients
-in the same proportions into one global cluster (the parts of one task), and keeps one LoRA adapter per
-global cluster. Then (``assign`` "example", the default) it sends each cluster's centre, every client
-puts each training example in the cluster of its nearest centre and replies how many went where, and
-clusters that got no example are dropped; with "sub-cluster" an example goes where its sub-cluster went
-(one exchange, the paper's form). A client's local clusters are the global clusters holding its examples
-(a single-task client has one). In round t a client trains on its local cluster ``t mod n_local`` from that global
-cluster's adapter; the server averages the returned adapters per global cluster, weighted by examples
-(a cluster nobody trained keeps its adapter). At evaluation an embedding
-router sends each input to the adapter of its nearest prototype (``global`` mode) or the nearest among
-the prototypes of this client's own clusters (``local`` mode), comparing the input's instruction embedding
-with the instruction part of each prototype; test-time generalization uses ``global``.
+sends their centroids and sizes -- never a task label. The server clusters all sub-centroids (K-Means:
+prototypes), merges prototypes that co-occur across clients in the same proportions into one global
+cluster (the parts of one task), and keeps one LoRA adapter per global cluster. Then (``assign``
+"example", the default) it sends each cluster's centre, every client puts each training example in the
+cluster of its nearest centre and replies how many went where; clusters that got no example are dropped
+and clusters that now co-occur joined. With "sub-cluster" an example goes where its sub-cluster went (one
+exchange, the paper's form). A client's local clusters are the global clusters holding its examples (a
+single-task client has one). In round t a client trains on its local cluster ``t mod n_local`` from that
+global cluster's adapter; the server averages the returned adapters per global cluster, weighted by
+examples (a cluster nobody trained keeps its adapter). At evaluation an embedding router sends each input
+to the adapter of its nearest prototype (``global`` mode) or the nearest among the prototypes of this
+client's own clusters (``local`` mode), comparing the input's instruction embedding with the instruction
+part of each prototype; test-time generalization uses ``global``.
 
 Variants: ``fedrouter-star`` trains every local cluster's adapter every round (adapter-level budget);
 ``fedrouter-oracle`` clusters by the true task labels and routes by them (an upper reference).
@@ -24,10 +24,11 @@ Options (``method_options``): embedder ("minilm", measured best on the benchmark
 ("instruction+output@server", the default: a client splits its data by instructions and sends each part's
 instruction and answer means, so the server tells apart tasks that share an input format; "instruction":
 instruction means only; "instruction+output": answers in the client's split too, which splits a task by
-its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and
-n_global (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see
-`core.cluster`), assign ("example" or "sub-cluster", see above and `core.cluster`), router ("local" or "global", for the clients' own test sets), mixed_batch
-(true: one generate call serves rows routed to different adapters; false: generate adapter by adapter).
+its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and n_global
+(an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see `core.cluster`), assign
+("example" or "sub-cluster", see above and `core.cluster`), router ("local" or "global", for the clients'
+own test sets), mixed_batch (true: one generate call serves rows routed to different adapters; false:
+generate adapter by adapter).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 
 from fedrouter.core.cluster import (
     ASSIGN,
+    AUTO,
     CLUSTER_ON,
     DEFAULT_ASSIGN,
     DEFAULT_CLUSTER_ON,
@@ -52,6 +54,7 @@ from fedrouter.core.cluster import (
     label_means,
     majority_cluster,
     nearest_held,
+    regroup_by_examples,
     route,
     server_step,
     split_dims,
@@ -121,7 +124,7 @@ class Server(ServerPart):
         self.setup_phase = "split"  # -> "assign" (assign "example") -> "done"
         self.centres: np.ndarray | None = None  # the clusters' mean task features, sent for the assignment
         self.router_dims: int | None = None
-        self.dropped_clusters = 0  # clusters the assignment left without examples
+        self.assignment: dict | None = None  # what the assignment changed: clusters before, emptied, joined
 
     # -- setup: sub-cluster centroids in, global clusters out; then (assign "example") centres out, counts in
     def configure_setup(self, client_ids):
@@ -160,18 +163,19 @@ class Server(ServerPart):
         return {}
 
     def _aggregate_assign(self, replies):
-        """Each client's count of examples per centre in: the clusters nobody's examples went to are
-        dropped and the rest renumbered (`GlobalStep.keep`)."""
+        """Each client's count of examples per centre in: clusters nobody's examples went to are dropped,
+        clusters that now co-occur joined (n_global "auto"), the rest renumbered (`regroup_by_examples`)."""
         missing = sorted(set(self.sub_to_global) - set(replies))
         if missing:
             raise FedrouterError(f"client(s) {missing} did not answer the cluster assignment")
         held = {cid: example_counts(replies[cid], "held", len(self.centres), cid) for cid in sorted(replies)}
         step = GlobalStep(self.prototypes, np.asarray(self.prototype_cluster),
                           {cid: np.asarray(m) for cid, m in self.sub_to_global.items()}, self.global_silhouette, self.merged)
-        step, remap = step.keep(np.flatnonzero(np.sum(list(held.values()), axis=0)))
-        self.dropped_clusters = len(remap) - step.n_global
+        step, remap = regroup_by_examples(step, held, merge=self.options["n_global"] == AUTO)
+        self.assignment = {"clusters_before": len(remap), "emptied": np.flatnonzero(remap < 0).tolist(),
+                           "joined": [np.flatnonzero(remap == g).tolist() for g in range(step.n_global) if (remap == g).sum() > 1]}
         self._adopt(step, {cid: remap for cid in held})
-        self.client_clusters = {cid: remap[np.flatnonzero(counts)].tolist() for cid, counts in held.items()}
+        self.client_clusters = {cid: sorted(set(remap[np.flatnonzero(counts)].tolist())) for cid, counts in held.items()}
         self.setup_phase, self.centres = "done", None
         return {}
 
@@ -276,7 +280,7 @@ class Server(ServerPart):
             "n_prototypes": len(self.prototypes),
             "merged_prototypes": self.merged,
             "assign": "true task" if self.oracle else self.options["assign"],
-            "dropped_clusters": self.dropped_clusters,
+            "assignment": self.assignment,
             "n_local": {str(cid): len(m) for cid, m in self.client_clusters.items()},
             "n_sub": {str(cid): len(m) for cid, m in self.sub_to_global.items()},
             "local_to_global": {str(cid): m for cid, m in self.client_clusters.items()},
