@@ -289,3 +289,13 @@ def test_a_bad_assignment_message_or_reply_is_one_line():
         server.aggregate_setup({0: Message(config={"held": [3] * n})})
     with pytest.raises(FedrouterError, match="client 0 sent sizes"):
         make_server().aggregate_setup({0: Message({"centroids": torch.zeros(2, 2)}, {"sizes": [1], "router_dims": 2})})
+
+
+def test_under_dp_centroids_there_is_no_second_release():
+    # the assignment's counts would be a release the accountant does not cover: examples go by sub-cluster
+    setup = MethodSetup(seed=0, rounds=4, options={"n_global": 2}, privacy={"centroid_noise_multiplier": 1.0, "centroid_clip": 1.0})
+    server = Server(setup, dict(INIT), [0, 1])
+    server.aggregate_setup({0: setup_reply([[0, 0], [10, 10]]), 1: setup_reply([[10.2, 10], [0.1, 0]])})
+    assert server.configure_setup([0, 1]) == {} and server.assign() == "sub-cluster"
+    assert server.report({"test": {}, "general": {}})["clustering"]["assign"] == "sub-cluster"
+    assert two_blob_server().configure_setup([0, 1])[0].config == {"phase": "assign"}  # without DP: the exchange

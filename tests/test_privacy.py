@@ -84,12 +84,16 @@ def test_local_mode_uploads_nothing_unclipped():
 def test_the_centroid_noise_follows_its_clip():
     n, d = 2000, 4000
     x, labels = np.zeros((n, d)), np.zeros(n, dtype=int)  # every sum is pure noise
-    stds = [float(noisy_centroids(x, labels, 1, c, 2.0, np.random.default_rng(3)).std()) for c in (1.0, 3.0)]
+    stds = [float(noisy_centroids(x, labels, 1, c, 2.0, np.random.default_rng(3))[0].std()) for c in (1.0, 3.0)]
     # sum noise std z * clip, divided by a count of about n
     assert stds[0] == pytest.approx(2.0 * 1.0 / n, rel=0.05) and stds[1] == pytest.approx(2.0 * 3.0 / n, rel=0.05)
     big = np.full((5, 2), 10.0)
-    exact = noisy_centroids(big, np.zeros(5, dtype=int), 1, 1.0, 0.0, np.random.default_rng(0))
+    exact, sizes = noisy_centroids(big, np.zeros(5, dtype=int), 1, 1.0, 0.0, np.random.default_rng(0))
     assert np.allclose(np.linalg.norm(exact, axis=1), 1.0)  # each embedding clipped to norm 1 before the mean
+    assert sizes.tolist() == [5]  # no noise: the exact count
+    # the sizes released are the noisy counts' (std z), never the exact ones; one at least
+    _, noisy = noisy_centroids(np.zeros((400, 2)), np.repeat([0, 1], 200), 2, 1.0, 30.0, np.random.default_rng(1))
+    assert noisy.tolist() != [200, 200] and noisy.min() >= 1 and noisy.dtype.kind == "i"
 
 
 def test_a_budget_the_rounds_would_exceed_is_refused_before_any_work():

@@ -101,17 +101,18 @@ class DPAverage:
 
 
 def noisy_centroids(x: np.ndarray, labels: np.ndarray, k: int, clip_norm: float, noise_multiplier: float,
-                    generator: np.random.Generator) -> np.ndarray:
-    """(k, d) centroids from noisy per-cluster sums and counts of clipped embeddings (a count that the
-    noise pushes below 1 counts as 1)."""
+                    generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(k, d) centroids from noisy per-cluster sums and counts of clipped embeddings, and those counts as
+    whole numbers (a count that the noise pushes below 1 counts as 1): the sizes to release with them,
+    never the exact ones."""
     x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     clipped = x * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12))
     sums = np.stack([clipped[labels == j].sum(axis=0) for j in range(k)])
     counts = np.array([(labels == j).sum() for j in range(k)], dtype=np.float64)
     sums += generator.normal(0.0, noise_multiplier * clip_norm, size=sums.shape)
-    counts += generator.normal(0.0, noise_multiplier, size=counts.shape)
-    return sums / np.maximum(counts, 1.0)[:, None]
+    counts = np.maximum(counts + generator.normal(0.0, noise_multiplier, size=counts.shape), 1.0)
+    return sums / counts[:, None], np.rint(counts).astype(np.int64)
 
 
 class Accountant:

@@ -45,6 +45,7 @@ from fedrouter.core.cluster import (
     DEFAULT_ASSIGN,
     DEFAULT_CLUSTER_ON,
     EXAMPLE,
+    SUB_CLUSTER,
     GlobalStep,
     adjusted_rand,
     cluster_local,
@@ -156,11 +157,21 @@ class Server(ServerPart):
         else:
             sizes = {cid: example_counts(replies[cid], "sizes", len(centroids[cid]), cid) for cid in clients}
             step = server_step(centroids, self.options["n_global"], self.settings.seed, k_range(self.options), sizes)
-            if self.options["assign"] == EXAMPLE:
+            if self.assign() == EXAMPLE:
                 self.centres, self.setup_phase = cluster_centres(step, centroids, sizes), "assign"
         self._adopt(step, step.sub_to_global)
         self.client_clusters = {cid: sorted(set(m)) for cid, m in self.sub_to_global.items()}
         return {}
+
+    def assign(self) -> str:
+        """How examples get their cluster in this run: the `assign` option, but "sub-cluster" under DP
+        centroids -- the assignment's counts would be a second release of the data that the accountant
+        does not cover."""
+        if self.oracle:
+            return "true task"
+        if self.settings.privacy.get("centroid_noise_multiplier") is not None:
+            return SUB_CLUSTER
+        return self.options["assign"]
 
     def _aggregate_assign(self, replies):
         """Each client's count of examples per centre in: clusters nobody's examples went to are dropped,
@@ -279,7 +290,7 @@ class Server(ServerPart):
             "n_global": len(self.cluster_adapters),
             "n_prototypes": len(self.prototypes),
             "merged_prototypes": self.merged,
-            "assign": "true task" if self.oracle else self.options["assign"],
+            "assign": self.assign(),
             "assignment": self.assignment,
             "n_local": {str(cid): len(m) for cid, m in self.client_clusters.items()},
             "n_sub": {str(cid): len(m) for cid, m in self.sub_to_global.items()},
@@ -342,13 +353,14 @@ class Client(ClientPart):
         else:  # nothing label-derived leaves the client: centroids, sizes and the silhouette curve
             centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options),
                                                      split_dims(self.options["cluster_on"], router_dims))
+        sizes = np.bincount(labels, minlength=len(centroids))
         privacy = self.settings.privacy
         if privacy.get("centroid_noise_multiplier") is not None:  # released through the Gaussian mechanism
             rng = np.random.default_rng([self.settings.seed, ctx.client_id, 17])
-            centroids = noisy_centroids(x, labels, len(centroids), privacy["centroid_clip"],
-                                        privacy["centroid_noise_multiplier"], rng)
+            centroids, sizes = noisy_centroids(x, labels, len(centroids), privacy["centroid_clip"],
+                                               privacy["centroid_noise_multiplier"], rng)
         ctx.state["labels"] = labels  # (the embeddings are cached on disk: diagnostics reads them back)
-        config.update({"sizes": np.bincount(labels, minlength=len(centroids)).tolist(), "silhouette": curve})
+        config.update({"sizes": sizes.tolist(), "silhouette": curve})
         return Message({"centroids": torch.tensor(centroids, dtype=torch.float32)}, config)
 
     @staticmethod
