@@ -69,8 +69,8 @@ EXAMPLE, SUB_CLUSTER = "example", "sub-cluster"
 ASSIGN = (EXAMPLE, SUB_CLUSTER)
 DEFAULT_ASSIGN = EXAMPLE
 # A cluster nearer than all others to fewer than this share of a client's examples is not one of its
-# clusters: its few examples go to their nearest among the rest (measured with bench/task_features.py
-# --assign-examples; 5 % keeps every single-task client at one cluster).
+# clusters: its few examples go to their nearest among the rest (5 % keeps every single-task client of the
+# benchmarks at one cluster: bench/task_discovery.py, docs/benchmark.md).
 MIN_SHARE = 0.05
 
 
