@@ -18,6 +18,7 @@ from fedrouter.core.cluster import (
     nearest,
     nearest_held,
     regroup_by_examples,
+    regroup_summary,
     route,
     silhouette_curve,
     split_dims,
@@ -517,6 +518,8 @@ def test_each_example_goes_to_its_nearest_centre_so_a_client_holding_a_format_sh
     assert [by_example.n_local(c) for c in range(6)] == [1, 1, 1, 1, 2, 2]
     assert len(by_example.prototypes) == len(by_sub_cluster.prototypes) - 1  # the empty cluster's prototype went
     assert set(by_example.step.sub_to_global[4].tolist()) == {-1}  # the mixed sub-clusters' cluster was dropped
+    assert by_example.assignment["clusters_before"] == 3 and len(by_example.assignment["emptied"]) == 1
+    assert by_sub_cluster.assignment is None
     with pytest.raises(FedrouterError, match="assign must be one of"):
         local_then_global(features, "auto", "auto", assign="nearest")
 
@@ -550,5 +553,6 @@ def test_after_the_assignment_empty_clusters_go_and_co_occurring_ones_join():
     held = {0: np.array([50, 25, 10, 0]), 1: np.array([40, 20, 0, 0]), 2: np.array([60, 30, 0, 0]), 3: np.array([0, 0, 30, 0])}
     joined, remap = regroup_by_examples(step, held, merge=True)
     assert remap.tolist() == [0, 0, 1, -1] and joined.n_global == 2 and joined.merged == [[0, 1]]
+    assert regroup_summary(remap) == {"clusters_before": 4, "emptied": [3], "joined": [[0, 1]]}
     kept, remap = regroup_by_examples(step, held, merge=False)  # a K the user fixed: only the empty one goes
     assert remap.tolist() == [0, 1, 2, -1] and kept.merged == []

@@ -9,7 +9,8 @@ from fedrouter.cli import main
 
 REPORT_KEYS = {"data", "scenario", "n_clients", "seed", "embedder", "embedder_name", "tasks", "n_global", "n_local",
                "local_accuracy", "local_ari", "global_accuracy", "global_ari", "task_clusters", "router_accuracy",
-               "silhouette", "per_client", "k_range", "wall_s", "confusion", "n_prototypes", "labelled"}
+               "silhouette", "per_client", "k_range", "wall_s", "confusion", "n_prototypes", "labelled",
+               "assign", "assignment"}
 CLIENT_KEYS = {"client", "tasks", "n_train", "n_test", "n_sub", "n_local", "silhouette", "local_accuracy", "local_ari",
                "global_clusters", "sub_to_global", "router_global", "router_local"}
 

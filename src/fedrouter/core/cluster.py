@@ -441,6 +441,14 @@ def regroup_by_examples(step: GlobalStep, held: dict[int, np.ndarray], merge: bo
     return step.regroup([g for g in groups if counts[g].sum() > 0])
 
 
+def regroup_summary(remap: np.ndarray) -> dict:
+    """What `regroup_by_examples` did, from its old -> new cluster map: how many clusters there were, which
+    were emptied (dropped), which were joined (old ids)."""
+    remap = np.asarray(remap)
+    return {"clusters_before": len(remap), "emptied": np.flatnonzero(remap < 0).tolist(),
+            "joined": [m for m in (np.flatnonzero(remap == g).tolist() for g in range(int(remap.max(initial=-1)) + 1)) if len(m) > 1]}
+
+
 def cluster_centres(step: GlobalStep, sub_centroids: dict[int, np.ndarray], sizes: dict[int, np.ndarray]) -> np.ndarray:
     """(n_global, d): each global cluster's mean task feature over the examples the server put in it --
     the sub-centroids mapped to it, weighted by their sizes; what a client assigns its examples by."""
@@ -481,6 +489,7 @@ class Clustering:
     router_dims: int | None = None  # leading dimensions of a prototype an input is compared with (None: all)
     example_clusters: dict[int, np.ndarray] | None = None  # client -> global cluster of each example
     # (assign "example"; None: via its sub-cluster)
+    assignment: dict | None = None  # what the assignment changed (`regroup_summary`; None: assign "sub-cluster")
 
     @property
     def n_global(self) -> int:
@@ -574,7 +583,8 @@ def local_then_global(
     nearest_centre = {c: nearest_held(client_embeddings[c], centres) for c in clients}
     held = {c: np.bincount(nearest_centre[c], minlength=len(centres)) for c in clients}
     step, remap = regroup_by_examples(step, held, merge=n_global == AUTO)
-    return Clustering(centroids, labels, step, curves, router_dims, {c: remap[nearest_centre[c]] for c in clients})
+    return Clustering(centroids, labels, step, curves, router_dims, {c: remap[nearest_centre[c]] for c in clients},
+                      regroup_summary(remap))
 
 
 def server_step(sub_centroids: dict[int, np.ndarray], n_global: int | Auto, seed: int = 0, k_range=range(1, 13),

@@ -56,6 +56,7 @@ from fedrouter.core.cluster import (
     majority_cluster,
     nearest_held,
     regroup_by_examples,
+    regroup_summary,
     route,
     server_step,
     split_dims,
@@ -183,8 +184,7 @@ class Server(ServerPart):
         step = GlobalStep(self.prototypes, np.asarray(self.prototype_cluster),
                           {cid: np.asarray(m) for cid, m in self.sub_to_global.items()}, self.global_silhouette, self.merged)
         step, remap = regroup_by_examples(step, held, merge=self.options["n_global"] == AUTO)
-        self.assignment = {"clusters_before": len(remap), "emptied": np.flatnonzero(remap < 0).tolist(),
-                           "joined": [np.flatnonzero(remap == g).tolist() for g in range(step.n_global) if (remap == g).sum() > 1]}
+        self.assignment = regroup_summary(remap)
         self._adopt(step, {cid: remap for cid in held})
         self.client_clusters = {cid: sorted(set(remap[np.flatnonzero(counts)].tolist())) for cid, counts in held.items()}
         self.setup_phase, self.centres = "done", None

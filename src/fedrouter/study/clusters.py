@@ -127,6 +127,7 @@ def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, 
         "n_global": result.n_global,
         "n_prototypes": len(result.prototypes),
         "merged_prototypes": result.step.merged,
+        "assignment": result.assignment,
         "n_local": {str(cid): result.n_local(cid) for cid in ids},
         "local_accuracy": mean("local_accuracy"),
         "local_ari": mean("local_ari"),
@@ -162,6 +163,10 @@ def format_summary(report: dict) -> str:
         f"local: mean clustering accuracy {score_text(report['local_accuracy'])}, mean ARI {score_text(report['local_ari'])}",
         f"router accuracy: global {score_text(report['router_accuracy']['global'])}, local {score_text(report['router_accuracy']['local'])}",
     ]
+    if report.get("assignment"):
+        done = report["assignment"]
+        lines.append(f"each example to its nearest cluster centre: {done['clusters_before']} clusters -> {report['n_global']} "
+                     f"(emptied and dropped: {done['emptied'] or 'none'}; joined by co-occurrence: {done['joined'] or 'none'})")
     if sil:
         lines.append("silhouette of the prototypes by K: " + _curve_line(sil))
     lines.append(f"{'client':>6}  {'tasks':<28} {'sub':>4} {'n_local':>7} {'local acc':>9} {'ARI':>6} {'router G':>8} "
