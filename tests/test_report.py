@@ -93,3 +93,12 @@ def test_a_corrupt_results_file_is_one_clear_line(tmp_path, capsys):
     (cell / "results.json").write_text('{"method": "fedit"}')  # valid JSON, not a finished run
     assert main(["report", str(tmp_path / "cmp")]) == 2
     assert "not a finished fedrouter run" in capsys.readouterr().err
+
+
+def test_the_silhouette_figure_marks_the_k_the_server_chose_not_the_prototypes_left():
+    from fedrouter.study.plots import server_k
+
+    # K-Means chose 3 prototypes (the curve's best); the assignment emptied one, which left with its prototype
+    after = {"silhouette": {"global": {"1": 0.2, "2": 0.4, "3": 0.6, "4": 0.6}}, "n_prototypes": 2, "n_global": 2}
+    assert server_k(after) == 3
+    assert server_k({"silhouette": {"global": None}, "n_prototypes": 5, "n_global": 4}) == 5  # a K the user fixed

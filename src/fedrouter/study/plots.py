@@ -82,6 +82,16 @@ def embedding_map(run_dir: Path, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def server_k(clustering: dict) -> int | None:
+    """The K the server chose for its prototypes: the best K of its silhouette curve (the lower on a tie),
+    else the number of prototypes. Not the final number of prototypes: the per-example assignment drops
+    the prototypes of clusters it empties."""
+    curve = (clustering.get("silhouette") or {}).get("global")
+    if curve:
+        return min(int(k) for k, v in curve.items() if v == max(curve.values()))
+    return clustering.get("n_prototypes", clustering.get("n_global"))
+
+
 def silhouette_curves(results: dict, path: Path) -> Path | None:
     """Silhouette score vs K: one thin line per client's local clustering, a thick one for the global."""
     curves = results.get("clustering", {}).get("silhouette", {})
@@ -95,12 +105,11 @@ def silhouette_curves(results: dict, path: Path) -> Path | None:
     if curves.get("global"):
         ks = sorted(curves["global"], key=int)
         ax.plot([int(k) for k in ks], [curves["global"][k] for k in ks], color="C3", lw=2.5, marker="o", label="global (server)")
-    # the server's K is its prototypes' (the curve's); co-occurrence may merge them into fewer clusters
-    chosen = results["clustering"].get("n_prototypes", results["clustering"].get("n_global"))
+    chosen = server_k(results["clustering"])
     if chosen:
         merged = results["clustering"].get("n_global")
         ax.axvline(chosen, color="C3", ls="--", lw=1,
-                   label=f"chosen K = {chosen}" + (f", merged into {merged} clusters" if merged != chosen else ""))
+                   label=f"chosen K = {chosen}" + (f", {merged} clusters in the end" if merged != chosen else ""))
     ax.set(xlabel="K (at K = 1: the bar a split must clear)", ylabel="silhouette score",
            title="Choosing K: silhouette vs number of clusters")
     ax.grid(alpha=0.3)
