@@ -3,7 +3,8 @@
 Plain functions, numpy in and out; scikit-learn does the math. `nearest` is the one routing step that
 FedRouter's server (local centroid -> global cluster) and router (test input -> adapter) both call.
 `local_then_global` is FedRouter's clustering pipeline without the training: K-Means per client
-(sub-clusters), then `server_step` over all clients' sub-centroids.
+(sub-clusters), then `server_step` over all clients' sub-centroids, then (by default) each example to
+its nearest cluster centre and `regroup_by_examples`.
 
 How K is chosen ("auto"), measured in docs/benchmark.md (bench/task_discovery.py):
 - Silhouette over k_min..k_max, and K = 1 when 1 is in the range: it scores the bar NULL_MARGIN x the best
@@ -12,15 +13,17 @@ How K is chosen ("auto"), measured in docs/benchmark.md (bench/task_discovery.py
   0.1, one task split by its content 0.2). Below NULL_MIN_POINTS points K = 1 is not offered.
 - On the server, K-Means prototypes over the sub-centroids, then `cooccurring`: prototypes that occur on
   the same clients in the same proportions are parts of one task (its templates, its sub-topics) and
-  become one global cluster. A client's local clusters are its sub-clusters grouped by global cluster,
-  so a single-task client ends with one however its data split.
+  become one global cluster.
 - Then, by default (`assign` "example"), every training example goes on its own to the nearest cluster
   centre (`cluster_centres`: a cluster's mean task feature, instruction and answer) among the clusters
-  that hold at least MIN_SHARE of the client's examples (`nearest_held`); clusters no example went to are
-  dropped and clusters that now co-occur are joined (`regroup_by_examples`). Why: a client whose instructions cannot tell two tasks apart (two tasks
-  sharing an input format) sends one half-and-half sub-cluster, which the server cannot split; the
-  example's answer, next to the centres, can (synthetic-hard `dual` 0.72-0.93 -> 0.999-1.000 over seeds
-  0-4, nothing else moved). "sub-cluster" keeps the paper's form: an example goes where its sub-cluster went.
+  nearest to at least MIN_SHARE of the client's examples (`nearest_held`); clusters no example went to
+  are dropped and clusters that now co-occur are joined (`regroup_by_examples`). Why: a client whose
+  instructions cannot tell two tasks apart (two tasks sharing an input format) sends one half-and-half
+  sub-cluster, which the server cannot split; the example's answer, next to the centres, can
+  (synthetic-hard `dual`, seeds 0-2: 0.72-0.79 -> 1.000; nothing else moved). "sub-cluster" keeps the
+  paper's form: an example goes where its sub-cluster went.
+- A client's local clusters are the global clusters holding its examples, so a single-task client ends
+  with one however its data split.
 
 Bad input is told as one `FedrouterError` line before scikit-learn sees it: no points (nothing to
 cluster), NaN or Inf in embeddings or centroids, a non-2-d or non-numeric array, an embedding dimension
@@ -478,9 +481,10 @@ def nearest_held(x, centres, min_share: float = MIN_SHARE) -> np.ndarray:
 @dataclass
 class Clustering:
     """FedRouter's two-level clustering. Each client splits its data into sub-clusters (K-Means) and sends
-    their centroids; the server groups all sub-centroids into global clusters (`GlobalStep`). A client's
-    local clusters are its sub-clusters merged by the global cluster they map to, so a single-task client
-    whose task the server sees as one cluster has one local cluster, however many sub-clusters it sent."""
+    their centroids; the server groups all sub-centroids into global clusters (`GlobalStep`); then, with
+    assign "example", each example goes to its nearest cluster centre (`example_clusters`). A client's
+    local clusters are the global clusters holding its examples, so a single-task client whose task the
+    server sees as one cluster has one local cluster, however many sub-clusters it sent."""
 
     sub_centroids: dict[int, np.ndarray]  # client -> (n_sub[client], d)
     sub_labels: dict[int, np.ndarray]  # client -> sub-cluster of each training example
