@@ -53,7 +53,7 @@ def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_O
     router = report["router_accuracy"]
     print(f"{Path(data).name:<15} {cluster_on:<26} {scenario:<7} seed {seed}  K {report['n_global']:>2}  "
           f"global acc {report['global_accuracy']:.3f}  local acc {report['local_accuracy']:.3f}  "
-          f"router local {router['local']:.3f} global {router['global']:.3f}  "
+          f"router local {router['local']:.3f} global {router['global']:.3f} learned {router['learned']:.3f}  "
           f"single-task n_local==1 {report['single_ok'][0]}/{report['single_ok'][1]}  "
           f"n_local {','.join(map(str, report['n_local'].values()))}  {report['wall_s']:.1f} s", flush=True)
     return report

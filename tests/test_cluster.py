@@ -14,6 +14,7 @@ from fedrouter.core.cluster import (
     cooccurring,
     clustering_accuracy,
     kmeans,
+    learned_route,
     local_then_global,
     nearest,
     nearest_held,
@@ -556,3 +557,13 @@ def test_after_the_assignment_empty_clusters_go_and_co_occurring_ones_join():
     assert regroup_summary(remap) == {"clusters_before": 4, "emptied": [3], "joined": [[0, 1]]}
     kept, remap = regroup_by_examples(step, held, merge=False)  # a K the user fixed: only the empty one goes
     assert remap.tolist() == [0, 1, 2, -1] and kept.merged == []
+
+
+def test_the_learned_router_on_small_arrays():
+    train = np.array([[0.0, 0.0], [0.1, 0.0], [1.0, 0.0], [1.1, 0.0]])
+    assert learned_route(train, [3, 3, 7, 7], np.array([[0.05, 0.0], [1.05, 0.0]])).tolist() == [3, 7]
+    assert learned_route(train, [2, 2, 2, 2], np.zeros((3, 2))).tolist() == [2, 2, 2]  # one cluster: no choice
+    with pytest.raises(FedrouterError, match="3 clusters were given for 4"):
+        learned_route(train, [1, 2, 3], train)
+    with pytest.raises(FedrouterError, match="dimension 3 does not match"):
+        learned_route(train, [0, 0, 1, 1], np.zeros((1, 3)))

@@ -299,3 +299,43 @@ def test_under_dp_centroids_there_is_no_second_release():
     assert server.configure_setup([0, 1]) == {} and server.assign() == "sub-cluster"
     assert server.report({"test": {}, "general": {}})["clustering"]["assign"] == "sub-cluster"
     assert two_blob_server().configure_setup([0, 1])[0].config == {"phase": "assign"}  # without DP: the exchange
+
+
+def _shared_format_instructions(rng, n, task):
+    """Instructions of two tasks on one input format: the input's content (z) moves every dimension, the ask
+    (B's) adds a small offset to the first; only a direction that cancels the content tells them apart."""
+    z = rng.normal(size=(n, 1))
+    content = np.hstack([0.6 * z, 2 * z, z, -z, 0.5 * z, 1.5 * z])
+    return content + 0.3 * np.eye(6)[0] * (task == "B") + 0.05 * rng.normal(size=(n, 6))
+
+
+def test_the_learned_router_tells_a_format_sharing_pair_apart_where_the_prototypes_do_not():
+    # clients 0-1 hold task A, 2-3 task B, 4-5 both; A and B share an input format, answer apart
+    from fedrouter.methods.base import ClientContext
+    from fedrouter.methods.fedrouter import Client
+
+    rng = np.random.default_rng(5)
+    benches = {}
+    for cid, tasks in enumerate(["A", "A", "B", "B", "AB", "AB"]):
+        n = 120 // len(tasks)
+        instr = [_shared_format_instructions(rng, n, t) for t in tasks]
+        answers = [10 * np.eye(4)["AB".index(t)] + rng.normal(size=(n, 4)) for t in tasks]
+        benches[cid] = _PlantedWorkbench([t for t in tasks for _ in range(n)], np.concatenate(instr), np.concatenate(answers))
+        benches[cid].evaluate_routed = lambda adapters, routes, split, mixed: {}
+    accuracy = {}
+    for router in ("local", "learned"):
+        setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {"router": router}))
+        server, client = Server(setup, dict(INIT), list(benches)), Client(setup)
+        contexts = {cid: ClientContext(cid, wb) for cid, wb in benches.items()}
+        _set_up(server, client, contexts)
+        sent = server.configure_evaluate([4, 5])
+        hits = total = 0
+        for cid in (4, 5):  # each task's inputs should reach the cluster its training examples are in
+            sent[cid].config["split"] = "test"
+            counts = client.evaluate(sent[cid], contexts[cid]).config["route_counts"]
+            clusters = np.asarray(server.label_map[cid])[contexts[cid].state["labels"]]
+            for task, routed in counts.items():
+                home = str(np.bincount(clusters[[e["task"] == task for e in benches[cid].train]]).argmax())
+                hits, total = hits + routed.get(home, 0), total + sum(routed.values())
+        accuracy[router] = hits / total
+    assert accuracy["learned"] >= 0.95 and accuracy["learned"] > accuracy["local"] + 0.1

@@ -369,6 +369,28 @@ def route(x, global_centroids, allowed=None, owner=None) -> np.ndarray:
     return owner[candidates[nearest(x, centroids[candidates])]]
 
 
+@_one_blas_thread
+def learned_route(train_x, train_clusters, x) -> np.ndarray:
+    """Global cluster per row of `x`, by a logistic regression fit on a client's own training inputs
+    (`train_x`) and the clusters its examples were put in (`train_clusters`): the "learned" local router.
+    Why: two tasks that share an input format have nearly the same instruction embeddings, so the nearest
+    prototype confuses them; their examples, put apart by their answers, teach a linear boundary along
+    the few words that differ (synthetic-hard `dual` router 0.866-0.979 -> 1.000; docs/benchmark.md)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train_x = _points(train_x, "training embeddings")
+    train_clusters = np.asarray(train_clusters, dtype=np.int64)
+    x = _points(x, "embeddings")
+    if len(train_x) != len(train_clusters) or len(train_x) == 0:
+        raise FedrouterError(f"{len(train_clusters)} clusters were given for {len(train_x)} training embeddings")
+    if x.shape[1] != train_x.shape[1]:
+        raise FedrouterError(f"embedding dimension {x.shape[1]} does not match the training embeddings' {train_x.shape[1]}")
+    classes = np.unique(train_clusters)
+    if len(classes) == 1 or len(x) == 0:
+        return np.full(len(x), classes[0], dtype=np.int64)
+    return LogisticRegression(max_iter=2000).fit(train_x, train_clusters).predict(x).astype(np.int64)
+
+
 def clustering_accuracy(true_labels, cluster_labels) -> float:
     """Accuracy under the best one-to-one matching of clusters to true labels (Hungarian algorithm).
 

@@ -11,10 +11,11 @@ and clusters that now co-occur joined. With "sub-cluster" an example goes where 
 exchange, the paper's form). A client's local clusters are the global clusters holding its examples (a
 single-task client has one). In round t a client trains on its local cluster ``t mod n_local`` from that
 global cluster's adapter; the server averages the returned adapters per global cluster, weighted by
-examples (a cluster nobody trained keeps its adapter). At evaluation an embedding router sends each input
-to the adapter of its nearest prototype (``global`` mode) or the nearest among the prototypes of this
-client's own clusters (``local`` mode), comparing the input's instruction embedding with the instruction
-part of each prototype; test-time generalization uses ``global``.
+examples (a cluster nobody trained keeps its adapter). At evaluation a router picks each input's adapter:
+on a client's own test set by default a classifier fit on its training instructions and the clusters its
+examples were put in (``learned``), or the nearest among the prototypes of its own clusters (``local``) or
+among all (``global``), comparing the input's instruction embedding with the instruction part of each
+prototype; test-time generalization and serving use ``global``.
 
 Variants: ``fedrouter-star`` trains every local cluster's adapter every round (adapter-level budget);
 ``fedrouter-oracle`` clusters by the true task labels and routes by them (an upper reference).
@@ -26,8 +27,8 @@ instruction and answer means, so the server tells apart tasks that share an inpu
 instruction means only; "instruction+output": answers in the client's split too, which splits a task by
 its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and n_global
 (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see `core.cluster`), assign
-("example" or "sub-cluster", see above and `core.cluster`), router ("local" or "global", for the clients'
-own test sets), mixed_batch (true: one generate call serves rows routed to different adapters; false:
+("example" or "sub-cluster", see above and `core.cluster`), router (for the clients'
+own test sets: "local", "global" or "learned", see `ROUTERS`), mixed_batch (true: one generate call serves rows routed to different adapters; false:
 generate adapter by adapter).
 """
 
@@ -53,6 +54,7 @@ from fedrouter.core.cluster import (
     clustering_accuracy,
     example_features,
     label_means,
+    learned_route,
     majority_cluster,
     nearest_held,
     regroup_by_examples,
@@ -68,7 +70,10 @@ from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
 OPTIONS = {"embedder": "minilm", "cluster_on": DEFAULT_CLUSTER_ON, "assign": DEFAULT_ASSIGN, "n_local": "auto", "n_global": "auto",
-           "k_min": 1, "k_max": 12, "router": "local", "mixed_batch": False}
+           "k_min": 1, "k_max": 12, "router": "learned", "mixed_batch": False}
+# own test sets: nearest prototype among this client's clusters ("local"), among all ("global"), or a
+# classifier fit on this client's training instructions and their clusters ("learned": `learned_route`)
+ROUTERS = ("local", "global", "learned")
 LOOSE = {"n_local", "n_global"}  # "auto" or a positive integer: check_options decides
 
 
@@ -77,7 +82,7 @@ def check_options(method: str, opts: dict) -> None:
         value = opts[key]
         require(value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1), method,
                 f"{key} must be a positive integer or 'auto', got {value!r}")
-    require(opts["router"] in ("local", "global"), method, f"router must be 'local' or 'global', got {opts['router']!r}")
+    require(opts["router"] in ROUTERS, method, f"router must be one of {', '.join(map(repr, ROUTERS))}, got {opts['router']!r}")
     require(1 <= opts["k_min"] <= opts["k_max"], method, "k_min and k_max must satisfy 1 <= k_min <= k_max")
     require(opts["cluster_on"] in CLUSTER_ON, method,
             f"cluster_on must be one of {', '.join(map(repr, CLUSTER_ON))}, got {opts['cluster_on']!r}")
@@ -396,7 +401,11 @@ class Client(ClientPart):
         centroids = msg.arrays["centroids"].numpy()
         x = self._embed(ctx, examples)
         mode = "global" if split == "general" else msg.config.get("router", "local")
-        routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None, msg.config["owner"])
+        if mode == "learned":
+            train = ctx.workbench.examples("train")
+            routes = learned_route(self._embed(ctx, train), self._clusters_of_examples(msg, ctx), x)
+        else:
+            routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None, msg.config["owner"])
         if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
             routes = np.array([msg.config["task_cluster"].get(e["task"], g) for e, g in zip(examples, routes)])
         adapters = {str(g): unpack_under(msg.arrays, f"g{g}") for g in sorted(set(routes.tolist()))}
@@ -411,7 +420,9 @@ class Client(ClientPart):
     def _clusters_of_examples(msg, ctx) -> np.ndarray:
         """The global cluster of each training example: the server's `mapping` of the labels this client
         gave its examples at setup (kept in its state, with the mapping, for diagnostics)."""
-        mapping, labels = msg.config.get("mapping"), ctx.state["labels"]
+        mapping, labels = msg.config.get("mapping"), ctx.state.get("labels")
+        if labels is None:
+            raise FedrouterError("this client holds no cluster labels: it missed the method's setup")
         if not (isinstance(mapping, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in mapping)
                 and len(mapping) > int(np.max(labels, initial=-1))):
             raise FedrouterError(f"the server's cluster mapping {mapping!r} does not cover this client's {int(np.max(labels)) + 1} labels")

@@ -75,7 +75,7 @@ def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, 
     option), then score clusters and the
     router (which sees the test instructions' embeddings, `test_vectors`) against the true tasks (when the
     data has them); a JSON-able report."""
-    from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, local_then_global, split_dims
+    from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, learned_route, local_then_global, split_dims
 
     result = local_then_global(train_vectors, n_local, n_global, seed, k_range, router_dims,
                                split_dims(cluster_on, router_dims), assign)
@@ -101,6 +101,7 @@ def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, 
         local = result.local_labels(cid)
         target = np.array([owner.get(ex.get("task"), -1) for ex in client.test])
         routed_global, routed_local = result.route(test_vectors[cid]), result.route(test_vectors[cid], cid)
+        routed_learned = learned_route(train_vectors[cid][:, :router_dims], result.global_labels(cid), test_vectors[cid])
         scored = labelled and len(target)
         rows.append({
             "client": cid,
@@ -116,6 +117,7 @@ def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, 
             "sub_to_global": [int(g) for g in result.step.sub_to_global[cid]],
             "router_global": float(np.mean(routed_global == target)) if scored else None,
             "router_local": float(np.mean(routed_local == target)) if scored else None,
+            "router_learned": float(np.mean(routed_learned == target)) if scored else None,
         })
 
     def mean(key):
@@ -135,7 +137,7 @@ def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, 
         "global_ari": adjusted_rand(all_tasks, all_global) if labelled else None,
         "task_clusters": owner or None,
         "confusion": confusion(all_tasks, all_global) if labelled else None,
-        "router_accuracy": {"global": mean("router_global"), "local": mean("router_local")},
+        "router_accuracy": {"global": mean("router_global"), "local": mean("router_local"), "learned": mean("router_learned")},
         "silhouette": {"global": curve(result.step.silhouette),
                        "local": {str(c): curve(v) for c, v in sorted(result.sub_silhouette.items())} or None},
         "per_client": rows,
@@ -161,7 +163,8 @@ def format_summary(report: dict) -> str:
         f"{f' ({len(merged)} groups merged by co-occurrence)' if merged else ''}, clustering accuracy "
         f"{score_text(report['global_accuracy'])}, ARI {score_text(report['global_ari'])}",
         f"local: mean clustering accuracy {score_text(report['local_accuracy'])}, mean ARI {score_text(report['local_ari'])}",
-        f"router accuracy: global {score_text(report['router_accuracy']['global'])}, local {score_text(report['router_accuracy']['local'])}",
+        f"router accuracy: global {score_text(report['router_accuracy']['global'])}, local {score_text(report['router_accuracy']['local'])}, "
+        f"learned {score_text(report['router_accuracy']['learned'])}",
     ]
     if report.get("assignment"):
         done = report["assignment"]
