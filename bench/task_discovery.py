@@ -39,15 +39,12 @@ def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
-ASSIGNED = {"by": DEFAULT_ASSIGN}  # --assign, for every run of this process
-
-
-def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_ON, **extra) -> dict:
+def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_ON, assign: str = DEFAULT_ASSIGN,
+        **extra) -> dict:
     overrides = {"data": data, "scenario": scenario, "seed": seed, **extra}
     if os.environ.get("FEDROUTER_CACHE"):
         overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
-    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13), cluster_on,
-                          ASSIGNED["by"])
+    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13), cluster_on, assign)
     single = [r for r in report["per_client"] if len(r["tasks"]) == 1]
     report["single_ok"] = sum(r["n_local"] == 1 for r in single), len(single)
     router = report["router_accuracy"]
@@ -64,12 +61,12 @@ def verdict(label: str, ok: bool, detail: str) -> bool:
     return ok
 
 
-def synthetic(seeds: list[int], modes: list[str]) -> list[dict]:
-    return [report for mode in modes for report in synthetic_targets(seeds, mode)]
+def synthetic(seeds: list[int], modes: list[str], assign: str) -> list[dict]:
+    return [report for mode in modes for report in synthetic_targets(seeds, mode, assign)]
 
 
-def synthetic_targets(seeds: list[int], mode: str) -> list[dict]:
-    reports = [run("synthetic", sc, s, mode) for sc in ("single", "dual", "all") for s in seeds]
+def synthetic_targets(seeds: list[int], mode: str, assign: str) -> list[dict]:
+    reports = [run("synthetic", sc, s, mode, assign) for sc in ("single", "dual", "all") for s in seeds]
     ks = [r["n_global"] for r in reports]
     local = [r["local_accuracy"] for r in reports]
     single = [sum(x) for x in zip(*(r["single_ok"] for r in reports))]
@@ -88,8 +85,8 @@ def synthetic_targets(seeds: list[int], mode: str) -> list[dict]:
 HARD_SCENARIOS = ("all", "dual", "single")
 
 
-def hard(seeds: list[int], modes: list[str]) -> list[dict]:
-    reports = [run("synthetic-hard", sc, s, mode) for mode in modes for sc in HARD_SCENARIOS for s in seeds[:3]]
+def hard(seeds: list[int], modes: list[str], assign: str) -> list[dict]:
+    reports = [run("synthetic-hard", sc, s, mode, assign) for mode in modes for sc in HARD_SCENARIOS for s in seeds[:3]]
     print(f"hard summary ({len(reports)} runs, true K 6):")
     for mode in modes:
         for sc in HARD_SCENARIOS:
@@ -100,11 +97,11 @@ def hard(seeds: list[int], modes: list[str]) -> list[dict]:
     return reports
 
 
-def flan8(seeds: list[int], modes: list[str]) -> list[dict]:
+def flan8(seeds: list[int], modes: list[str], assign: str) -> list[dict]:
     if not (FLAN8 / "train.jsonl").exists():
         print(f"flan8: SKIPPED, no data at {FLAN8}")
         return []
-    reports = [run(str(FLAN8), "all", 0, mode, task_field="task") for mode in modes]
+    reports = [run(str(FLAN8), "all", 0, mode, assign, task_field="task") for mode in modes]
     print("flan8 summary:")
     for report in reports:
         mode = report["cluster_on"]
@@ -126,9 +123,9 @@ def main():
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     modes = [m.strip() for m in args.cluster_on.split(",") if m.strip()]
-    ASSIGNED["by"] = args.assign
     print(f"assign: {args.assign}")
-    groups = {"synthetic": lambda s: synthetic(s, modes), "hard": lambda s: hard(s, modes), "flan8": lambda s: flan8(s, modes)}
+    groups = {name: lambda s, group=group: group(s, modes, args.assign)
+              for name, group in (("synthetic", synthetic), ("hard", hard), ("flan8", flan8))}
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(chosen) - set(groups))
     if unknown:

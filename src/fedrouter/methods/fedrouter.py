@@ -27,9 +27,9 @@ instruction and answer means, so the server tells apart tasks that share an inpu
 instruction means only; "instruction+output": answers in the client's split too, which splits a task by
 its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and n_global
 (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see `core.cluster`), assign
-("example" or "sub-cluster", see above and `core.cluster`), router (for the clients'
-own test sets: "local", "global" or "learned", see `ROUTERS`), mixed_batch (true: one generate call serves rows routed to different adapters; false:
-generate adapter by adapter).
+("example" or "sub-cluster", see above and `core.cluster`), router (for the clients' own test sets:
+"local", "global" or "learned", see `ROUTERS`), mixed_batch (true: one generate call serves rows routed to
+different adapters; false: generate adapter by adapter).
 """
 
 from __future__ import annotations
@@ -396,14 +396,13 @@ class Client(ClientPart):
     def evaluate(self, msg, ctx):
         split = msg.config.get("split", "test")
         examples = ctx.workbench.examples(split)
-        if "labels" in ctx.state:  # (for diagnostics; a client set up elsewhere evaluates all the same)
-            self._clusters_of_examples(msg, ctx)
+        mode = "global" if split == "general" else msg.config.get("router", "local")
+        # (kept for diagnostics too; a client set up elsewhere evaluates all the same, but for "learned")
+        own = self._clusters_of_examples(msg, ctx) if "labels" in ctx.state or mode == "learned" else None
         centroids = msg.arrays["centroids"].numpy()
         x = self._embed(ctx, examples)
-        mode = "global" if split == "general" else msg.config.get("router", "local")
         if mode == "learned":
-            train = ctx.workbench.examples("train")
-            routes = learned_route(self._embed(ctx, train), self._clusters_of_examples(msg, ctx), x)
+            routes = learned_route(self._embed(ctx, ctx.workbench.examples("train")), own, x)
         else:
             routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None, msg.config["owner"])
         if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
