@@ -9,9 +9,11 @@ accuracy, the router accuracy (local and global mode) and the wall time, then ea
   flan8      ../shared/data/flan8 (from the repo root), scenario all, seed 0: K == 8, global accuracy >= 0.98.
 Every group runs once per `--cluster-on` value (default: all three -- the instructions alone; instruction +
 answer; instruction + answer at the server only, the clients splitting by instructions: the method's default),
-with each example assigned as `--assign` says (default "example", the method's; "sub-cluster": the paper's form).
+with each example assigned as `--assign` says (default "example", the method's; "sub-cluster": the paper's form)
+and the router comparing inputs with clusters as `--global-router` says (default "discriminant", the method's;
+"prototype": the paper's nearest prototype).
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_discovery.py [--groups synthetic,hard,flan8]
-       [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--assign sub-cluster] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
+       [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--assign sub-cluster] [--global-router prototype] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
 Results go to docs/benchmark.md.
 """
 
@@ -24,7 +26,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedrouter.config import load_config
-from fedrouter.core.cluster import ASSIGN, CLUSTER_ON, DEFAULT_ASSIGN, DEFAULT_CLUSTER_ON
+from fedrouter.core.cluster import ASSIGN, CLUSTER_ON, DEFAULT_ASSIGN, DEFAULT_CLUSTER_ON, DEFAULT_GLOBAL_ROUTER, GLOBAL_ROUTERS
 from fedrouter.runtime import quiet_libraries
 from fedrouter.study.clusters import cluster_data, write_report
 
@@ -39,12 +41,13 @@ def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
-def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_ON, assign: str = DEFAULT_ASSIGN,
+def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_ON, method: dict | None = None,
         **extra) -> dict:
+    """One setting's report; `method`: the method options `assign` and `global_router` (defaults if absent)."""
     overrides = {"data": data, "scenario": scenario, "seed": seed, **extra}
     if os.environ.get("FEDROUTER_CACHE"):
         overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
-    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13), cluster_on, assign)
+    report = cluster_data(load_config(None, overrides), "minilm", "auto", "auto", range(1, 13), cluster_on, **(method or {}))
     single = [r for r in report["per_client"] if len(r["tasks"]) == 1]
     report["single_ok"] = sum(r["n_local"] == 1 for r in single), len(single)
     router = report["router_accuracy"]
@@ -61,12 +64,12 @@ def verdict(label: str, ok: bool, detail: str) -> bool:
     return ok
 
 
-def synthetic(seeds: list[int], modes: list[str], assign: str) -> list[dict]:
-    return [report for mode in modes for report in synthetic_targets(seeds, mode, assign)]
+def synthetic(seeds: list[int], modes: list[str], method: dict) -> list[dict]:
+    return [report for mode in modes for report in synthetic_targets(seeds, mode, method)]
 
 
-def synthetic_targets(seeds: list[int], mode: str, assign: str) -> list[dict]:
-    reports = [run("synthetic", sc, s, mode, assign) for sc in ("single", "dual", "all") for s in seeds]
+def synthetic_targets(seeds: list[int], mode: str, method: dict) -> list[dict]:
+    reports = [run("synthetic", sc, s, mode, method) for sc in ("single", "dual", "all") for s in seeds]
     ks = [r["n_global"] for r in reports]
     local = [r["local_accuracy"] for r in reports]
     single = [sum(x) for x in zip(*(r["single_ok"] for r in reports))]
@@ -85,8 +88,8 @@ def synthetic_targets(seeds: list[int], mode: str, assign: str) -> list[dict]:
 HARD_SCENARIOS = ("all", "dual", "single")
 
 
-def hard(seeds: list[int], modes: list[str], assign: str) -> list[dict]:
-    reports = [run("synthetic-hard", sc, s, mode, assign) for mode in modes for sc in HARD_SCENARIOS for s in seeds[:3]]
+def hard(seeds: list[int], modes: list[str], method: dict) -> list[dict]:
+    reports = [run("synthetic-hard", sc, s, mode, method) for mode in modes for sc in HARD_SCENARIOS for s in seeds[:3]]
     print(f"hard summary ({len(reports)} runs, true K 6):")
     for mode in modes:
         for sc in HARD_SCENARIOS:
@@ -97,11 +100,11 @@ def hard(seeds: list[int], modes: list[str], assign: str) -> list[dict]:
     return reports
 
 
-def flan8(seeds: list[int], modes: list[str], assign: str) -> list[dict]:
+def flan8(seeds: list[int], modes: list[str], method: dict) -> list[dict]:
     if not (FLAN8 / "train.jsonl").exists():
         print(f"flan8: SKIPPED, no data at {FLAN8}")
         return []
-    reports = [run(str(FLAN8), "all", 0, mode, assign, task_field="task") for mode in modes]
+    reports = [run(str(FLAN8), "all", 0, mode, method, task_field="task") for mode in modes]
     print("flan8 summary:")
     for report in reports:
         mode = report["cluster_on"]
@@ -119,12 +122,15 @@ def main():
     ap.add_argument("--cluster-on", default=",".join(CLUSTER_ON),
                     help="what each group clusters (comma-separated values of cluster_on)")
     ap.add_argument("--assign", default=DEFAULT_ASSIGN, choices=ASSIGN, help="how an example gets its global cluster")
+    ap.add_argument("--global-router", default=DEFAULT_GLOBAL_ROUTER, choices=GLOBAL_ROUTERS,
+                    help="how the router compares inputs with clusters")
     ap.add_argument("--json", type=Path, help="also write every report here")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     modes = [m.strip() for m in args.cluster_on.split(",") if m.strip()]
-    print(f"assign: {args.assign}")
-    groups = {name: lambda s, group=group: group(s, modes, args.assign)
+    method = {"assign": args.assign, "global_router": args.global_router}
+    print(f"assign: {args.assign}, global router: {args.global_router}")
+    groups = {name: lambda s, group=group: group(s, modes, method)
               for name, group in (("synthetic", synthetic), ("hard", hard), ("flan8", flan8))}
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(chosen) - set(groups))

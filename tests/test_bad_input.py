@@ -234,6 +234,16 @@ def _write_centroids(run_dir: Path, rows: int) -> None:
     save_file({"centroids": torch.zeros(rows, 4)}, str(run_dir / "router" / "centroids.safetensors"))
 
 
+def _bend_whitening_map(run_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = str(run_dir / "router" / "centroids.safetensors")
+    tensors = load_file(path)
+    assert "whiten" in tensors  # the default router is the discriminant one
+    tensors["whiten"] = tensors["whiten"][:, :-1].contiguous()
+    save_file(tensors, path)
+
+
 def _rename_adapter(run_dir: Path) -> None:
     router = json.loads((run_dir / "router" / "router.json").read_text())
     router["adapters"][0] = "../../outside"
@@ -253,6 +263,7 @@ PREDICT_CASES = {
     "fewer adapters": (_fewer_adapters, "adapters for"),
     "adapter path": (_rename_adapter, "is not a plain name"),
     "centroid count": (lambda d: _write_centroids(d, 99), "for 99 centroids"),
+    "whitening map": (_bend_whitening_map, "the whitening map must be a finite"),
 }
 
 

@@ -567,3 +567,71 @@ def test_the_learned_router_on_small_arrays():
         learned_route(train, [1, 2, 3], train)
     with pytest.raises(FedrouterError, match="dimension 3 does not match"):
         learned_route(train, [0, 0, 1, 1], np.zeros((1, 3)))
+
+
+# ---------------------------------------------------------------------------------- discriminant router
+
+def _three_clusters_on_four_clients(rng, n_per=20):
+    """Three clusters whose members spread much along a shared content direction and little along the
+    direction that tells them apart; each client holds two of them, with its own content offset."""
+    means = np.array([[0.0, 0, 0, 0], [0.0, 0.6, 0, 0], [0.0, 0, 0.6, 0]])
+    content = np.array([1.0, 1.0, 1.0, 0.5])
+    held = {0: (0, 1), 1: (1, 2), 2: (0, 2), 3: (0, 1)}
+    x, y = {}, {}
+    for c, ks in held.items():
+        labels = np.repeat(ks, n_per)
+        z = rng.normal(size=(len(labels), 1))
+        x[c] = means[labels] + (z + 0.5 * c) * content + 0.1 * rng.normal(size=(len(labels), 4))
+        y[c] = labels
+    return x, y
+
+
+def test_the_discriminant_from_client_moments_is_what_pooling_the_data_gives():
+    from sklearn.covariance import shrunk_covariance
+
+    from fedrouter.core.cluster import cluster_moments, discriminant
+
+    x, y = _three_clusters_on_four_clients(np.random.default_rng(0))
+    means, whiten = discriminant([cluster_moments(x[c], y[c], 3) for c in sorted(x)], shrinkage=0.1)
+    pooled_x, pooled_y = np.concatenate(list(x.values())), np.concatenate(list(y.values()))
+    central = np.stack([pooled_x[pooled_y == k].mean(0) for k in range(3)])
+    centred = pooled_x - central[pooled_y]
+    covariance = shrunk_covariance(centred.T @ centred / (len(pooled_x) - 3), 0.1)
+    assert np.allclose(means, central)
+    # whiten is the inverse square root of the pooled within-cluster covariance, shrunk
+    assert np.allclose(whiten, whiten.T) and np.allclose(whiten @ covariance @ whiten, np.eye(4), atol=1e-9)
+
+
+def test_the_discriminant_router_routes_as_sklearns_lda_with_equal_priors_and_beats_the_euclidean_one():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from fedrouter.core.cluster import cluster_moments, discriminant, route
+
+    rng = np.random.default_rng(1)
+    x, y = _three_clusters_on_four_clients(rng)
+    means, whiten = discriminant([cluster_moments(x[c], y[c], 3) for c in sorted(x)], shrinkage=0.1)
+    test_x, test_y = _three_clusters_on_four_clients(rng)
+    test_x, test_y = np.concatenate(list(test_x.values())), np.concatenate(list(test_y.values()))
+    ours = route(test_x, means, whiten=whiten)
+    # each cluster holds the same number of examples, so scikit-learn's average of class covariances is the
+    # pooled one up to a scale, which shrinkage and the argmin do not see
+    pooled_x, pooled_y = np.concatenate(list(x.values())), np.concatenate(list(y.values()))
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.1, priors=[1 / 3] * 3).fit(pooled_x, pooled_y)
+    assert np.array_equal(ours, lda.predict(test_x))
+    assert np.mean(ours == test_y) > 0.95 > 0.8 > np.mean(route(test_x, means) == test_y)
+    # local mode: only the allowed clusters compete
+    assert set(route(test_x, means, allowed=[0, 2], whiten=whiten).tolist()) <= {0, 2}
+
+
+def test_the_discriminant_refuses_what_it_cannot_use():
+    from fedrouter.core.cluster import cluster_moments, discriminant, route
+
+    x, y = _three_clusters_on_four_clients(np.random.default_rng(2))
+    with pytest.raises(FedrouterError, match=r"no client reported examples of cluster\(s\) \[3\]"):
+        discriminant([cluster_moments(x[c], y[c], 4) for c in sorted(x)])
+    with pytest.raises(FedrouterError, match="cluster ids in 0..1"):
+        cluster_moments(x[1], y[1], 2)  # client 1 holds clusters 1 and 2
+    with pytest.raises(FedrouterError, match="no spread within clusters"):
+        discriminant([cluster_moments(np.ones((4, 3)), [0, 0, 1, 1], 2)])
+    with pytest.raises(FedrouterError, match=r"whitening matrix is \(3, 3\), not \(4, 4\)"):
+        route(x[0], np.zeros((2, 4)), whiten=np.eye(3))

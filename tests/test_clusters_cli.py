@@ -10,7 +10,7 @@ from fedrouter.cli import main
 REPORT_KEYS = {"data", "scenario", "n_clients", "seed", "embedder", "embedder_name", "tasks", "n_global", "n_local",
                "local_accuracy", "local_ari", "global_accuracy", "global_ari", "task_clusters", "router_accuracy",
                "silhouette", "per_client", "k_range", "wall_s", "confusion", "n_prototypes", "labelled",
-               "assign", "assignment"}
+               "assign", "assignment", "global_router"}
 CLIENT_KEYS = {"client", "tasks", "n_train", "n_test", "n_sub", "n_local", "silhouette", "local_accuracy", "local_ari",
                "global_clusters", "sub_to_global", "router_global", "router_local"}
 
@@ -63,12 +63,15 @@ def test_synthetic_base_embedder_report(cluster_on, tiny_model_dir, tmp_path, ca
     args = ["clusters", "--data", "synthetic", "--scenario", "dual", "--embedder", "base", "--model", str(tiny_model_dir),
             "--clients", "2", "--train-per-client", "24", "--test-per-client", "8", "--n-local", "auto",
             "--n-global", "2", "--k-max", "4", "--cluster-on", cluster_on, "--out", str(out)]
+    router = "prototype" if cluster_on == "instruction" else "discriminant"  # the default, and the paper's once
+    args += ["--global-router", "prototype"] if router == "prototype" else []
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert REPORT_KEYS <= set(report)
     printed = capsys.readouterr().out
     assert report["cluster_on"] == cluster_on and report["assign"] == "example"
     assert f"on {cluster_on}, assign by example |" in printed and printed.count("\n") >= 6
+    assert report["global_router"] == router and f"router accuracy ({router} router)" in printed
     assert report["embedder"] == "base" and report["embedder_name"].startswith("base:")
     assert report["n_global"] == 2 and report["silhouette"]["global"] is None
     assert set(report["silhouette"]["local"]) == {"0", "1"}

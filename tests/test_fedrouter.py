@@ -155,6 +155,14 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
     for reply in counts.values():
         assert set(reply.config) == {"held"} and not reply.arrays and "secret-task" not in json.dumps(reply.config)
     server.aggregate_setup(counts)
+    # third exchange: each client's final clusters out, its moments back -- sums, counts and one scatter
+    asking = server.configure_setup([0, 1])
+    assert not asking[0].arrays and set(asking[0].config) == {"phase", "mapping", "n_clusters"}
+    moments = {cid: client.setup(asking[cid], ctx) for cid, ctx in contexts.items()}
+    for reply in moments.values():
+        assert set(reply.config) == {"counts"} and set(reply.arrays) == {"sums", "scatter"}
+        assert reply.arrays["scatter"].shape == (4, 4) and "secret-task" not in json.dumps(reply.config)
+    server.aggregate_setup(moments)
     assert server.configure_setup([0, 1]) == {}  # setup is over
     # the method and `fedrouter clusters` (local_then_global) make the same assignment on the same data
     features = {cid: task_features(wb.vectors, wb.answer_vectors) for cid, wb in ((c, _EmbeddingWorkbench(c)) for c in (0, 1))}
@@ -170,6 +178,9 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
     assert server.prototypes.shape == (len(offline.prototypes), 4)  # what the router and router.json hold
     assert np.allclose(server.prototypes, offline.router_centroids)
     assert np.allclose(offline.router_centroids, offline.prototypes[:, :4])
+    means, whiten = offline.discriminant  # the discriminant router: the same from moments as from the data
+    assert np.allclose(server.router_means, means, atol=1e-5) and np.allclose(server.whiten, whiten, rtol=1e-4, atol=1e-4)
+    assert server.router()["whiten"] is server.whiten and len(server.router()["adapters"]) == offline.n_global
     # without labels (a deployment) the scores are null, the choice is still reported
     report = server.report({"test": {}, "general": {}}, truth=None)["clustering"]
     assert report["local_accuracy"] is None and report["accuracy"] is None and report["n_global"] == offline.n_global
@@ -291,12 +302,44 @@ def test_a_bad_assignment_message_or_reply_is_one_line():
         make_server().aggregate_setup({0: Message({"centroids": torch.zeros(2, 2)}, {"sizes": [1], "router_dims": 2})})
 
 
+def test_a_bad_moments_message_or_reply_is_one_line():
+    from fedrouter.methods.base import ClientContext
+    from fedrouter.methods.fedrouter import Client
+
+    setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {}))
+    client, ctx = Client(setup), ClientContext(0, _EmbeddingWorkbench(0))
+    client.setup(Message(config={"oracle": False}), ctx)
+    n_labels = int(ctx.state["labels"].max()) + 1
+    for k in (0, "2", True, n_labels - 1 if n_labels > 1 else 0):
+        with pytest.raises(FedrouterError, match="the server sent n_clusters"):
+            client.setup(Message(config={"phase": "moments", "mapping": list(range(n_labels)), "n_clusters": k}), ctx)
+    server = Server(setup, dict(INIT), [0, 1])
+    contexts = {cid: ClientContext(cid, _EmbeddingWorkbench(cid)) for cid in (0, 1)}
+    while (messages := server.configure_setup([0, 1])) and server.setup_phase != "moments":
+        server.aggregate_setup({cid: client.setup(msg, contexts[cid]) for cid, msg in messages.items()})
+    good = {cid: client.setup(msg, contexts[cid]) for cid, msg in server.configure_setup([0, 1]).items()}
+    k = len(server.cluster_adapters)
+    bad_arrays = [{"sums": torch.zeros(k + 1, 4), "scatter": torch.eye(4)}, {"sums": torch.zeros(k, 4)},
+                  {"sums": torch.zeros(k, 4), "scatter": torch.full((4, 4), float("nan"))}]
+    for arrays in bad_arrays:
+        with pytest.raises(FedrouterError, match="client 1's (sums|scatter) is"):
+            server.aggregate_setup({0: good[0], 1: Message(arrays, good[1].config)})
+    with pytest.raises(FedrouterError, match="client 1 sent counts"):
+        server.aggregate_setup({0: good[0], 1: Message(good[1].arrays, {"counts": [-1] * k})})
+    with pytest.raises(FedrouterError, match=r"client\(s\) \[1\] did not send"):
+        server.aggregate_setup({0: good[0]})
+    assert server.whiten is None and server.setup_phase == "moments"  # nothing half-adopted
+    server.aggregate_setup(good)
+    assert server.whiten.shape == (4, 4) and server.setup_phase == "done"
+
+
 def test_under_dp_centroids_there_is_no_second_release():
     # the assignment's counts would be a release the accountant does not cover: examples go by sub-cluster
     setup = MethodSetup(seed=0, rounds=4, options={"n_global": 2}, privacy={"centroid_noise_multiplier": 1.0, "centroid_clip": 1.0})
     server = Server(setup, dict(INIT), [0, 1])
     server.aggregate_setup({0: setup_reply([[0, 0], [10, 10]]), 1: setup_reply([[10.2, 10], [0.1, 0]])})
     assert server.configure_setup([0, 1]) == {} and server.assign() == "sub-cluster"
+    assert server.global_router() == "prototype"  # nor the moments of the discriminant router
     assert server.report({"test": {}, "general": {}})["clustering"]["assign"] == "sub-cluster"
     assert two_blob_server().configure_setup([0, 1])[0].config == {"phase": "assign"}  # without DP: the exchange
 
@@ -309,7 +352,7 @@ def _shared_format_instructions(rng, n, task):
     return content + 0.3 * np.eye(6)[0] * (task == "B") + 0.05 * rng.normal(size=(n, 6))
 
 
-def test_the_learned_router_tells_a_format_sharing_pair_apart_where_the_prototypes_do_not():
+def test_the_learned_and_discriminant_routers_tell_a_format_sharing_pair_apart_where_the_prototypes_do_not():
     # clients 0-1 hold task A, 2-3 task B, 4-5 both; A and B share an input format, answer apart
     from fedrouter.methods.base import ClientContext
     from fedrouter.methods.fedrouter import Client
@@ -323,8 +366,9 @@ def test_the_learned_router_tells_a_format_sharing_pair_apart_where_the_prototyp
         benches[cid] = _PlantedWorkbench([t for t in tasks for _ in range(n)], np.concatenate(instr), np.concatenate(answers))
         benches[cid].evaluate_routed = lambda adapters, routes, split, mixed: {}
     accuracy = {}
-    for router in ("local", "learned"):
-        setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {"router": router}))
+    for router, global_router in (("local", "prototype"), ("global", "prototype"), ("learned", "discriminant"),
+                                  ("local", "discriminant"), ("global", "discriminant")):
+        setup = MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {"router": router, "global_router": global_router}))
         server, client = Server(setup, dict(INIT), list(benches)), Client(setup)
         contexts = {cid: ClientContext(cid, wb) for cid, wb in benches.items()}
         _set_up(server, client, contexts)
@@ -337,5 +381,8 @@ def test_the_learned_router_tells_a_format_sharing_pair_apart_where_the_prototyp
             for task, routed in counts.items():
                 home = str(np.bincount(clusters[[e["task"] == task for e in benches[cid].train]]).argmax())
                 hits, total = hits + routed.get(home, 0), total + sum(routed.values())
-        accuracy[router] = hits / total
-    assert accuracy["learned"] >= 0.95 and accuracy["learned"] > accuracy["local"] + 0.1
+        accuracy[router, global_router] = hits / total
+    for prototype in (("local", "prototype"), ("global", "prototype")):
+        assert accuracy[prototype] < 0.85
+    for better in (("learned", "discriminant"), ("local", "discriminant"), ("global", "discriminant")):
+        assert accuracy[better] >= 0.95

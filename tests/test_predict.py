@@ -42,7 +42,9 @@ def test_predict_routes_to_nearest_centroid_and_answers_with_that_adapter(tmp_pa
 
     cfg, model, tokenizer, router = load_run(run_dir)
     x = resolve_embedder(router["embedder"], model, tokenizer).embed(PROMPTS)
-    d = np.linalg.norm(x[:, None, :] - router["centroids"][None, :, :], axis=2)
+    # the discriminant router (the default): distances after the saved whitening map
+    assert router["whiten"].shape == (x.shape[1], x.shape[1])
+    d = np.linalg.norm((x[:, None, :] - router["centroids"][None, :, :]) @ router["whiten"], axis=2)
     for row, dists in zip(rows, d):
         assert row["adapter"] == router["adapters"][int(dists.argmin())]
         assert row["distance"] == pytest.approx(float(dists.min()), rel=1e-5)

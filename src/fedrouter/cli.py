@@ -162,7 +162,7 @@ def _cmd_serve(args) -> int:
 # ------------------------------------------------------------------------------------------- clusters
 
 def _add_clusters(sub) -> None:
-    from fedrouter.core.cluster import ASSIGN, CLUSTER_ON, DEFAULT_ASSIGN, DEFAULT_CLUSTER_ON
+    from fedrouter.core.cluster import ASSIGN, CLUSTER_ON, DEFAULT_ASSIGN, DEFAULT_CLUSTER_ON, DEFAULT_GLOBAL_ROUTER, GLOBAL_ROUTERS
 
     p = sub.add_parser(
         "clusters", help="cluster clients' data as FedRouter does and score it against the true tasks",
@@ -183,6 +183,10 @@ def _add_clusters(sub) -> None:
                    help="how a training example gets its global cluster: 'example' (default): on its own, the "
                         "nearest cluster centre by instruction and answer; 'sub-cluster': where the server put "
                         "its client's sub-cluster (the paper's form)")
+    p.add_argument("--global-router", default=DEFAULT_GLOBAL_ROUTER, choices=GLOBAL_ROUTERS,
+                   help="how the router compares an input with the clusters: 'discriminant' (default): the nearest "
+                        "cluster mean after whitening by the clusters' pooled covariance; 'prototype': the nearest "
+                        "prototype (the paper's)")
     p.add_argument("--n-local", default="auto",
                    help="sub-clusters per client: K, 'auto' (silhouette against a null reference), or one K per client, comma-separated")
     p.add_argument("--n-global", default="auto", help="global clusters: K or 'auto' (silhouette)")
@@ -243,7 +247,8 @@ def _cmd_clusters(args) -> int:
     n_global = parse_k(args.n_global, "--n-global")
     if args.out.is_dir():
         raise FedrouterError(f"--out {args.out} is a directory; give a file name")
-    report = cluster_data(cfg, args.embedder, n_local, n_global, range(k_min, k_max + 1), args.cluster_on, args.assign)
+    report = cluster_data(cfg, args.embedder, n_local, n_global, range(k_min, k_max + 1), args.cluster_on, args.assign,
+                          args.global_router)
     write_report(args.out, report)
     print(format_summary(report))
     print(f"report: {args.out}")

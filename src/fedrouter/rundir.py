@@ -204,7 +204,8 @@ def save_tensors(run_dir: Path, filename: str, tensors: dict) -> None:
 
 
 def save_router(run_dir: Path, router: dict | None) -> None:
-    """router/centroids.safetensors + router/router.json (cluster -> adapter, embedder): what predict needs."""
+    """router/centroids.safetensors (the centroids, and the discriminant router's whitening map when it has
+    one) + router/router.json (cluster -> adapter, embedder): what predict needs."""
     if router is None:
         return
     import torch
@@ -212,8 +213,10 @@ def save_router(run_dir: Path, router: dict | None) -> None:
 
     out = Path(run_dir) / ROUTER
     out.mkdir(exist_ok=True)
-    centroids = torch.tensor(router["centroids"], dtype=torch.float32).contiguous()
-    atomic.write_bytes(out / "centroids.safetensors", save({"centroids": centroids}))
+    tensors = {"centroids": torch.tensor(router["centroids"], dtype=torch.float32).contiguous()}
+    if router.get("whiten") is not None:
+        tensors["whiten"] = torch.tensor(router["whiten"], dtype=torch.float32).contiguous()
+    atomic.write_bytes(out / "centroids.safetensors", save(tensors))
     atomic.write_json(out / "router.json", {"adapters": router["adapters"], "embedder": router["embedder"]})
 
 
@@ -235,8 +238,9 @@ def require_finished(run_dir: Path) -> None:
 
 
 def read_router(run_dir: Path) -> dict | None:
-    """The run's router -- {"centroids": float32 array (k, d), "adapters": k names, "embedder": str} --
-    or None when the run has none; every part checked (one adapter per centroid, plain names that exist)."""
+    """The run's router -- {"centroids": float32 array (k, d), "adapters": k names, "embedder": str,
+    "whiten": float32 array (d, d) or None} -- or None when the run has none; every part checked (one
+    adapter per centroid, plain names that exist, a square whitening map as wide as the centroids)."""
     folder = Path(run_dir) / ROUTER
     if not (folder / "router.json").exists():
         return None
@@ -248,7 +252,8 @@ def read_router(run_dir: Path) -> dict | None:
     from safetensors.torch import load_file
 
     try:
-        centroids = load_file(str(folder / "centroids.safetensors"))["centroids"]
+        tensors = load_file(str(folder / "centroids.safetensors"))
+        centroids, whiten = tensors["centroids"], tensors.get("whiten")
     except (OSError, SafetensorError, KeyError) as exc:
         raise FedrouterError(f"{folder / 'centroids.safetensors'} is unreadable or corrupt ({type(exc).__name__})") from None
     import torch
@@ -257,9 +262,14 @@ def read_router(run_dir: Path) -> dict | None:
         raise FedrouterError(f"{folder / 'centroids.safetensors'}: centroids must be a finite (clusters x dimensions) matrix")
     if len(names) != centroids.shape[0]:
         raise FedrouterError(f"the router lists {len(names)} adapters for {centroids.shape[0]} centroids")
+    if whiten is not None and (tuple(whiten.shape) != (centroids.shape[1],) * 2 or not whiten.is_floating_point()
+                               or not bool(torch.isfinite(whiten).all())):
+        raise FedrouterError(f"{folder / 'centroids.safetensors'}: the whitening map must be a finite "
+                             f"({centroids.shape[1]} x {centroids.shape[1]}) matrix, got {tuple(whiten.shape)}")
     for name in names:
         require_adapter(run_dir, name)
-    return {"centroids": centroids.float().numpy(), "adapters": names, "embedder": router["embedder"]}
+    return {"centroids": centroids.float().numpy(), "adapters": names, "embedder": router["embedder"],
+            "whiten": None if whiten is None else whiten.float().numpy()}
 
 
 def require_adapter(run_dir: Path, name: str) -> Path:

@@ -24,6 +24,10 @@ How K is chosen ("auto"), measured in docs/benchmark.md (bench/task_discovery.py
   paper's form: an example goes where its sub-cluster went.
 - A client's local clusters are the global clusters holding its examples, so a single-task client ends
   with one however its data split.
+- The router (global router "discriminant", the default) compares an input with each cluster's mean
+  instruction embedding after whitening by the clusters' pooled covariance (`discriminant`, from each
+  client's `cluster_moments`): linear discriminant analysis with equal priors. "prototype" keeps the
+  paper's nearest prototype.
 
 Bad input is told as one `FedrouterError` line before scikit-learn sees it: no points (nothing to
 cluster), NaN or Inf in embeddings or centroids, a non-2-d or non-numeric array, an embedding dimension
@@ -44,7 +48,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -338,14 +342,17 @@ def nearest(x, centroids) -> np.ndarray:
     return np.argmin(d2, axis=1).astype(np.int64)
 
 
-def route(x, global_centroids, allowed=None, owner=None) -> np.ndarray:
+def route(x, global_centroids, allowed=None, owner=None, whiten=None) -> np.ndarray:
     """Global cluster id per row of `x`: that of the nearest centroid (global mode), or of the nearest
     among the centroids of the `allowed` cluster ids only (local mode: a client's own clusters).
 
     `owner` gives the cluster of each centroid when several centroids (prototypes) share a cluster;
-    without it centroid i is cluster i.
+    without it centroid i is cluster i. `whiten` (d x d, from `discriminant`): distances are measured
+    after mapping inputs and centroids through it (the discriminant router); None: Euclidean.
     """
     centroids = _points(global_centroids, "centroids")
+    if whiten is not None:
+        x, centroids = whitened(x, whiten), whitened(centroids, whiten)
     owner = np.arange(len(centroids)) if owner is None else np.asarray(owner, dtype=np.int64)
     if owner.shape != (len(centroids),):
         raise FedrouterError(f"{len(owner)} cluster ids were given for {len(centroids)} centroids")
@@ -367,6 +374,79 @@ def route(x, global_centroids, allowed=None, owner=None) -> np.ndarray:
         raise FedrouterError(f"allowed cluster ids must lie in [0, {n_clusters}), got {bad.tolist()}")
     candidates = np.flatnonzero(np.isin(owner, ids))
     return owner[candidates[nearest(x, centroids[candidates])]]
+
+
+# How inputs are compared with clusters when the router picks among them (test-time generalization,
+# serving, and the "local" and "global" modes on a client's own tests): "discriminant" (the default) by a
+# distance that discounts what varies within a cluster (`discriminant`), "prototype" (the paper's) by the
+# Euclidean distance to the server's prototypes.
+DISCRIMINANT, PROTOTYPE = "discriminant", "prototype"
+GLOBAL_ROUTERS = (DISCRIMINANT, PROTOTYPE)
+DEFAULT_GLOBAL_ROUTER = DISCRIMINANT
+# Weight of the identity (scaled to the covariance's mean variance) in the router's covariance: 0.01 to
+# 0.6 route alike on every benchmark (docs/benchmark.md); some is needed, as 384 dimensions can have
+# fewer examples behind them.
+SHRINKAGE = 0.1
+
+
+def cluster_moments(x, clusters, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A client's share of the discriminant router, from its training inputs' embeddings `x` and each
+    one's global cluster (0..k-1): per cluster the sum of its vectors (k, d) and their count (k,), and
+    the scatter of every vector about its own cluster's mean on this client, summed (d, d). Sums and
+    scatters add up over clients, so the server gets what pooling everyone's data would give
+    (`discriminant`) without seeing an example."""
+    x = _points(x, "embeddings").astype(np.float64)
+    clusters = np.asarray(clusters, dtype=np.int64)
+    if clusters.shape != (len(x),) or (len(x) and (clusters.min() < 0 or clusters.max() >= k)):
+        raise FedrouterError(f"{len(clusters)} cluster ids in 0..{k - 1} were needed for {len(x)} embeddings")
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, clusters, x)
+    counts = np.bincount(clusters, minlength=k)
+    centred = x - (sums / np.maximum(counts, 1)[:, None])[clusters]
+    return sums, counts, centred.T @ centred
+
+
+def discriminant(moments: list[tuple], shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
+    """The discriminant router from every client's `cluster_moments`: the clusters' means (k, d) and a
+    whitening map (d, d) -- the inverse square root of the clusters' pooled covariance, shrunk toward the
+    identity (scikit-learn's `shrunk_covariance`) -- so that the nearest mean after whitening (`route`
+    with `whiten`) is linear discriminant analysis with equal priors.
+
+    Why: within a cluster, inputs spread mostly over their content (names, facts), and two tasks that
+    share an input format differ along the few words of their ask. The Euclidean distance to the nearest
+    prototype is dominated by the content; whitening discounts it (synthetic-hard `dual`, inputs of every
+    task among all clusters: 0.76-0.96 -> 1.000; docs/benchmark.md). The covariance pools the scatter
+    about each cluster's mean over all clients: each client's scatter about its own means, plus how far
+    its means lie from the clusters' (from the sums)."""
+    from sklearn.covariance import shrunk_covariance
+
+    if not moments:
+        raise FedrouterError("the discriminant router needs at least one client's moments")
+    sums = sum(np.asarray(s, dtype=np.float64) for s, _, _ in moments)
+    counts = sum(np.asarray(n, dtype=np.float64) for _, n, _ in moments)
+    if (counts <= 0).any():
+        raise FedrouterError(f"no client reported examples of cluster(s) {np.flatnonzero(counts <= 0).tolist()}")
+    scatter = sum(np.asarray(w, dtype=np.float64) for _, _, w in moments)
+    for s, n, _ in moments:  # each client's cluster means about the clusters' means
+        n = np.asarray(n, dtype=np.float64)
+        held = n > 0
+        scatter = scatter + (np.asarray(s)[held].T / n[held]) @ np.asarray(s)[held]
+    scatter -= (sums.T / counts) @ sums
+    covariance = shrunk_covariance(scatter / max(counts.sum() - len(counts), 1.0), shrinkage)
+    values, vectors = np.linalg.eigh(covariance)
+    if values.min() <= 0 or not np.isfinite(values).all():
+        raise FedrouterError("the clusters' pooled covariance is degenerate (no spread within clusters)")
+    return sums / counts[:, None], (vectors / np.sqrt(values)) @ vectors.T
+
+
+def whitened(x, whiten) -> np.ndarray:
+    """`x`'s rows mapped through the router's whitening matrix (`discriminant`), checked."""
+    x = _points(x, "embeddings").astype(np.float64)
+    whiten = _points(whiten, "the router's whitening matrix").astype(np.float64)
+    if whiten.shape != (x.shape[1], x.shape[1]):
+        raise FedrouterError(f"the router's whitening matrix is {whiten.shape}, not ({x.shape[1]}, {x.shape[1]}) for "
+                             f"embeddings of dimension {x.shape[1]}")
+    return x @ whiten
 
 
 @_one_blas_thread
@@ -516,6 +596,8 @@ class Clustering:
     example_clusters: dict[int, np.ndarray] | None = None  # client -> global cluster of each example
     # (assign "example"; None: via its sub-cluster)
     assignment: dict | None = None  # what the assignment changed (`regroup_summary`; None: assign "sub-cluster")
+    discriminant: tuple[np.ndarray, np.ndarray] | None = None  # the router's cluster means and whitening map
+    # (global router "discriminant": `discriminant`); None: the nearest prototype
 
     @property
     def n_global(self) -> int:
@@ -550,9 +632,20 @@ class Clustering:
         return np.searchsorted(self.allowed(client), self.global_labels(client))
 
     def route(self, x, client: int | None = None) -> np.ndarray:
-        """Global cluster per row of `x`: that of the nearest prototype, among all (client None) or among
-        those of `client`'s local clusters."""
-        return route(x, self.router_centroids, None if client is None else self.allowed(client), self.step.prototype_cluster)
+        """Global cluster per row of `x`, among all (client None) or among `client`'s local clusters: the
+        nearest cluster mean after whitening (the discriminant router), else the nearest prototype."""
+        allowed = None if client is None else self.allowed(client)
+        if self.discriminant is not None:
+            means, whiten = self.discriminant
+            return route(x, means, allowed, whiten=whiten)
+        return route(x, self.router_centroids, allowed, self.step.prototype_cluster)
+
+    def with_discriminant(self, client_embeddings: dict[int, np.ndarray]) -> "Clustering":
+        """This clustering with the discriminant router, from each client's `cluster_moments` of its
+        examples' instruction part and their global clusters -- the method's last setup exchange."""
+        moments = [cluster_moments(np.asarray(client_embeddings[c])[:, : self.router_dims], self.global_labels(c), self.n_global)
+                   for c in sorted(client_embeddings)]
+        return replace(self, discriminant=discriminant(moments))
 
 
 def _check_k(value, what: str) -> None:
@@ -571,6 +664,7 @@ def local_then_global(
     router_dims: int | None = None,
     local_dims: int | None = None,
     assign: str = DEFAULT_ASSIGN,
+    global_router: str = DEFAULT_GLOBAL_ROUTER,
 ) -> Clustering:
     """FedRouter's clustering without the training: K-Means per client (`n_local`: one int, an int per
     client, or "auto" = chosen by silhouette against a null reference over `k_range`), then the server's
@@ -578,9 +672,12 @@ def local_then_global(
     distinct points is clipped with a warning (see the module docstring). `client_embeddings` are the
     clients' `task_features`; `router_dims` says how many leading dimensions of them the router compares
     an input's embedding with (None: all), `local_dims` how many of them the clients' K-Means splits by
-    (None: all; see `split_dims`), `assign` how an example gets its global cluster (`ASSIGN`)."""
+    (None: all; see `split_dims`), `assign` how an example gets its global cluster (`ASSIGN`),
+    `global_router` how the router compares inputs with clusters (`GLOBAL_ROUTERS`)."""
     if assign not in ASSIGN:
         raise FedrouterError(f"assign must be one of {', '.join(map(repr, ASSIGN))}, got {assign!r}")
+    if global_router not in GLOBAL_ROUTERS:
+        raise FedrouterError(f"global_router must be one of {', '.join(map(repr, GLOBAL_ROUTERS))}, got {global_router!r}")
     if not client_embeddings:
         raise FedrouterError("nothing to cluster: no clients were given")
     clients = sorted(client_embeddings)
@@ -604,13 +701,15 @@ def local_then_global(
     sizes = {c: np.bincount(labels[c], minlength=len(centroids[c])) for c in clients}
     step = server_step(centroids, n_global, seed, k_range, sizes)
     if assign == SUB_CLUSTER:
-        return Clustering(centroids, labels, step, curves, router_dims)
-    centres = cluster_centres(step, centroids, sizes)
-    nearest_centre = {c: nearest_held(client_embeddings[c], centres) for c in clients}
-    held = {c: np.bincount(nearest_centre[c], minlength=len(centres)) for c in clients}
-    step, remap = regroup_by_examples(step, held, merge=n_global == AUTO)
-    return Clustering(centroids, labels, step, curves, router_dims, {c: remap[nearest_centre[c]] for c in clients},
-                      regroup_summary(remap))
+        result = Clustering(centroids, labels, step, curves, router_dims)
+    else:
+        centres = cluster_centres(step, centroids, sizes)
+        nearest_centre = {c: nearest_held(client_embeddings[c], centres) for c in clients}
+        held = {c: np.bincount(nearest_centre[c], minlength=len(centres)) for c in clients}
+        step, remap = regroup_by_examples(step, held, merge=n_global == AUTO)
+        result = Clustering(centroids, labels, step, curves, router_dims, {c: remap[nearest_centre[c]] for c in clients},
+                            regroup_summary(remap))
+    return result.with_discriminant(client_embeddings) if global_router == DISCRIMINANT else result
 
 
 def server_step(sub_centroids: dict[int, np.ndarray], n_global: int | Auto, seed: int = 0, k_range=range(1, 13),

@@ -9,13 +9,17 @@ cluster (the parts of one task), and keeps one LoRA adapter per global cluster. 
 cluster of its nearest centre and replies how many went where; clusters that got no example are dropped
 and clusters that now co-occur joined. With "sub-cluster" an example goes where its sub-cluster went (one
 exchange, the paper's form). A client's local clusters are the global clusters holding its examples (a
-single-task client has one). In round t a client trains on its local cluster ``t mod n_local`` from that
-global cluster's adapter; the server averages the returned adapters per global cluster, weighted by
-examples (a cluster nobody trained keeps its adapter). At evaluation a router picks each input's adapter:
-on a client's own test set by default a classifier fit on its training instructions and the clusters its
-examples were put in (``learned``), or the nearest among the prototypes of its own clusters (``local``) or
-among all (``global``), comparing the input's instruction embedding with the instruction part of each
-prototype; test-time generalization and serving use ``global``.
+single-task client has one). Last (``global_router`` "discriminant", the default), each client sends, for
+its training instructions' embeddings under the final clusters, a sum and a count per cluster and one
+scatter matrix; the server makes of them the discriminant router: each cluster's mean and a whitening map
+(the inverse square root of the clusters' pooled covariance) -- what pooling everyone's inputs would give.
+In round t a client trains on its local cluster ``t mod n_local`` from that global cluster's adapter; the
+server averages the returned adapters per global cluster, weighted by examples (a cluster nobody trained
+keeps its adapter). At evaluation a router picks each input's adapter: on a client's own test set by
+default a classifier fit on its training instructions and the clusters its examples were put in
+(``learned``), or the nearest cluster among its own (``local``) or among all (``global``) -- nearest mean
+after whitening, or with ``global_router`` "prototype" the nearest prototype's instruction part (the
+paper's); test-time generalization and serving use ``global``.
 
 Variants: ``fedrouter-star`` trains every local cluster's adapter every round (adapter-level budget);
 ``fedrouter-oracle`` clusters by the true task labels and routes by them (an upper reference).
@@ -28,7 +32,9 @@ instruction means only; "instruction+output": answers in the client's split too,
 its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and n_global
 (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see `core.cluster`), assign
 ("example" or "sub-cluster", see above and `core.cluster`), router (for the clients' own test sets:
-"local", "global" or "learned", see `ROUTERS`), mixed_batch (true: one generate call serves rows routed to
+"local", "global" or "learned", see `ROUTERS`), global_router ("discriminant" or "prototype": how inputs
+are compared with clusters, see above; "prototype" under DP centroids, as the moments would be a release
+the accountant does not cover), mixed_batch (true: one generate call serves rows routed to
 different adapters; false: generate adapter by adapter).
 """
 
@@ -45,13 +51,19 @@ from fedrouter.core.cluster import (
     CLUSTER_ON,
     DEFAULT_ASSIGN,
     DEFAULT_CLUSTER_ON,
+    DEFAULT_GLOBAL_ROUTER,
+    DISCRIMINANT,
     EXAMPLE,
+    GLOBAL_ROUTERS,
+    PROTOTYPE,
     SUB_CLUSTER,
     GlobalStep,
     adjusted_rand,
     cluster_local,
     cluster_centres,
+    cluster_moments,
     clustering_accuracy,
+    discriminant,
     example_features,
     label_means,
     learned_route,
@@ -70,7 +82,7 @@ from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
 OPTIONS = {"embedder": "minilm", "cluster_on": DEFAULT_CLUSTER_ON, "assign": DEFAULT_ASSIGN, "n_local": "auto", "n_global": "auto",
-           "k_min": 1, "k_max": 12, "router": "learned", "mixed_batch": False}
+           "k_min": 1, "k_max": 12, "router": "learned", "global_router": DEFAULT_GLOBAL_ROUTER, "mixed_batch": False}
 # own test sets: nearest prototype among this client's clusters ("local"), among all ("global"), or a
 # classifier fit on this client's training instructions and their clusters ("learned": `learned_route`)
 ROUTERS = ("local", "global", "learned")
@@ -87,6 +99,8 @@ def check_options(method: str, opts: dict) -> None:
     require(opts["cluster_on"] in CLUSTER_ON, method,
             f"cluster_on must be one of {', '.join(map(repr, CLUSTER_ON))}, got {opts['cluster_on']!r}")
     require(opts["assign"] in ASSIGN, method, f"assign must be one of {', '.join(map(repr, ASSIGN))}, got {opts['assign']!r}")
+    require(opts["global_router"] in GLOBAL_ROUTERS, method,
+            f"global_router must be one of {', '.join(map(repr, GLOBAL_ROUTERS))}, got {opts['global_router']!r}")
 
 
 def k_range(opts: dict) -> range:
@@ -101,6 +115,14 @@ def example_counts(reply: Message, key: str, n: int, cid: int) -> np.ndarray:
                                                                 for v in value) and sum(value) > 0):
         raise FedrouterError(f"client {cid} sent {key} {value!r}: not {n} example counts")
     return np.asarray(value, dtype=np.int64)
+
+
+def _finite_matrix(value, shape: tuple, what: str) -> np.ndarray:
+    """A tensor from a peer as a float64 array of `shape` with finite values, or one clear error."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or not bool(torch.isfinite(value).all()):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise FedrouterError(f"{what} is {got}, not a finite {shape} matrix")
+    return value.double().numpy()
 
 
 def job_reference(sent: Message) -> dict:
@@ -128,28 +150,38 @@ class Server(ServerPart):
         self.setup_info: dict[int, dict] = {}
         self.global_silhouette = None
         self.merged: list[list[int]] = []
-        self.setup_phase = "split"  # -> "assign" (assign "example") -> "done"
+        self.setup_phase = "split"  # -> "assign" (assign "example") -> "moments" (global router "discriminant") -> "done"
         self.centres: np.ndarray | None = None  # the clusters' mean task features, sent for the assignment
+        # the discriminant router (`core.cluster.discriminant`): each cluster's mean instruction embedding
+        # and the whitening map inputs and means are compared through; None: the nearest prototype
+        self.router_means: np.ndarray | None = None
+        self.whiten: np.ndarray | None = None
         self.router_dims: int | None = None
         self.assignment: dict | None = None  # what the assignment changed: clusters before, emptied, joined
 
-    # -- setup: sub-cluster centroids in, global clusters out; then (assign "example") centres out, counts in
+    # -- setup: sub-cluster centroids in, global clusters out; then (assign "example") centres out, counts
+    # in; then (global router "discriminant") each client's clusters out, their moments in
     def configure_setup(self, client_ids):
         if self.setup_phase == "split":
             return {cid: Message(config={"oracle": self.oracle}) for cid in client_ids}
         if self.setup_phase == "assign":
             centres = torch.tensor(self.centres, dtype=torch.float32)
             return {cid: Message({"centres": centres}, {"phase": "assign"}) for cid in client_ids}
+        if self.setup_phase == "moments":
+            return {cid: Message(config={"phase": "moments", "mapping": self.label_map[cid],
+                                         "n_clusters": len(self.cluster_adapters)}) for cid in client_ids}
         return {}
 
     def aggregate_setup(self, replies):
         if self.setup_phase == "assign":
             return self._aggregate_assign(replies)
+        if self.setup_phase == "moments":
+            return self._aggregate_moments(replies)
         clients = sorted(replies)
         centroids = {cid: replies[cid].arrays["centroids"].numpy() for cid in clients}
         self.router_dims = self._router_dims(replies, centroids)
         self.setup_info = {cid: replies[cid].config for cid in clients}
-        self.setup_phase = "done"
+        self.setup_phase = self._phase_after_clustering()
         if self.oracle:  # one global cluster per true task; its centroid is the mean of that task's local ones
             tasks = sorted({t for cid in clients for t in replies[cid].config["local_tasks"]})
             stacked = {t: [] for t in tasks}
@@ -192,7 +224,34 @@ class Server(ServerPart):
         self.assignment = regroup_summary(remap)
         self._adopt(step, {cid: remap for cid in held})
         self.client_clusters = {cid: sorted(set(remap[np.flatnonzero(counts)].tolist())) for cid, counts in held.items()}
-        self.setup_phase, self.centres = "done", None
+        self.setup_phase, self.centres = self._phase_after_clustering(), None
+        return {}
+
+    def _phase_after_clustering(self) -> str:
+        return "moments" if self.global_router() == DISCRIMINANT else "done"
+
+    def global_router(self) -> str:
+        """How this run's router compares inputs with clusters: the `global_router` option, but
+        "prototype" under DP centroids -- the moments would be a release the accountant does not cover."""
+        if self.settings.privacy.get("centroid_noise_multiplier") is not None:
+            return PROTOTYPE
+        return self.options["global_router"]
+
+    def _aggregate_moments(self, replies):
+        """Each client's `cluster_moments` in (checked: a reply is input to check, not trust); out the
+        discriminant router -- cluster means and whitening map -- that pooling everyone's inputs would give."""
+        missing = sorted(set(self.label_map) - set(replies))
+        if missing:
+            raise FedrouterError(f"client(s) {missing} did not send their clusters' moments")
+        k, d = len(self.cluster_adapters), self.router_dims
+        moments = []
+        for cid in sorted(replies):
+            arrays = replies[cid].arrays
+            sums, scatter = (_finite_matrix(arrays.get(name), shape, f"client {cid}'s {name}")
+                             for name, shape in (("sums", (k, d)), ("scatter", (d, d))))
+            moments.append((sums, example_counts(replies[cid], "counts", k, cid), scatter))
+        self.router_means, self.whiten = discriminant(moments)
+        self.setup_phase = "done"
         return {}
 
     def _adopt(self, step: GlobalStep, label_map: dict) -> None:
@@ -265,11 +324,21 @@ class Server(ServerPart):
                 "clients": len(replies), "clusters_updated": len(updates)}
 
     # -- evaluation ----------------------------------------------------------------------------------
+    def routing(self) -> tuple[np.ndarray, list[int], np.ndarray | None]:
+        """What the router compares an input with: (centroids, the cluster of each, whitening map or
+        None) -- the clusters' means under the discriminant router, else the prototypes."""
+        if self.whiten is not None:
+            return self.router_means, list(range(len(self.router_means))), self.whiten
+        return self.prototypes, list(self.prototype_cluster), None
+
     def configure_evaluate(self, client_ids):
-        arrays = {"centroids": torch.tensor(self.prototypes, dtype=torch.float32)}
+        centroids, owner, whiten = self.routing()
+        arrays = {"centroids": torch.tensor(centroids, dtype=torch.float32)}
+        if whiten is not None:
+            arrays["whiten"] = torch.tensor(whiten, dtype=torch.float32)
         for g, adapter in self.cluster_adapters.items():
             arrays.update(pack_under(f"g{g}", adapter))
-        config = {"router": self.options["router"], "owner": list(self.prototype_cluster)}
+        config = {"router": self.options["router"], "owner": owner}
         if self.oracle:
             config["task_cluster"] = self.oracle_task_cluster
         return {cid: Message(dict(arrays), {**config, "allowed": self.client_clusters[cid], "mapping": self.label_map[cid]})
@@ -279,8 +348,9 @@ class Server(ServerPart):
         return {f"cluster{g}": a for g, a in self.cluster_adapters.items()}
 
     def router(self):
-        return {"centroids": self.prototypes, "adapters": [f"cluster{g}" for g in self.prototype_cluster],
-                "embedder": self.options["embedder"]}
+        centroids, owner, whiten = self.routing()
+        return {"centroids": centroids, "adapters": [f"cluster{g}" for g in owner], "embedder": self.options["embedder"],
+                "whiten": whiten}
 
     def report(self, evaluations, truth=None):
         """results.json's `clustering`: what the clustering chose, and -- where the true tasks are known --
@@ -300,7 +370,8 @@ class Server(ServerPart):
             "n_local": {str(cid): len(m) for cid, m in self.client_clusters.items()},
             "n_sub": {str(cid): len(m) for cid, m in self.sub_to_global.items()},
             "local_to_global": {str(cid): m for cid, m in self.client_clusters.items()},
-            "router_mode": {"own_test": self.options["router"], "generalization": "global"},
+            "router_mode": {"own_test": self.options["router"], "generalization": "global",
+                            "global_router": self.global_router()},
             "silhouette": {"global": self.global_silhouette,
                            "local": {str(cid): cfg["silhouette"] for cid, cfg in self.setup_info.items() if cfg.get("silhouette")}},
         }
@@ -349,6 +420,8 @@ class Client(ClientPart):
                                           self.options["cluster_on"])
         if msg.config.get("phase") == "assign":
             return self._assign(msg, ctx, x)
+        if msg.config.get("phase") == "moments":
+            return self._moments(msg, ctx, x[:, :router_dims])
         curve, config = None, {"router_dims": router_dims}
         if msg.config.get("oracle"):  # the reference variant clusters by the true tasks: labels by design
             tasks = [e["task"] for e in train]
@@ -379,6 +452,16 @@ class Client(ClientPart):
         ctx.state["labels"] = labels = nearest_held(x, centres.double().numpy())
         return Message(config={"held": np.bincount(labels, minlength=len(centres)).tolist()})
 
+    def _moments(self, msg, ctx, x: np.ndarray) -> Message:
+        """This client's `cluster_moments` of its training instructions' embeddings `x` under the server's
+        final clusters: per cluster a sum and a count, and one scatter matrix -- no example, no label."""
+        clusters, k = self._clusters_of_examples(msg, ctx), msg.config.get("n_clusters")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k or int(clusters.max()) >= k or int(clusters.min()) < 0:
+            raise FedrouterError(f"the server sent n_clusters {k!r}, which does not cover its mapping {msg.config.get('mapping')!r}")
+        sums, counts, scatter = cluster_moments(x, clusters, k)
+        return Message({"sums": torch.tensor(sums, dtype=torch.float32), "scatter": torch.tensor(scatter, dtype=torch.float32)},
+                       {"counts": counts.tolist()})
+
     def fit(self, msg, ctx):
         cluster_of_example = self._clusters_of_examples(msg, ctx)
         arrays, job_examples, job_losses, tokens, seconds = {}, [], [], 0, 0.0
@@ -399,12 +482,13 @@ class Client(ClientPart):
         mode = "global" if split == "general" else msg.config.get("router", "local")
         # (kept for diagnostics too; a client set up elsewhere evaluates all the same, but for "learned")
         own = self._clusters_of_examples(msg, ctx) if "labels" in ctx.state or mode == "learned" else None
-        centroids = msg.arrays["centroids"].numpy()
+        centroids, whiten = msg.arrays["centroids"].numpy(), msg.arrays.get("whiten")
         x = self._embed(ctx, examples)
         if mode == "learned":
             routes = learned_route(self._embed(ctx, ctx.workbench.examples("train")), own, x)
         else:
-            routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None, msg.config["owner"])
+            routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None, msg.config["owner"],
+                           None if whiten is None else whiten.double().numpy())
         if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
             routes = np.array([msg.config["task_cluster"].get(e["task"], g) for e, g in zip(examples, routes)])
         adapters = {str(g): unpack_under(msg.arrays, f"g{g}") for g in sorted(set(routes.tolist()))}

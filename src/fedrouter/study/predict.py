@@ -1,8 +1,8 @@
 """`fedrouter predict RUN_DIR`: answer new prompts with a finished run's adapters and router.
 
 Loads the run's base model (from its config.json), every adapter it saved, and its router (FedRouter:
-centroids + cluster -> adapter map + embedder); each prompt goes to the adapter of its nearest centroid
-and all prompts are answered in one mixed batch. A run without a router (FedIT) answers with its single
+centroids + cluster -> adapter map + embedder, and the discriminant router's whitening map); each prompt
+goes to the adapter of its nearest centroid (after whitening, when the router has the map) and all prompts are answered in one mixed batch. A run without a router (FedIT) answers with its single
 `global` adapter.
 """
 
@@ -62,14 +62,17 @@ def load_run(run_dir: Path):
 
 def route_prompts(router: dict | None, embedder, prompts: list[str]) -> tuple[list[str], list[float | None]]:
     """(adapter, distance to its centroid) per prompt: the router's nearest centroid in global mode, with
-    the router's embedder; a run without a router answers with its `global` adapter (distance None)."""
-    from fedrouter.core.cluster import route
+    the router's embedder -- distances after whitening when the router has a whitening map (the
+    discriminant router); a run without a router answers with its `global` adapter (distance None)."""
+    from fedrouter.core.cluster import route, whitened
 
     if router is None:
         return ["global"] * len(prompts), [None] * len(prompts)
-    x = embedder.embed(prompts)
-    clusters = route(x, router["centroids"])
-    distances = np.linalg.norm(x - router["centroids"][clusters], axis=1).tolist()
+    x, centroids, whiten = embedder.embed(prompts), router["centroids"], router.get("whiten")
+    clusters = route(x, centroids, whiten=whiten)
+    if whiten is not None:
+        x, centroids = whitened(x, whiten), whitened(centroids, whiten)
+    distances = np.linalg.norm(x - centroids[clusters], axis=1).tolist()
     return [router["adapters"][g] for g in clusters], distances
 
 
