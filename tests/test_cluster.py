@@ -605,26 +605,29 @@ def test_the_discriminant_from_client_moments_is_what_pooling_the_data_gives():
 def test_the_discriminant_router_routes_as_sklearns_lda_with_equal_priors_and_beats_the_euclidean_one():
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    from fedrouter.core.cluster import cluster_moments, discriminant, route
+    from fedrouter.core.cluster import cluster_moments, discriminant, linear_router, route, route_linear, whitened
 
     rng = np.random.default_rng(1)
     x, y = _three_clusters_on_four_clients(rng)
     means, whiten = discriminant([cluster_moments(x[c], y[c], 3) for c in sorted(x)], shrinkage=0.1)
     test_x, test_y = _three_clusters_on_four_clients(rng)
     test_x, test_y = np.concatenate(list(test_x.values())), np.concatenate(list(test_y.values()))
-    ours = route(test_x, means, whiten=whiten)
+    ours = route(whitened(test_x, whiten), whitened(means, whiten))  # the nearest mean after whitening
+    # ... is what the k linear scores sent to the clients pick
+    assert np.array_equal(route_linear(test_x, *linear_router(means, whiten)), ours)
     # each cluster holds the same number of examples, so scikit-learn's average of class covariances is the
     # pooled one up to a scale, which shrinkage and the argmin do not see
     pooled_x, pooled_y = np.concatenate(list(x.values())), np.concatenate(list(y.values()))
     lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.1, priors=[1 / 3] * 3).fit(pooled_x, pooled_y)
     assert np.array_equal(ours, lda.predict(test_x))
     assert np.mean(ours == test_y) > 0.95 > 0.8 > np.mean(route(test_x, means) == test_y)
-    # local mode: only the allowed clusters compete
-    assert set(route(test_x, means, allowed=[0, 2], whiten=whiten).tolist()) <= {0, 2}
+    # local mode: only the allowed clusters compete, and among them the nearest mean still wins
+    local = route_linear(test_x, *linear_router(means, whiten), allowed=[0, 2])
+    assert np.array_equal(local, np.array([0, 2])[route(whitened(test_x, whiten), whitened(means[[0, 2]], whiten))])
 
 
 def test_the_discriminant_refuses_what_it_cannot_use():
-    from fedrouter.core.cluster import cluster_moments, discriminant, route
+    from fedrouter.core.cluster import cluster_moments, discriminant, route_linear, whitened
 
     x, y = _three_clusters_on_four_clients(np.random.default_rng(2))
     with pytest.raises(FedrouterError, match=r"no client reported examples of cluster\(s\) \[3\]"):
@@ -634,4 +637,8 @@ def test_the_discriminant_refuses_what_it_cannot_use():
     with pytest.raises(FedrouterError, match="no spread within clusters"):
         discriminant([cluster_moments(np.ones((4, 3)), [0, 0, 1, 1], 2)])
     with pytest.raises(FedrouterError, match=r"whitening matrix is \(3, 3\), not \(4, 4\)"):
-        route(x[0], np.zeros((2, 4)), whiten=np.eye(3))
+        whitened(x[0], np.eye(3))
+    with pytest.raises(FedrouterError, match="not one finite bias per cluster"):
+        route_linear(x[0], np.zeros((2, 4)), [0.0])
+    with pytest.raises(FedrouterError, match="allowed cluster ids must lie in"):
+        route_linear(x[0], np.zeros((2, 4)), [0.0, 1.0], allowed=[2])

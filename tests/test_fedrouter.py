@@ -373,6 +373,10 @@ def test_the_learned_and_discriminant_routers_tell_a_format_sharing_pair_apart_w
         contexts = {cid: ClientContext(cid, wb) for cid, wb in benches.items()}
         _set_up(server, client, contexts)
         sent = server.configure_evaluate([4, 5])
+        routing = {name: tuple(t.shape) for name, t in sent[4].arrays.items() if not name.startswith("g")}
+        k = len(server.cluster_adapters)  # the discriminant router travels as k linear scores, not a d x d map
+        assert routing == ({"router_weights": (k, 6), "router_bias": (k,)} if global_router == "discriminant"
+                           else {"centroids": (len(server.prototypes), 6)})
         hits = total = 0
         for cid in (4, 5):  # each task's inputs should reach the cluster its training examples are in
             sent[cid].config["split"] = "test"

@@ -342,22 +342,26 @@ def nearest(x, centroids) -> np.ndarray:
     return np.argmin(d2, axis=1).astype(np.int64)
 
 
-def route(x, global_centroids, allowed=None, owner=None, whiten=None) -> np.ndarray:
+def route(x, global_centroids, allowed=None, owner=None) -> np.ndarray:
     """Global cluster id per row of `x`: that of the nearest centroid (global mode), or of the nearest
     among the centroids of the `allowed` cluster ids only (local mode: a client's own clusters).
 
     `owner` gives the cluster of each centroid when several centroids (prototypes) share a cluster;
-    without it centroid i is cluster i. `whiten` (d x d, from `discriminant`): distances are measured
-    after mapping inputs and centroids through it (the discriminant router); None: Euclidean.
+    without it centroid i is cluster i.
     """
     centroids = _points(global_centroids, "centroids")
-    if whiten is not None:
-        x, centroids = whitened(x, whiten), whitened(centroids, whiten)
     owner = np.arange(len(centroids)) if owner is None else np.asarray(owner, dtype=np.int64)
     if owner.shape != (len(centroids),):
         raise FedrouterError(f"{len(owner)} cluster ids were given for {len(centroids)} centroids")
     if allowed is None:
         return owner[nearest(x, centroids)]
+    ids = _allowed_ids(allowed, int(owner.max()) + 1 if len(owner) else 0)
+    candidates = np.flatnonzero(np.isin(owner, ids))
+    return owner[candidates[nearest(x, centroids[candidates])]]
+
+
+def _allowed_ids(allowed, n_clusters: int) -> np.ndarray:
+    """The `allowed` cluster ids of local routing, checked: integers in [0, n_clusters), at least one."""
     try:
         ids = np.asarray(allowed).ravel() if isinstance(allowed, np.ndarray) else np.asarray(list(allowed))
     except (TypeError, ValueError):
@@ -368,12 +372,10 @@ def route(x, global_centroids, allowed=None, owner=None, whiten=None) -> np.ndar
             ids.dtype.kind == "f" and not (np.isfinite(ids).all() and (ids == np.round(ids)).all())):
         raise FedrouterError(f"allowed clusters must be integer cluster ids, got {allowed!r}")
     ids = np.unique(ids.astype(np.int64))
-    n_clusters = int(owner.max()) + 1 if len(owner) else 0
     bad = ids[(ids < 0) | (ids >= n_clusters)]
     if len(bad):
         raise FedrouterError(f"allowed cluster ids must lie in [0, {n_clusters}), got {bad.tolist()}")
-    candidates = np.flatnonzero(np.isin(owner, ids))
-    return owner[candidates[nearest(x, centroids[candidates])]]
+    return ids
 
 
 # How inputs are compared with clusters when the router picks among them (test-time generalization,
@@ -437,6 +439,30 @@ def discriminant(moments: list[tuple], shrinkage: float = SHRINKAGE) -> tuple[np
     if values.min() <= 0 or not np.isfinite(values).all():
         raise FedrouterError("the clusters' pooled covariance is degenerate (no spread within clusters)")
     return sums / counts[:, None], (vectors / np.sqrt(values)) @ vectors.T
+
+
+def linear_router(means, whiten) -> tuple[np.ndarray, np.ndarray]:
+    """The discriminant router as linear scores, what travels to the clients (k x d numbers, not the d x d
+    map): weights (k, d) and bias (k,) such that x . w_k + b_k is minus half the squared distance of x to
+    mean k after whitening, plus a term of x alone -- so the highest score is the nearest mean."""
+    means_w = whitened(means, whiten)
+    return means_w @ np.asarray(whiten, dtype=np.float64).T, -0.5 * (means_w * means_w).sum(axis=1)
+
+
+def route_linear(x, weights, bias, allowed=None) -> np.ndarray:
+    """Cluster per row of `x`: the highest of the scores x . w_k + b_k (`linear_router`), among all
+    clusters or the `allowed` ones only (a client's own, on its own tests); ties go to the lower id."""
+    x = _points(x, "embeddings").astype(np.float64)
+    weights = _points(weights, "the router's weights").astype(np.float64)
+    bias = np.asarray(bias, dtype=np.float64)
+    if len(weights) == 0 or bias.shape != (len(weights),) or not np.isfinite(bias).all():
+        raise FedrouterError(f"the router has {len(weights)} weight rows and bias of shape {bias.shape}: not one finite bias per cluster")
+    if x.shape[1] != weights.shape[1]:
+        raise FedrouterError(f"embedding dimension {x.shape[1]} does not match the router's {weights.shape[1]}")
+    scores = x @ weights.T + bias
+    if allowed is not None:
+        scores[:, np.setdiff1d(np.arange(len(weights)), _allowed_ids(allowed, len(weights)))] = -np.inf
+    return np.argmax(scores, axis=1).astype(np.int64)
 
 
 def whitened(x, whiten) -> np.ndarray:
@@ -636,8 +662,7 @@ class Clustering:
         nearest cluster mean after whitening (the discriminant router), else the nearest prototype."""
         allowed = None if client is None else self.allowed(client)
         if self.discriminant is not None:
-            means, whiten = self.discriminant
-            return route(x, means, allowed, whiten=whiten)
+            return route_linear(x, *linear_router(*self.discriminant), allowed)
         return route(x, self.router_centroids, allowed, self.step.prototype_cluster)
 
     def with_discriminant(self, client_embeddings: dict[int, np.ndarray]) -> "Clustering":

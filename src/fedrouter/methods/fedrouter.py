@@ -67,11 +67,13 @@ from fedrouter.core.cluster import (
     example_features,
     label_means,
     learned_route,
+    linear_router,
     majority_cluster,
     nearest_held,
     regroup_by_examples,
     regroup_summary,
     route,
+    route_linear,
     server_step,
     split_dims,
 )
@@ -324,21 +326,16 @@ class Server(ServerPart):
                 "clients": len(replies), "clusters_updated": len(updates)}
 
     # -- evaluation ----------------------------------------------------------------------------------
-    def routing(self) -> tuple[np.ndarray, list[int], np.ndarray | None]:
-        """What the router compares an input with: (centroids, the cluster of each, whitening map or
-        None) -- the clusters' means under the discriminant router, else the prototypes."""
-        if self.whiten is not None:
-            return self.router_means, list(range(len(self.router_means))), self.whiten
-        return self.prototypes, list(self.prototype_cluster), None
-
     def configure_evaluate(self, client_ids):
-        centroids, owner, whiten = self.routing()
-        arrays = {"centroids": torch.tensor(centroids, dtype=torch.float32)}
-        if whiten is not None:
-            arrays["whiten"] = torch.tensor(whiten, dtype=torch.float32)
+        if self.whiten is not None:  # the discriminant router, as k linear scores (not the d x d map)
+            weights, bias = linear_router(self.router_means, self.whiten)
+            arrays = {"router_weights": torch.tensor(weights, dtype=torch.float32),
+                      "router_bias": torch.tensor(bias, dtype=torch.float32)}
+        else:
+            arrays = {"centroids": torch.tensor(self.prototypes, dtype=torch.float32)}
         for g, adapter in self.cluster_adapters.items():
             arrays.update(pack_under(f"g{g}", adapter))
-        config = {"router": self.options["router"], "owner": owner}
+        config = {"router": self.options["router"], "owner": list(self.prototype_cluster)}
         if self.oracle:
             config["task_cluster"] = self.oracle_task_cluster
         return {cid: Message(dict(arrays), {**config, "allowed": self.client_clusters[cid], "mapping": self.label_map[cid]})
@@ -348,9 +345,14 @@ class Server(ServerPart):
         return {f"cluster{g}": a for g, a in self.cluster_adapters.items()}
 
     def router(self):
-        centroids, owner, whiten = self.routing()
+        """For router/ (predict, serve): the clusters' means and the whitening map under the discriminant
+        router, else the prototypes (with the cluster of each)."""
+        if self.whiten is not None:
+            centroids, owner = self.router_means, range(len(self.router_means))
+        else:
+            centroids, owner = self.prototypes, self.prototype_cluster
         return {"centroids": centroids, "adapters": [f"cluster{g}" for g in owner], "embedder": self.options["embedder"],
-                "whiten": whiten}
+                "whiten": self.whiten}
 
     def report(self, evaluations, truth=None):
         """results.json's `clustering`: what the clustering chose, and -- where the true tasks are known --
@@ -482,13 +484,15 @@ class Client(ClientPart):
         mode = "global" if split == "general" else msg.config.get("router", "local")
         # (kept for diagnostics too; a client set up elsewhere evaluates all the same, but for "learned")
         own = self._clusters_of_examples(msg, ctx) if "labels" in ctx.state or mode == "learned" else None
-        centroids, whiten = msg.arrays["centroids"].numpy(), msg.arrays.get("whiten")
         x = self._embed(ctx, examples)
+        allowed = msg.config["allowed"] if mode == "local" else None
         if mode == "learned":
             routes = learned_route(self._embed(ctx, ctx.workbench.examples("train")), own, x)
+        elif "router_weights" in msg.arrays:  # the discriminant router
+            routes = route_linear(x, msg.arrays["router_weights"].double().numpy(),
+                                  msg.arrays.get("router_bias", torch.zeros(0)).double().numpy(), allowed)
         else:
-            routes = route(x, centroids, msg.config["allowed"] if mode == "local" else None, msg.config["owner"],
-                           None if whiten is None else whiten.double().numpy())
+            routes = route(x, msg.arrays["centroids"].numpy(), allowed, msg.config["owner"])
         if "task_cluster" in msg.config:  # oracle: the true task picks the adapter (embedding if unseen)
             routes = np.array([msg.config["task_cluster"].get(e["task"], g) for e, g in zip(examples, routes)])
         adapters = {str(g): unpack_under(msg.arrays, f"g{g}") for g in sorted(set(routes.tolist()))}

@@ -69,9 +69,9 @@ def route_prompts(router: dict | None, embedder, prompts: list[str]) -> tuple[li
     if router is None:
         return ["global"] * len(prompts), [None] * len(prompts)
     x, centroids, whiten = embedder.embed(prompts), router["centroids"], router.get("whiten")
-    clusters = route(x, centroids, whiten=whiten)
-    if whiten is not None:
+    if whiten is not None:  # the discriminant router: the nearest mean after whitening
         x, centroids = whitened(x, whiten), whitened(centroids, whiten)
+    clusters = route(x, centroids)
     distances = np.linalg.norm(x - centroids[clusters], axis=1).tolist()
     return [router["adapters"][g] for g in clusters], distances
 
