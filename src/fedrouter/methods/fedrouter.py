@@ -16,10 +16,10 @@ scatter matrix; the server makes of them the discriminant router: each cluster's
 In round t a client trains on its local cluster ``t mod n_local`` from that global cluster's adapter; the
 server averages the returned adapters per global cluster, weighted by examples (a cluster nobody trained
 keeps its adapter). At evaluation a router picks each input's adapter: on a client's own test set by
-default a classifier fit on its training instructions and the clusters its examples were put in
-(``learned``), or the nearest cluster among its own (``local``) or among all (``global``) -- nearest mean
+default the nearest cluster among its own (``local``), or among all (``global``) -- the nearest mean
 after whitening, or with ``global_router`` "prototype" the nearest prototype's instruction part (the
-paper's); test-time generalization and serving use ``global``.
+paper's) -- or a classifier fit on its training instructions and the clusters its examples were put in
+(``learned``); test-time generalization and serving use ``global``.
 
 Variants: ``fedrouter-star`` trains every local cluster's adapter every round (adapter-level budget);
 ``fedrouter-oracle`` clusters by the true task labels and routes by them (an upper reference).
@@ -84,9 +84,10 @@ from fedrouter.methods.base import ClientPart, Message, ServerPart
 from fedrouter.methods.common import pack_under, require, unpack_under
 
 OPTIONS = {"embedder": "minilm", "cluster_on": DEFAULT_CLUSTER_ON, "assign": DEFAULT_ASSIGN, "n_local": "auto", "n_global": "auto",
-           "k_min": 1, "k_max": 12, "router": "learned", "global_router": DEFAULT_GLOBAL_ROUTER, "mixed_batch": False}
-# own test sets: nearest prototype among this client's clusters ("local"), among all ("global"), or a
-# classifier fit on this client's training instructions and their clusters ("learned": `learned_route`)
+           "k_min": 1, "k_max": 12, "router": "local", "global_router": DEFAULT_GLOBAL_ROUTER, "mixed_batch": False}
+# own test sets: the nearest cluster (as global_router measures it) among this client's ("local"), among
+# all ("global"), or a classifier fit on this client's training instructions and their clusters ("learned":
+# `learned_route`; level with "local" under the discriminant router, docs/benchmark.md)
 ROUTERS = ("local", "global", "learned")
 LOOSE = {"n_local", "n_global"}  # "auto" or a positive integer: check_options decides
 
