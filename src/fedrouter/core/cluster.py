@@ -411,8 +411,9 @@ def cluster_moments(x, clusters, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
 def discriminant(moments: list[tuple], shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
     """The discriminant router from every client's `cluster_moments`: the clusters' means (k, d) and a
     whitening map (d, d) -- the inverse square root of the clusters' pooled covariance, shrunk toward the
-    identity (scikit-learn's `shrunk_covariance`) -- so that the nearest mean after whitening (`route`
-    with `whiten`) is linear discriminant analysis with equal priors.
+    identity (scikit-learn's `shrunk_covariance`) -- so that the nearest mean after whitening
+    (`whitened`; as linear scores, `linear_router` and `route_linear`) is linear discriminant analysis
+    with equal priors.
 
     Why: within a cluster, inputs spread mostly over their content (names, facts), and two tasks that
     share an input format differ along the few words of their ask. The Euclidean distance to the nearest
@@ -431,8 +432,8 @@ def discriminant(moments: list[tuple], shrinkage: float = SHRINKAGE) -> tuple[np
     scatter = sum(np.asarray(w, dtype=np.float64) for _, _, w in moments)
     for s, n, _ in moments:  # each client's cluster means about the clusters' means
         n = np.asarray(n, dtype=np.float64)
-        held = n > 0
-        scatter = scatter + (np.asarray(s)[held].T / n[held]) @ np.asarray(s)[held]
+        held = np.asarray(s, dtype=np.float64)[n > 0]
+        scatter = scatter + (held.T / n[n > 0]) @ held
     scatter -= (sums.T / counts) @ sums
     covariance = shrunk_covariance(scatter / max(counts.sum() - len(counts), 1.0), shrinkage)
     values, vectors = np.linalg.eigh(covariance)
