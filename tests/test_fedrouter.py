@@ -13,7 +13,7 @@ from fedrouter.methods.base import Message, MethodSetup
 from fedrouter.methods.common import pack_under as _pack
 from fedrouter.methods.common import unpack_under as _unpack
 from fedrouter.methods import options_for
-from fedrouter.methods.fedrouter import OracleServer, Server, StarServer
+from fedrouter.methods.fedrouter import OracleServer, Server, StarServer, balanced_offsets
 
 INIT = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
 
@@ -55,6 +55,54 @@ def test_round_robin_schedule_and_star_schedule():
     assert server.jobs(1, 0) == [(1, clusters1[1])]  # staggered by client: both clusters train every round
     star = two_blob_server(StarServer)
     assert [l for l, _ in star.jobs(1, 3)] == [0, 1]
+
+
+# `dual` at 10 rounds, seed 0: clients 0 and 4 hold the same two clusters, and so do 1 and 5, 2 and 6, 3 and 7;
+# starting each client's round robin at its id has both clients of a pair train the same cluster together
+PAIRED = {0: [0, 1], 1: [0, 3], 2: [2, 3], 3: [1, 2], 4: [0, 1], 5: [0, 3], 6: [2, 3], 7: [1, 2]}
+
+
+def trained_per_round(client_clusters, offsets, rounds):
+    """{(cluster, round): how many clients train it} under round robin offsets."""
+    counts = {}
+    for cid, held in client_clusters.items():
+        for t in range(rounds):
+            key = (held[(t + offsets[cid]) % len(held)], t)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_balanced_round_robin_has_every_cluster_trained_every_round_by_half_its_clients():
+    by_client = trained_per_round(PAIRED, {cid: cid for cid in PAIRED}, 10)
+    assert sorted(set(by_client.values())) == [2, 4]  # and so some (cluster, round) cells at 0: untrained
+    assert len(by_client) < 4 * 10
+    offsets = balanced_offsets(PAIRED, 10)
+    balanced = trained_per_round(PAIRED, offsets, 10)
+    assert len(balanced) == 4 * 10 and set(balanced.values()) == {2}  # each of 4 clusters, each round, 2 of its 4
+
+
+def test_balanced_round_robin_keeps_offsets_that_are_already_balanced_and_one_cluster_clients_at_zero():
+    spread = {0: [0, 3], 1: [1, 3], 2: [1, 2], 3: [0, 2], 4: [0, 3], 5: [1, 3], 6: [1, 2], 7: [0, 2]}
+    assert balanced_offsets(spread, 10) == {cid: cid % 2 for cid in spread}
+    mixed = {0: [0, 1, 2], 1: [0, 1], 2: [0], 3: [1, 2], 4: [0, 1, 2, 3], 5: [2, 3], 6: [5]}
+    offsets = balanced_offsets(mixed, 12)
+    assert offsets[2] == 0 and offsets[6] == 0 and all(0 <= offsets[c] < len(h) for c, h in mixed.items())
+
+    def squares(o):
+        return sum(n * n for n in trained_per_round(mixed, o, 12).values())
+    assert squares(offsets) <= squares({cid: cid % len(h) for cid, h in mixed.items()})
+
+
+@pytest.mark.parametrize("round_robin, offsets", [("balanced", balanced_offsets(PAIRED, 4)), ("by-client", {c: c for c in PAIRED})])
+def test_the_schedule_follows_the_round_robin_option(round_robin, offsets):
+    server = make_server(round_robin=round_robin)
+    server._hold(PAIRED)
+    for cid, held in PAIRED.items():
+        for t in range(4):
+            local = (t + offsets[cid]) % 2
+            assert server.jobs(cid, t) == [(local, held[local])]
+    with pytest.raises(FedrouterError, match="round_robin must be one of"):
+        options_for("fedrouter", {"round_robin": "random"})
 
 
 def test_configure_fit_sends_only_the_adapters_of_the_scheduled_clusters():
