@@ -105,6 +105,17 @@ def test_the_schedule_follows_the_round_robin_option(round_robin, offsets):
         options_for("fedrouter", {"round_robin": "random"})
 
 
+def test_a_checkpointed_server_resumes_the_same_round_robin():
+    from fedrouter.core import statefile
+
+    server = make_server()
+    server._hold(PAIRED)
+    resumed = make_server()
+    resumed.load_state_dict(statefile.loads(statefile.dumps(server.state_dict())))
+    assert resumed.round_robin_offsets == server.round_robin_offsets != {c: c % 2 for c in PAIRED}
+    assert all(resumed.jobs(c, t) == server.jobs(c, t) for c in PAIRED for t in range(4))
+
+
 def test_configure_fit_sends_only_the_adapters_of_the_scheduled_clusters():
     server = two_blob_server()
     msgs = server.configure_fit(0, [0])
