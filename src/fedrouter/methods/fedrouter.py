@@ -114,6 +114,12 @@ def check_options(method: str, opts: dict) -> None:
             f"round_robin must be one of {', '.join(map(repr, ROUND_ROBINS))}, got {opts['round_robin']!r}")
 
 
+def turn(n_local: int, offset: int, round_idx: int) -> int:
+    """The local cluster a client with `n_local` clusters trains in round `round_idx`, its round robin
+    starting at `offset`: what `Server.jobs` schedules and `balanced_offsets` spreads."""
+    return (round_idx + offset) % n_local
+
+
 def balanced_offsets(client_clusters: dict[int, list[int]], rounds: int, max_sweeps: int = 20) -> dict[int, int]:
     """Where each client's round robin starts: client c trains its local cluster (t + offset_c) mod n_c in
     round t, and these offsets spread each global cluster's clients evenly over the rounds.
@@ -131,7 +137,7 @@ def balanced_offsets(client_clusters: dict[int, list[int]], rounds: int, max_swe
 
     def trained(cid: int, offset: int) -> list[tuple[int, int]]:  # (cluster, round) pairs with this offset
         held = client_clusters[cid]
-        return [(held[(t + offset) % len(held)], t) for t in horizon]
+        return [(held[turn(len(held), offset, t)], t) for t in horizon]
 
     load = Counter(pair for cid, offset in offsets.items() for pair in trained(cid, offset))
     for _ in range(max_sweeps):
@@ -347,7 +353,7 @@ class Server(ServerPart):
         """
         clusters = self.client_clusters[cid]
         offset = self.round_robin_offsets.get(cid, cid)
-        local = range(len(clusters)) if self.train_all_local_clusters else [(round_idx + offset) % len(clusters)]
+        local = range(len(clusters)) if self.train_all_local_clusters else [turn(len(clusters), offset, round_idx)]
         return [(l, clusters[l]) for l in local]
 
     def configure_fit(self, round_idx, client_ids):
