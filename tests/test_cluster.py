@@ -22,8 +22,10 @@ from fedrouter.core.cluster import (
     regroup_summary,
     route,
     silhouette_curve,
+    split_by_answers,
     split_dims,
     task_features,
+    template_view,
 )
 from fedrouter.errors import FedrouterError
 
@@ -642,3 +644,65 @@ def test_the_discriminant_refuses_what_it_cannot_use():
         route_linear(x[0], np.zeros((2, 4)), [0.0])
     with pytest.raises(FedrouterError, match="allowed cluster ids must lie in"):
         route_linear(x[0], np.zeros((2, 4)), [0.0, 1.0], allowed=[2])
+
+
+def _written(templates: list[str], n: int, rng) -> list[str]:
+    """n instructions, each one of `templates` (in turn) around content words no other instruction repeats."""
+    return [templates[i % len(templates)].format(input=" ".join(f"w{rng.integers(10**9)}" for _ in range(3)))
+            for i in range(n)]
+
+
+PAIR_A = ["facts : {input} write a sentence .", "describe the data : {input}"]
+PAIR_B = ["{input} what is the city ?", "look up the city : {input}"]
+ALONE = ["summarize : {input}", "{input} what was decided ?", "{input} who will do it ?"]
+
+
+def test_the_template_view_keeps_the_words_instructions_repeat_and_drops_their_content():
+    texts = _written(["ask : {input}"], 30, np.random.default_rng(0))
+    view = template_view(texts, min_share=0.2)  # (at 5 %, 2 of 30: a hashing collision of content words may pass)
+    assert np.allclose(view, view[0]) and np.isclose(np.linalg.norm(view[0]), 1.0)  # content words dropped
+    assert not template_view(["a b c", "d e f"], min_share=0.6).any()  # nothing repeated: zero rows
+
+
+def test_a_sub_cluster_is_split_where_its_templates_answer_differently_and_nowhere_else():
+    # Sub-cluster 0 holds two tasks asking different things of one input format (A: a sentence, B: a city),
+    # two templates each; sub-cluster 1 one task in three templates, all answering alike, and 20 examples
+    # (14 %, under MIN_SPLIT_SHARE) of a fourth template that answer otherwise: one client's oddity.
+    rng = np.random.default_rng(5)
+    e = np.eye(4)
+    texts = (_written(PAIR_A, 80, rng) + _written(PAIR_B, 80, rng) + _written(ALONE, 120, rng)
+             + _written(["note : {input}"], 20, rng))
+    answers = np.concatenate([_blob(3 * e[0], 80, rng), _blob(3 * e[1], 80, rng), _blob(3 * e[2], 120, rng),
+                              _blob(3 * e[3], 20, rng)])
+    labels = np.repeat([0, 1], [160, 140])
+    split = split_by_answers(answers, texts, labels, seed=0)
+    assert split[:80].tolist() == [0] * 80 and split[80:160].tolist() == [2] * 80  # A keeps the label, B is new
+    assert set(split[160:].tolist()) == {1}  # the templates answer alike; the odd 14 % rejoin
+    every_third = np.arange(0, 150, 3)  # under TEMPLATE_PARTS x MIN_PART = 64 examples a sub-cluster is left whole
+    assert split_by_answers(answers[every_third], [texts[i] for i in every_third], np.zeros(50, int)).tolist() == [0] * 50
+    with pytest.raises(FedrouterError, match="do not match"):
+        split_by_answers(answers, texts[:-1], labels)
+
+
+def test_a_format_sharing_pair_on_every_client_is_parted_by_its_templates_answers():
+    # The `all` case: three clients hold A, B (one input format: one instruction blob) and C, in equal
+    # shares. Each client's instructions put A and B in one sub-cluster, so neither the server nor each
+    # example's answer (no client holds A alone: no pure centre) can part them; the templates can.
+    rng = np.random.default_rng(6)
+    e6, e4 = np.eye(6), np.eye(4)
+    features, texts, truth = {}, {}, {}
+    for c in range(3):
+        instr = np.concatenate([_blob(np.zeros(6), 160, rng, 0.1), _blob(5 * e6[1], 120, rng, 0.1)])
+        answers = np.concatenate([_blob(3 * e4[k], n, rng, 0.5) for k, n in ((0, 80), (1, 80), (2, 120))])
+        features[c] = task_features(instr, answers)
+        texts[c] = _written(PAIR_A, 80, rng) + _written(PAIR_B, 80, rng) + _written(ALONE, 120, rng)
+        truth[c] = ["A"] * 80 + ["B"] * 80 + ["C"] * 120
+    tasks = [t for c in range(3) for t in truth[c]]
+    options = dict(seed=0, k_range=range(1, 7), router_dims=6, local_dims=split_dims("instruction+output@server", 6))
+    parted = local_then_global(features, "auto", "auto", client_texts=texts, **options)
+    whole = local_then_global(features, "auto", "auto", **options)
+    assert parted.n_global == 3 and whole.n_global == 2
+    assert clustering_accuracy(tasks, np.concatenate([parted.global_labels(c) for c in range(3)])) == 1.0
+    assert clustering_accuracy(tasks, np.concatenate([whole.global_labels(c) for c in range(3)])) < 0.8
+    with pytest.raises(FedrouterError, match="79 instructions were given for 280 embeddings"):
+        cluster_local(features[0], "auto", dims=6, texts=texts[0][:79])

@@ -185,6 +185,43 @@ class _EmbeddingWorkbench:
         return self.answer_vectors if texts[0].startswith("o") else self.vectors
 
 
+class _PairWorkbench(_EmbeddingWorkbench):
+    """Two tasks asking different things of one input format: one instruction blob, two templates each,
+    answers in two far blobs."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        templates = ["facts : {} write a sentence .", "describe : {}", "{} what is the city ?", "look up the city : {}"]
+        self.train = [{"instruction": templates[2 * (i >= 80) + i % 2].format(f"w{i} v{i}"), "output": f"o{i}",
+                       "task": "a" if i < 80 else "b"} for i in range(160)]
+        self.vectors = rng.normal(size=(160, 4)).astype(np.float32)
+        self.answer_vectors = np.concatenate([rng.normal(size=(80, 3)), 6 + rng.normal(size=(80, 3))]).astype(np.float32)
+
+    def embed(self, texts, spec):
+        return self.answer_vectors if texts[0].startswith("o") else self.vectors
+
+
+def test_the_client_splits_a_sub_cluster_by_its_templates_answers_as_fedrouter_clusters_does():
+    from fedrouter.core.cluster import local_then_global, split_dims, task_features
+    from fedrouter.methods.base import ClientContext
+    from fedrouter.methods.fedrouter import Client
+
+    def sent(answer_split):
+        client = Client(MethodSetup(seed=0, rounds=2, options=options_for("fedrouter", {"answer_split": answer_split})))
+        return client.setup(Message(config={"oracle": False}), ClientContext(0, _PairWorkbench())).arrays["centroids"].numpy()
+
+    wb = _PairWorkbench()
+    x = task_features(wb.vectors, wb.answer_vectors)
+    offline = local_then_global({0: x}, "auto", "auto", seed=0, router_dims=4, local_dims=split_dims("instruction+output@server", 4),
+                                client_texts={0: [e["instruction"] for e in wb.train]})
+    labels = offline.sub_labels[0]
+    assert labels[:80].tolist() == [0] * 80 and labels[80:].tolist() == [1] * 80  # the two tasks, by templates and answers
+    assert np.allclose(sent(True), [x[labels == j].mean(axis=0) for j in range(2)], atol=1e-5)
+    assert len(sent(False)) == 1  # one instruction blob: K-Means alone keeps the pair together
+    with pytest.raises(FedrouterError, match="answer_split must be true or false"):
+        options_for("fedrouter", {"answer_split": "yes"})
+
+
 @pytest.mark.parametrize("cluster_on", ["instruction+output", "instruction+output@server"])
 def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_without_labels(cluster_on):
     import json
@@ -226,7 +263,8 @@ def test_the_setup_reply_carries_nothing_label_derived_and_the_server_clusters_w
     # the method and `fedrouter clusters` (local_then_global) make the same assignment on the same data
     features = {cid: task_features(wb.vectors, wb.answer_vectors) for cid, wb in ((c, _EmbeddingWorkbench(c)) for c in (0, 1))}
     offline = local_then_global(features, "auto", "auto", seed=0, k_range=range(1, 13), router_dims=4,
-                                local_dims=split_dims(cluster_on, 4))
+                                local_dims=split_dims(cluster_on, 4),
+                                client_texts={c: [e["instruction"] for e in _EmbeddingWorkbench(c).train] for c in (0, 1)})
     for cid in (0, 1):  # the sub-centroids sent are the sub-clusters' means over instruction and answer
         sent, labels = replies[cid].arrays["centroids"].numpy(), offline.sub_labels[cid]
         assert np.allclose(sent, [features[cid][labels == j].mean(axis=0) for j in range(len(sent))], atol=1e-5)

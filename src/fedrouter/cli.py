@@ -187,6 +187,10 @@ def _add_clusters(sub) -> None:
                    help="how the router compares an input with the clusters: 'discriminant' (default): the nearest "
                         "cluster mean after whitening by the clusters' pooled covariance; 'prototype': the nearest "
                         "prototype (the paper's)")
+    p.add_argument("--answer-split", default="on", choices=("on", "off"),
+                   help="'on' (default): with --cluster-on instruction+output@server, each client's sub-cluster is "
+                        "split where its templates answer differently (two tasks asking different things of one "
+                        "input format); 'off': sub-clusters stay as K-Means made them")
     p.add_argument("--n-local", default="auto",
                    help="sub-clusters per client: K, 'auto' (silhouette against a null reference), or one K per client, comma-separated")
     p.add_argument("--n-global", default="auto", help="global clusters: K or 'auto' (silhouette)")
@@ -248,7 +252,7 @@ def _cmd_clusters(args) -> int:
     if args.out.is_dir():
         raise FedrouterError(f"--out {args.out} is a directory; give a file name")
     report = cluster_data(cfg, args.embedder, n_local, n_global, range(k_min, k_max + 1), args.cluster_on, args.assign,
-                          args.global_router)
+                          args.global_router, args.answer_split == "on")
     write_report(args.out, report)
     print(format_summary(report))
     print(f"report: {args.out}")

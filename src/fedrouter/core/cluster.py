@@ -46,6 +46,7 @@ needs a silhouette score, which needs at least 3 distinct points and some K in t
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import warnings
 from dataclasses import dataclass, field, replace
@@ -691,6 +692,7 @@ def local_then_global(
     local_dims: int | None = None,
     assign: str = DEFAULT_ASSIGN,
     global_router: str = DEFAULT_GLOBAL_ROUTER,
+    client_texts: dict[int, list[str]] | None = None,
 ) -> Clustering:
     """FedRouter's clustering without the training: K-Means per client (`n_local`: one int, an int per
     client, or "auto" = chosen by silhouette against a null reference over `k_range`), then the server's
@@ -699,7 +701,9 @@ def local_then_global(
     clients' `task_features`; `router_dims` says how many leading dimensions of them the router compares
     an input's embedding with (None: all), `local_dims` how many of them the clients' K-Means splits by
     (None: all; see `split_dims`), `assign` how an example gets its global cluster (`ASSIGN`),
-    `global_router` how the router compares inputs with clusters (`GLOBAL_ROUTERS`)."""
+    `global_router` how the router compares inputs with clusters (`GLOBAL_ROUTERS`); with `client_texts`
+    (each client's training instructions) and `local_dims`, the clients' sub-clusters are split where their
+    templates answer differently (`split_by_answers`)."""
     if assign not in ASSIGN:
         raise FedrouterError(f"assign must be one of {', '.join(map(repr, ASSIGN))}, got {assign!r}")
     if global_router not in GLOBAL_ROUTERS:
@@ -721,7 +725,7 @@ def local_then_global(
     centroids, labels, curves = {}, {}, {}
     for c in clients:
         centroids[c], labels[c], curve = _cluster_local(client_embeddings[c], per_client[c], seed, k_range, f"client {c}",
-                                                             local_dims)
+                                                             local_dims, None if client_texts is None else client_texts[c])
         if curve is not None:
             curves[c] = curve
     sizes = {c: np.bincount(labels[c], minlength=len(centroids[c])) for c in clients}
@@ -809,32 +813,133 @@ def majority_cluster(votes: dict) -> dict:
 
 
 @_one_blas_thread
-def _cluster_local(x, n_local, seed, k_range, who: str, dims: int | None = None):
+def _cluster_local(x, n_local, seed, k_range, who: str, dims: int | None = None, texts: list[str] | None = None):
     _check_k(n_local, "n_local")
     x = _points(x, f"{who}'s embeddings")
     if len(x) == 0:
         raise FedrouterError(f"nothing to cluster: {who} has no training examples")
     if dims is not None and not 0 < dims <= x.shape[1]:
         raise FedrouterError(f"{who}: cannot split by the first {dims} of {x.shape[1]} dimensions")
+    if texts is not None and len(texts) != len(x):
+        raise FedrouterError(f"{who}: {len(texts)} instructions were given for {len(x)} embeddings")
     seen = x if dims is None else x[:, :dims]
     curve = None
     if n_local == AUTO:
         n_local, curve = _choose_k(seen, k_range, seed, f"{who}'s embeddings")
     centroids, labels = _kmeans(seen, int(n_local), seed, f"{who}'s embeddings")
     if dims is not None:  # the sub-clusters' means over every dimension: what the server groups them by
-        centroids = label_means(x, labels, len(centroids))
+        if texts is not None and dims < x.shape[1]:
+            labels = _split_by_answers(x[:, dims:], texts, labels, seed)
+        centroids = label_means(x, labels, int(labels.max()) + 1)
     return centroids, labels, curve
 
 
-def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(1, 13), dims: int | None = None):
+def cluster_local(x, n_local: int | Auto, seed: int = 0, k_range=range(1, 13), dims: int | None = None,
+                  texts: list[str] | None = None):
     """A client's step: K-Means on its embeddings -> (centroids, labels, silhouette curve or None). With
     `dims`, the K-Means sees only the first `dims` dimensions (`split_dims`) and the centroids are the
-    sub-clusters' means over all of them.
+    sub-clusters' means over all of them; with `texts` too (the examples' instructions) and answers in the
+    dimensions after `dims`, each sub-cluster is then split where its templates answer differently
+    (`split_by_answers`).
 
     No examples -> FedrouterError; K above the distinct embeddings -> clipped with a warning; "auto" on
     fewer than 3 distinct embeddings -> K = their number, with a warning and an empty curve.
     """
-    return _cluster_local(x, n_local, seed, k_range, "the client", dims)
+    return _cluster_local(x, n_local, seed, k_range, "the client", dims, texts)
+
+
+# `split_by_answers`, measured in docs/benchmark.md ("Template parts split by their answers"):
+TEMPLATE_SHARE = 0.05  # a word 1-3-gram is a template's word where at least this share of a sub-cluster's instructions hold it
+TEMPLATE_PARTS = 8  # a sub-cluster is cut into at most this many template parts ...
+MIN_PART = 8  # ... of this many examples on average: a smaller sub-cluster is left whole
+ANSWER_GAP = 12.0  # two parts stay apart when their answer means lie further apart than this many times what sampling gives
+MIN_SPLIT_SHARE = 0.25  # and each part kept apart holds at least this share of its sub-cluster
+
+
+def template_view(texts: list[str], min_share: float = TEMPLATE_SHARE, n_features: int = 1024) -> np.ndarray:
+    """The surface view of instructions: their word 1-3-grams (hashed to `n_features`), kept where at least
+    `min_share` of `texts` hold them -- the words of their templates and layouts, not their content --
+    L2-normalised (a text holding none is a zero row)."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    hashed = HashingVectorizer(n_features=n_features, ngram_range=(1, 3), binary=True, norm=None, alternate_sign=False,
+                               token_pattern=r"\S+").transform(texts).toarray()
+    hashed[:, (hashed > 0).mean(axis=0) < min_share] = 0
+    norms = np.linalg.norm(hashed, axis=1, keepdims=True)
+    return hashed / np.where(norms == 0, 1, norms)
+
+
+def answer_gap(answers: np.ndarray, a: np.ndarray, b: np.ndarray, spread: float) -> float:
+    """How far apart the mean answers of rows `a` and `b` lie, in units of what sampling alone gives: the
+    squared distance of the two means over `spread` x (1/|a| + 1/|b|), `spread` being the within-part
+    variance (summed over dimensions). About 1 for two parts drawn alike, at any size."""
+    gap = answers[a].mean(axis=0) - answers[b].mean(axis=0)
+    return float(gap @ gap / (spread * (1 / len(a) + 1 / len(b))))
+
+
+def _join_alike(answers: np.ndarray, parts: list[np.ndarray]) -> list[np.ndarray]:
+    """`parts` (row-index arrays of one sub-cluster) joined, closest answers first, until every two left lie
+    more than ANSWER_GAP apart (`answer_gap`); then each part under MIN_SPLIT_SHARE of the sub-cluster joins
+    the part whose answers are closest to its own."""
+    n = sum(len(p) for p in parts)
+    spread = sum(float(((answers[p] - answers[p].mean(axis=0)) ** 2).sum()) for p in parts) / max(1, n - len(parts))
+    if spread <= 0:  # every part's answers identical within: nothing to tell them apart by
+        return [np.concatenate(parts)]
+
+    def join(keep: int, gone: int) -> None:
+        parts[keep] = np.concatenate([parts[keep], parts[gone]])
+        del parts[gone]
+
+    while len(parts) > 1:
+        gap, a, b = min((answer_gap(answers, parts[a], parts[b], spread), a, b)
+                        for a, b in itertools.combinations(range(len(parts)), 2))
+        if gap > ANSWER_GAP:
+            break
+        join(a, b)
+    while len(parts) > 1 and min(map(len, parts)) < MIN_SPLIT_SHARE * n:
+        small = min(range(len(parts)), key=lambda i: len(parts[i]))
+        nearest_part = min((i for i in range(len(parts)) if i != small),
+                           key=lambda i: answer_gap(answers, parts[small], parts[i], spread))
+        join(nearest_part, small)
+    return parts
+
+
+def _split_by_answers(answers: np.ndarray, texts: list[str], labels: np.ndarray, seed: int) -> np.ndarray:
+    split = np.array(labels, dtype=np.int64, copy=True)
+    next_label = int(split.max()) + 1
+    for j in range(next_label):
+        members = np.flatnonzero(labels == j)
+        if len(members) < TEMPLATE_PARTS * MIN_PART:
+            continue
+        view = template_view([texts[i] for i in members])
+        _, part = _kmeans(view, min(TEMPLATE_PARTS, n_distinct(view)), seed, "a sub-cluster's templates")
+        parts = _join_alike(answers, [members[part == p] for p in np.unique(part)])
+        for rows in sorted(parts, key=lambda p: p.min())[1:]:  # the part holding the first example keeps the label
+            split[rows] = next_label
+            next_label += 1
+    return split
+
+
+@_one_blas_thread
+def split_by_answers(answers, texts: list[str], labels, seed: int = 0) -> np.ndarray:
+    """A client's sub-clusters (`labels`, 0..k-1, of rows with these `answers` embeddings and instruction
+    `texts`) split where their templates answer differently; new sub-clusters get labels k, k+1, ...
+
+    Why: two tasks that ask different things of inputs laid out the same way (a sentence from facts, and one
+    fact looked up) fall into one sub-cluster by their instructions, and where every client holds both (the
+    `all` scenario) no server step can part them. Their templates can: each sub-cluster is cut into up to
+    TEMPLATE_PARTS parts by the words its instructions repeat (`template_view`: asks and layouts, not
+    content), and the parts are joined back while their answers are alike (`answer_gap` <= ANSWER_GAP) and
+    wherever a part would be under MIN_SPLIT_SHARE of its sub-cluster (one client's odd content, which no
+    other client's parts would join). One task's templates answer alike and rejoin; parts that stay apart
+    but are one task (content that shapes the answer) are joined again later by the server, as any other
+    parts of a task (`cooccurring`) or by their nearness. Measured in docs/benchmark.md.
+    """
+    answers = _points(answers, "answer embeddings")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(answers) != len(labels) or len(texts) != len(labels):
+        raise FedrouterError(f"{len(answers)} answers, {len(texts)} instructions and {len(labels)} labels do not match")
+    return _split_by_answers(answers, texts, labels, seed)
 
 
 @_one_blas_thread

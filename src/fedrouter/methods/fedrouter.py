@@ -30,7 +30,10 @@ Options (``method_options``): embedder ("minilm", measured best on the benchmark
 ("instruction+output@server", the default: a client splits its data by instructions and sends each part's
 instruction and answer means, so the server tells apart tasks that share an input format; "instruction":
 instruction means only; "instruction+output": answers in the client's split too, which splits a task by
-its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), n_local and n_global
+its answer kinds -- measured in docs/benchmark.md, see `core.cluster.split_dims`), answer_split (true, the
+default: with "instruction+output@server" a client's sub-cluster is split where its templates answer
+differently, which parts two tasks that share an input format on every client; see
+`core.cluster.split_by_answers`), n_local and n_global
 (an int or "auto" = chosen by silhouette over k_min..k_max, K = 1 included; see `core.cluster`), assign
 ("example" or "sub-cluster", see above and `core.cluster`), router (for the clients' own test sets:
 "local", "global" or "learned", see `ROUTERS`), global_router ("discriminant" or "prototype": how inputs
@@ -87,7 +90,7 @@ from fedrouter.methods.common import pack_under, require, unpack_under
 
 OPTIONS = {"embedder": "minilm", "cluster_on": DEFAULT_CLUSTER_ON, "assign": DEFAULT_ASSIGN, "n_local": "auto", "n_global": "auto",
            "k_min": 1, "k_max": 12, "router": "local", "global_router": DEFAULT_GLOBAL_ROUTER, "mixed_batch": False,
-           "round_robin": "balanced"}
+           "round_robin": "balanced", "answer_split": True}
 # own test sets: the nearest cluster (as global_router measures it) among this client's ("local"), among
 # all ("global"), or a classifier fit on this client's training instructions and their clusters ("learned":
 # `learned_route`; level with "local" under the discriminant router, docs/benchmark.md)
@@ -112,6 +115,7 @@ def check_options(method: str, opts: dict) -> None:
             f"global_router must be one of {', '.join(map(repr, GLOBAL_ROUTERS))}, got {opts['global_router']!r}")
     require(opts["round_robin"] in ROUND_ROBINS, method,
             f"round_robin must be one of {', '.join(map(repr, ROUND_ROBINS))}, got {opts['round_robin']!r}")
+    require(isinstance(opts["answer_split"], bool), method, f"answer_split must be true or false, got {opts['answer_split']!r}")
 
 
 def turn(n_local: int, offset: int, round_idx: int) -> int:
@@ -494,8 +498,9 @@ class Client(ClientPart):
             labels = np.array([local_tasks.index(t) for t in tasks])
             centroids = label_means(x, labels, len(local_tasks))
         else:  # nothing label-derived leaves the client: centroids, sizes and the silhouette curve
+            texts = [e["instruction"] for e in train] if self.options["answer_split"] else None
             centroids, labels, curve = cluster_local(x, self.options["n_local"], self.settings.seed, k_range(self.options),
-                                                     split_dims(self.options["cluster_on"], router_dims))
+                                                     split_dims(self.options["cluster_on"], router_dims), texts)
         sizes = np.bincount(labels, minlength=len(centroids))
         privacy = self.settings.privacy
         if privacy.get("centroid_noise_multiplier") is not None:  # released through the Gaussian mechanism

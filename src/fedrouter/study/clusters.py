@@ -70,16 +70,17 @@ def confusion(tasks: list[str], clusters: list[int]) -> dict[str, dict[str, int]
 
 def analyse(data, train_vectors: dict[int, np.ndarray], test_vectors: dict[int, np.ndarray],
             n_local, n_global, seed: int, k_range, cluster_on: str, router_dims: int, assign: str = DEFAULT_ASSIGN,
-            global_router: str = DEFAULT_GLOBAL_ROUTER) -> dict:
+            global_router: str = DEFAULT_GLOBAL_ROUTER, answer_split: bool = True) -> dict:
     """Cluster the training examples' task features (`train_vectors`, as `example_features` gives them for
-    `cluster_on`, their first `router_dims` dimensions the instruction part; `assign` and `global_router`
-    as the method's options), then score clusters and the
+    `cluster_on`, their first `router_dims` dimensions the instruction part; `assign`, `global_router` and
+    `answer_split` as the method's options), then score clusters and the
     router (which sees the test instructions' embeddings, `test_vectors`) against the true tasks (when the
     data has them); a JSON-able report."""
     from fedrouter.core.cluster import adjusted_rand, clustering_accuracy, learned_route, local_then_global, split_dims
 
+    texts = {c.client_id: [ex["instruction"] for ex in c.train] for c in data.clients} if answer_split else None
     result = local_then_global(train_vectors, n_local, n_global, seed, k_range, router_dims,
-                               split_dims(cluster_on, router_dims), assign, global_router)
+                               split_dims(cluster_on, router_dims), assign, global_router, texts)
     clients = {c.client_id: c for c in data.clients}
     ids = sorted(clients)
     from fedrouter.core.data import UNLABELLED
@@ -200,7 +201,7 @@ def _strict(value):
 
 
 def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_on: str = DEFAULT_CLUSTER_ON,
-                 assign: str = DEFAULT_ASSIGN, global_router: str = DEFAULT_GLOBAL_ROUTER) -> dict:
+                 assign: str = DEFAULT_ASSIGN, global_router: str = DEFAULT_GLOBAL_ROUTER, answer_split: bool = True) -> dict:
     """FedRouter's clustering and router on the config's data, without training: the JSON-able report
     (the same data split, embeddings and clustering steps as a run of the method)."""
     from fedrouter.world import build_data
@@ -214,12 +215,12 @@ def cluster_data(cfg, embedder: str, n_local, n_global, k_range: range, cluster_
     test_vectors = {c.client_id: embed([ex["instruction"] for ex in c.test]) for c in data.clients}
     report = {
         "data": cfg.data, "scenario": cfg.scenario, "n_clients": cfg.n_clients, "seed": cfg.seed,
-        "task_field": cfg.task_field, "embedder": embedder, "embedder_name": embedder_name, "cluster_on": cluster_on, "assign": assign, "global_router": global_router, "model": cfg.model if embedder == "base" else None,
+        "task_field": cfg.task_field, "embedder": embedder, "embedder_name": embedder_name, "cluster_on": cluster_on, "assign": assign, "global_router": global_router, "answer_split": answer_split, "model": cfg.model if embedder == "base" else None,
         "n_local_setting": n_local if not isinstance(n_local, dict) else {str(k): v for k, v in n_local.items()},
         "n_global_setting": n_global, "k_range": [k_range.start, k_range.stop - 1],
     }
     report.update(analyse(data, train_vectors, test_vectors, n_local, n_global, cfg.seed, k_range, cluster_on, router_dims, assign,
-                          global_router))
+                          global_router, answer_split))
     report["wall_s"] = time.perf_counter() - start
     return report
 
