@@ -11,9 +11,10 @@ Every group runs once per `--cluster-on` value (default: all three -- the instru
 answer; instruction + answer at the server only, the clients splitting by instructions: the method's default),
 with each example assigned as `--assign` says (default "example", the method's; "sub-cluster": the paper's form)
 and the router comparing inputs with clusters as `--global-router` says (default "discriminant", the method's;
-"prototype": the paper's nearest prototype).
+"prototype": the paper's nearest prototype); `--answer-split off` leaves the clients' sub-clusters as K-Means
+made them (default "on", the method's: split where their templates answer differently).
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_discovery.py [--groups synthetic,hard,flan8]
-       [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--assign sub-cluster] [--global-router prototype] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
+       [--seeds 0-4] [--cluster-on instruction,instruction+output@server] [--assign sub-cluster] [--global-router prototype] [--answer-split off] [--json OUT]     (embeddings are cached under $FEDROUTER_CACHE)
 Results go to docs/benchmark.md.
 """
 
@@ -43,7 +44,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def run(data: str, scenario: str, seed: int, cluster_on: str = DEFAULT_CLUSTER_ON, method: dict | None = None,
         **extra) -> dict:
-    """One setting's report; `method`: the method options `assign` and `global_router` (defaults if absent)."""
+    """One setting's report; `method`: the method options `assign`, `global_router` and `answer_split` (defaults
+    if absent)."""
     overrides = {"data": data, "scenario": scenario, "seed": seed, **extra}
     if os.environ.get("FEDROUTER_CACHE"):
         overrides["cache_dir"] = os.environ["FEDROUTER_CACHE"]
@@ -124,12 +126,14 @@ def main():
     ap.add_argument("--assign", default=DEFAULT_ASSIGN, choices=ASSIGN, help="how an example gets its global cluster")
     ap.add_argument("--global-router", default=DEFAULT_GLOBAL_ROUTER, choices=GLOBAL_ROUTERS,
                     help="how the router compares inputs with clusters")
+    ap.add_argument("--answer-split", default="on", choices=("on", "off"),
+                    help="split the clients' sub-clusters where their templates answer differently")
     ap.add_argument("--json", type=Path, help="also write every report here")
     args = ap.parse_args()
     quiet_libraries(progress_bars=False)
     modes = [m.strip() for m in args.cluster_on.split(",") if m.strip()]
-    method = {"assign": args.assign, "global_router": args.global_router}
-    print(f"assign: {args.assign}, global router: {args.global_router}")
+    method = {"assign": args.assign, "global_router": args.global_router, "answer_split": args.answer_split == "on"}
+    print(f"assign: {args.assign}, global router: {args.global_router}, answer split: {args.answer_split}")
     groups = {name: lambda s, group=group: group(s, modes, method)
               for name, group in (("synthetic", synthetic), ("hard", hard), ("flan8", flan8))}
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
