@@ -71,16 +71,9 @@ def whitened(x: np.ndarray, components: int = 30) -> np.ndarray:
     return (centred @ vt[:m].T) / np.maximum(s[:m] / np.sqrt(max(1, len(x) - 1)), 1e-12)
 
 
-def ngram_view(texts: list[str], min_share: float, n_features: int = 1024) -> np.ndarray:
-    """The surface view of `texts`: word 1-3-grams, hashed, kept where at least `min_share` of the texts hold
-    them (a template's words, not its content), L2-normalised."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    hashed = HashingVectorizer(n_features=n_features, ngram_range=(1, 3), binary=True, norm=None, alternate_sign=False,
-                               token_pattern=r"\S+").transform(texts).toarray()
-    hashed[:, (hashed > 0).mean(axis=0) < min_share] = 0
-    norms = np.linalg.norm(hashed, axis=1, keepdims=True)
-    return hashed / np.where(norms == 0, 1, norms)
+def ngram_view(texts: list[str], min_share: float) -> np.ndarray:
+    """The surface view of `texts`: the method's `template_view` (word 1-3-grams held by >= `min_share`)."""
+    return cluster.template_view(texts, min_share)
 
 
 def with_ngrams(texts: list[str], x: np.ndarray, weight: float = 0.5, min_share: float = 0.03) -> np.ndarray:
@@ -187,9 +180,9 @@ MIN_PART, PURE, TEMPLATE_SHARE = 8, 0.9, 0.05
 def answer_effect(answers: np.ndarray, a: np.ndarray, b: np.ndarray, spread: float) -> float:
     """How far apart the answers of parts `a` and `b` (row indices) lie: the squared distance of their mean
     answer embeddings over the within-part spread, less what sampling alone gives (1/|a| + 1/|b|), so that
-    two parts drawn alike score about 0 at any size."""
-    gap = answers[a].mean(axis=0) - answers[b].mean(axis=0)
-    return float(gap @ gap / spread - (1 / len(a) + 1 / len(b)))
+    two parts drawn alike score about 0 at any size (the method's `answer_gap` less 1, times that term)."""
+    sampling = 1 / len(a) + 1 / len(b)
+    return (cluster.answer_gap(answers, a, b, spread) - 1) * sampling
 
 
 def template_parts(members: np.ndarray, texts: list[str], n_parts: int, seed: int) -> list[np.ndarray]:
