@@ -11,6 +11,9 @@ How K is chosen ("auto"), measured in docs/benchmark.md (bench/task_discovery.py
   silhouette that K-Means reaches on one structureless Gaussian with the points' own spectrum, so a split
   must beat what noise of the same shape gives (silhouette values alone cannot: real 8-task text scores
   0.1, one task split by its content 0.2). Below NULL_MIN_POINTS points K = 1 is not offered.
+- Then (given the instructions' texts and answers beside the split dimensions) each sub-cluster is split
+  where its templates answer differently (`split_by_answers`): two tasks that share an input format on
+  every client (the `all` scenario) share a sub-cluster, and nothing later could part them.
 - On the server, K-Means prototypes over the sub-centroids, then `cooccurring`: prototypes that occur on
   the same clients in the same proportions are parts of one task (its templates, its sub-topics) and
   become one global cluster.
