@@ -24,7 +24,7 @@ clustering (10-NN graph), a diagonal Gaussian mixture and Ward linkage (scikit-l
 
 With --answer-effects, instead: whether answers can tell a format-sharing pair from one task's own parts.
 Per setting and seed, each client splits its data as FedRouter does by default (instructions, auto K);
-each sub-cluster is cut into --parts instruction parts by K-Means on the surface view (`ngram_view`, the
+each sub-cluster is cut into --parts instruction parts by K-Means on the surface view (`template_view`, the
 words of its templates); then, between two parts of at least MIN_PART examples that are each >= PURE one
 task, the answer effect (`answer_effect`: the squared distance of their mean MiniLM answer embeddings over
 the within-part spread, less the sampling term, so alike parts score about 0). Printed: per task the
@@ -71,13 +71,8 @@ def whitened(x: np.ndarray, components: int = 30) -> np.ndarray:
     return (centred @ vt[:m].T) / np.maximum(s[:m] / np.sqrt(max(1, len(x) - 1)), 1e-12)
 
 
-def ngram_view(texts: list[str], min_share: float) -> np.ndarray:
-    """The surface view of `texts`: the method's `template_view` (word 1-3-grams held by >= `min_share`)."""
-    return cluster.template_view(texts, min_share)
-
-
 def with_ngrams(texts: list[str], x: np.ndarray, weight: float = 0.5, min_share: float = 0.03) -> np.ndarray:
-    return np.hstack([x, weight * ngram_view(texts, min_share)])
+    return np.hstack([x, weight * cluster.template_view(texts, min_share)])
 
 
 class TinyBase:
@@ -187,7 +182,7 @@ def answer_effect(answers: np.ndarray, a: np.ndarray, b: np.ndarray, spread: flo
 
 def template_parts(members: np.ndarray, texts: list[str], n_parts: int, seed: int) -> list[np.ndarray]:
     """`members` (row indices of one sub-cluster) cut into `n_parts` by K-Means on their surface view."""
-    _, part = cluster.kmeans(ngram_view([texts[k] for k in members], TEMPLATE_SHARE), n_parts, seed)
+    _, part = cluster.kmeans(cluster.template_view([texts[k] for k in members], TEMPLATE_SHARE), n_parts, seed)
     return [members[part == p] for p in range(part.max() + 1)]
 
 

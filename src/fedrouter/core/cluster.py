@@ -216,16 +216,16 @@ def _one_blas_thread(fn):
     return limited
 
 
-def _kmeans(x: np.ndarray, k: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """K-Means on validated, non-empty points; K clipped to the distinct points with a warning."""
+def _kmeans(x: np.ndarray, k: int, seed: int, what: str, warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """K-Means on validated, non-empty points; K clipped to the distinct points, with a warning if `warn`."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
     n, distinct = len(x), n_distinct(x)
-    if k > distinct:
+    if k > distinct and warn:
         log.warning("K-Means on %s: requested K=%d, but there are only %d distinct point(s) among %d; using K=%d",
                     what, k, distinct, n, distinct)
-        k = distinct
+    k = min(k, distinct)
     with warnings.catch_warnings():
         # near-duplicates that np.unique tells apart but K-Means cannot: handled below, not a warning
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -914,8 +914,8 @@ def _split_by_answers(answers: np.ndarray, texts: list[str], labels: np.ndarray,
         members = np.flatnonzero(labels == j)
         if len(members) < TEMPLATE_PARTS * MIN_PART:
             continue
-        view = template_view([texts[i] for i in members])
-        _, part = _kmeans(view, min(TEMPLATE_PARTS, n_distinct(view)), seed, "a sub-cluster's templates")
+        # up to TEMPLATE_PARTS: a sub-cluster with fewer distinct templates gets fewer parts, as expected
+        _, part = _kmeans(template_view([texts[i] for i in members]), TEMPLATE_PARTS, seed, "a sub-cluster's templates", warn=False)
         parts = _join_alike(answers, [members[part == p] for p in np.unique(part)])
         for rows in sorted(parts, key=lambda p: p.min())[1:]:  # the part holding the first example keeps the label
             split[rows] = next_label

@@ -283,16 +283,17 @@ class Server(ServerPart):
         step, remap = regroup_by_examples(step, held, merge=self.options["n_global"] == AUTO)
         self.assignment = regroup_summary(remap)
         self._adopt(step, {cid: remap for cid in held})
-        self._hold({cid: sorted(set(remap[np.flatnonzero(counts)].tolist())) for cid, counts in held.items()})
         self.setup_phase, self.centres = self._phase_after_clustering(), None
+        self._hold({cid: sorted(set(remap[np.flatnonzero(counts)].tolist())) for cid, counts in held.items()})
         return {}
 
     def _hold(self, client_clusters: dict[int, list[int]]) -> None:
         """The global clusters each client holds examples of (its local clusters), and where its round robin
-        starts among them."""
+        starts among them -- once they are final: the assignment exchange, when one follows, changes them."""
         self.client_clusters = client_clusters
-        self.round_robin_offsets = (balanced_offsets(client_clusters, self.settings.rounds)
-                                    if self.options["round_robin"] == "balanced" else {})
+        if self.setup_phase != "assign":
+            self.round_robin_offsets = (balanced_offsets(client_clusters, self.settings.rounds)
+                                        if self.options["round_robin"] == "balanced" else {})
 
     def _phase_after_clustering(self) -> str:
         return "moments" if self.global_router() == DISCRIMINANT else "done"
