@@ -125,3 +125,80 @@ def test_a_private_run_reports_epsilon_per_round_and_at_the_end(method, mode, tm
     assert results["privacy"]["epsilon"] == rounds[-1]["epsilon"] and rounds[0]["epsilon"] < rounds[1]["epsilon"]
     if mode == "central":
         assert rounds[0]["clipped_updates"] == 2  # clip 0.05 is below both first-round updates' norms
+
+
+# Issue 32: a run whose epsilon would not cover what it releases, or that the accountant cannot bound, is
+# refused before any work, in one line naming the reason.
+DP_REFUSED = {
+    "fedrouter central, exact centroids": ({"method": "fedrouter", "privacy": {"mode": "central"}},
+                                           "release its clients' centroids, assignment counts and router moments exactly"),
+    "fedrouter-star local, exact centroids": ({"method": "fedrouter-star", "privacy": {"mode": "local"}},
+                                              "set privacy.centroid_noise_multiplier"),
+    "fedrouter-oracle sends task names": ({"method": "fedrouter-oracle",
+                                           "privacy": {"mode": "central", "centroid_noise_multiplier": 4.0}},
+                                          "true task names"),
+    "screen on clean updates": ({"method": "fedit", "update_norm_ratio": 3.0, "privacy": {"mode": "central"}},
+                                "update_norm_ratio screens the clean updates"),
+    "delta 1/n": ({"method": "fedit", "n_clients": 8, "privacy": {"mode": "central", "delta": 0.125}},
+                  "delta 0.125 is at least 1/n_clients (1/8)"),
+    "delta 1/examples": ({"method": "fedrouter", "train_per_client": 50,
+                          "privacy": {"mode": "central", "centroid_noise_multiplier": 4.0, "delta": 0.05}},
+                         "at least 1/train_per_client (1/50)"),
+    "noise overflows": ({"method": "fedit", "privacy": {"mode": "central", "noise_multiplier": 1e300}},
+                        "the accountant cannot compute epsilon for noise_multiplier 1e+300 (OverflowError"),
+    "centroid noise overflows": ({"method": "fedrouter", "privacy": {"mode": "central", "centroid_noise_multiplier": 1e300}},
+                                 "centroid_noise_multiplier 1e+300 (OverflowError"),
+    "noise underflows, sampled": ({"method": "fedit", "client_fraction": 0.5,
+                                   "privacy": {"mode": "central", "noise_multiplier": 1e-300}}, "(ZeroDivisionError"),
+    "sampled, with a target": ({"method": "fedit", "client_fraction": 0.5,
+                                "privacy": {"mode": "central", "noise_multiplier": 1e30, "target_epsilon": 1.0}},
+                               "(ValueError: math domain error"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DP_REFUSED))
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the accountant's own division by zero, on the way to its error
+def test_a_private_run_the_accountant_does_not_cover_is_refused_in_one_line(case):
+    overrides, needle = DP_REFUSED[case]
+    with pytest.raises(FedrouterError, match="^config: privacy: ") as refused:
+        load_config(None, overrides)
+    assert needle in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_what_dp_does_cover_is_accepted():
+    # local DP: the server screens only noised uploads (post-processing); FedRouter with noisy centroids
+    assert load_config(None, {"method": "fedit", "update_norm_ratio": 3.0, "privacy": {"mode": "local"}}).update_norm_ratio == 3
+    assert load_config(None, {"method": "fedrouter", "privacy": {"mode": "central", "centroid_noise_multiplier": 4.0}})
+    assert load_config(None, {"method": "fedit", "privacy": {"mode": "central", "noise_multiplier": 0.0}})  # epsilon inf
+
+
+def test_a_fedrouter_dp_run_without_noisy_centroids_refuses_before_it_claims_anything(tmp_path, capsys):
+    from conftest import one_error_line
+
+    from fedrouter.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--method", "fedrouter", "--out", str(out), "--set", 'privacy.mode="central"']) == 2
+    assert "privacy.centroid_noise_multiplier" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_an_infinite_epsilon_is_null_and_flagged_never_the_literal_infinity(tmp_path, tiny_overrides, tiny_model_dir):
+    from fedrouter.engines.driver import epsilon_fields
+    from fedrouter.experiment import run_experiment
+
+    assert epsilon_fields(math.inf) == {"epsilon": None, "epsilon_infinite": True}
+    assert epsilon_fields(2.5) == {"epsilon": 2.5, "epsilon_infinite": False}
+    cfg = load_config(None, {**tiny_overrides, "method": "fedit", "privacy": {"mode": "central", "noise_multiplier": 0.0}})
+    run_experiment(cfg, tmp_path / "run", progress=False)
+
+    def strict(text: str):
+        def refuse(constant):
+            raise AssertionError(f"non-standard JSON constant {constant}")
+        return json.loads(text, parse_constant=refuse)
+
+    results = strict((tmp_path / "run" / "results.json").read_text())
+    assert results["privacy"]["epsilon"] is None and results["privacy"]["epsilon_infinite"] is True
+    assert results["privacy"]["epsilon_per_round"] == [None, None]
+    rounds = [strict(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epsilon"], r["epsilon_infinite"]) for r in rounds] == [(None, True), (None, True)]

@@ -7,6 +7,7 @@ a number must be a finite number (`lr = inf` is refused), an integer an integer 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
@@ -16,11 +17,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedrouter.atomic import read_regular_text
 from fedrouter.core.data import SCENARIOS
 from fedrouter.core.train import DEFAULT_TEMPLATE
 from fedrouter.errors import FedrouterError
 
 CONFIG_FILE = "config.json"  # a run directory's resolved config (see fedrouter.rundir)
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+# One process holds every simulated client's state and data; the data is built client by client (a
+# minute per ten thousand on a laptop), so a client count far beyond any study is a typo, not a plan.
+MAX_CLIENTS = 10_000
 
 
 class _Strict(BaseModel):
@@ -144,6 +150,14 @@ class Config(_Strict):
             raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
         return v
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        # torch.device takes "meta", "xpu" and more, which fail later, after the model loads: name the ones that run
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a device this runs on: use auto, cpu, cuda, cuda:N or mps")
+        return v
+
     @field_validator("prompt_template")
     @classmethod
     def _template_has_slot(cls, v: str) -> str:
@@ -167,10 +181,24 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _sizes_one_could_mean(self):
+        """Sizes that would run silently for hours before anything fails are refused before any work."""
+        if self.n_clients > MAX_CLIENTS:
+            raise ValueError(f"n_clients: {self.n_clients} clients in one process is more than this simulation holds "
+                             f"(at most {MAX_CLIENTS}); a federation that large runs on Flower's deployment, a node per client")
+        if self.batch_size * self.grad_accum_steps > self.train_per_client:
+            raise ValueError(f"grad_accum_steps: one optimizer step of {self.grad_accum_steps} x batch {self.batch_size} "
+                             f"examples would go over a client's {self.train_per_client} training examples more than once; "
+                             "accumulate fewer batches")
+        return self
+
+    @model_validator(mode="after")
     def _privacy_applies(self):
-        """DP covers averaging methods with a plain mean; the budget is checked before any work."""
+        """DP covers averaging methods with a plain mean, and only when nothing else the run releases escapes
+        the accountant; the budget is checked before any work."""
         if self.privacy.mode == "off":
             return self
+        p = self.privacy
         if self.method not in PRIVATE_METHODS:
             raise ValueError(f"privacy: method {self.method} does not fold uploads by a mean (stacking, a choice by loss, "
                              f"or nothing shared), which client-level DP here does not cover; use one of "
@@ -178,12 +206,37 @@ class Config(_Strict):
         if self.method_options.get("aggregation", "mean") != "mean":
             raise ValueError("privacy: a robust aggregation (median, trimmed_mean) has no Gaussian-mechanism bound; "
                              "use aggregation = \"mean\"")
-        if self.privacy.target_epsilon is not None:
+        if self.method == "fedrouter-oracle":
+            raise ValueError("privacy: fedrouter-oracle sends each client's true task names to the server by design, an "
+                             "exact release the accountant does not cover; use fedrouter or fedrouter-star")
+        if self.method.startswith("fedrouter") and p.centroid_noise_multiplier is None:
+            raise ValueError(f"privacy: {self.method} would release its clients' centroids, assignment counts and router "
+                             "moments exactly, which the accountant does not cover; set privacy.centroid_noise_multiplier "
+                             "(e.g. 4.0) to release them through the Gaussian mechanism and count them in epsilon")
+        if p.mode == "central" and self.update_norm_ratio > 0:
+            raise ValueError("privacy: update_norm_ratio screens the clean updates against each other before clipping and "
+                             "noise, a choice by the clients' data that the accountant does not cover; set "
+                             "update_norm_ratio = 0 under central DP (under local DP it sees only noised uploads)")
+        if p.delta * self.n_clients >= 1:
+            raise ValueError(f"privacy: delta {p.delta:g} is at least 1/n_clients (1/{self.n_clients}), which lets a "
+                             "mechanism publish one client's data outright and still meet (epsilon, delta); use a delta "
+                             f"well below {1 / self.n_clients:.3g} (the default is 1e-5)")
+        if self.method.startswith("fedrouter") and p.delta * self.train_per_client >= 1:
+            raise ValueError(f"privacy: delta {p.delta:g} is at least 1/train_per_client (1/{self.train_per_client}), "
+                             "which lets the centroid release publish one example outright; use a delta well below "
+                             f"{1 / self.train_per_client:.3g}")
+        try:  # the accountant is run once here, so that a value it cannot handle is refused before any work
             epsilon = privacy_epsilon(self, self.rounds)
-            if epsilon > self.privacy.target_epsilon:
-                raise ValueError(f"privacy: {self.rounds} rounds at noise multiplier {self.privacy.noise_multiplier:g} spend "
-                                 f"epsilon {epsilon:.3g} (delta {self.privacy.delta:g}), over target_epsilon "
-                                 f"{self.privacy.target_epsilon:g}: raise the noise or run fewer rounds")
+        except (ArithmeticError, ValueError) as exc:
+            raise ValueError(f"privacy: the accountant cannot compute epsilon for noise_multiplier {p.noise_multiplier:g}"
+                             + (f" and centroid_noise_multiplier {p.centroid_noise_multiplier:g}"
+                                if p.centroid_noise_multiplier is not None and self.method.startswith("fedrouter") else "")
+                             + f" ({type(exc).__name__}: {exc}); use a multiplier between 1e-3 and 1e4") from None
+        if p.target_epsilon is not None:
+            if epsilon > p.target_epsilon:
+                raise ValueError(f"privacy: {self.rounds} rounds at noise multiplier {p.noise_multiplier:g} spend "
+                                 f"epsilon {epsilon:.3g} (delta {p.delta:g}), over target_epsilon "
+                                 f"{p.target_epsilon:g}: raise the noise or run fewer rounds")
         return self
 
     @model_validator(mode="after")
@@ -358,14 +411,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def load_saved(run_dir: str | Path) -> Config:
     """A run directory's own config (its config.json), validated as any config; one clear error when it
     is missing or damaged."""
-    import json
-
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
-    if not path.exists():
-        raise FedrouterError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(read_regular_text(path))
+    except FileNotFoundError:
+        raise FedrouterError(f"{run_dir} is not a run directory (no {CONFIG_FILE})") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise FedrouterError(f"the run's config {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
     if not isinstance(saved, dict):

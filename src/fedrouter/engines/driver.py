@@ -10,6 +10,7 @@ the loop, the clients and torch's generator back where the checkpoint found them
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -28,6 +29,14 @@ from fedrouter.methods.base import ServerPart
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+def epsilon_fields(epsilon: float) -> dict:
+    """epsilon as JSON can hold it: a number, or (no noise: no privacy at all) null with "epsilon_infinite":
+    true -- never the non-standard literal Infinity, which strict readers refuse and lax ones read as a number."""
+    if math.isinf(epsilon):
+        return {"epsilon": None, "epsilon_infinite": True}
+    return {"epsilon": epsilon, "epsilon_infinite": False}
 
 
 def checkpoint_payload(cfg: Config, server: ServerPart, clients: ClientSide, loop: RoundLoop, base_reports: dict,
@@ -64,7 +73,7 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
 
     def on_round(record: dict) -> None:
         if accountant is not None:
-            record["epsilon"] = accountant.epsilon(record["round"])
+            record.update(epsilon_fields(accountant.epsilon(record["round"])))
         if cfg.eval_every and (record["round"] % cfg.eval_every == 0 or record["round"] == cfg.rounds):
             record["rouge1"] = _mean(r["rouge1"] for r in loop.evaluate("test").values())
         metrics.append(record)
@@ -83,7 +92,7 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
     results = _results(cfg, run_dir, tasks, shared, server, clients, history, loop,
                        {"base": base_reports, "test": test_reports, "general": general_reports}, setup_report, timings)
     if accountant is not None:
-        results["privacy"] = {**cfg.privacy.model_dump(), "epsilon": accountant.epsilon(cfg.rounds),
+        results["privacy"] = {**cfg.privacy.model_dump(), **epsilon_fields(accountant.epsilon(cfg.rounds)),
                               "epsilon_per_round": [h.get("epsilon") for h in history],
                               "accountant": "dp_accounting RDP, replace-one neighbours",
                               "sampled_per_round": settings.sampled_clients(cfg)}
