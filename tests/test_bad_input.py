@@ -55,6 +55,13 @@ CONFIG_CASES = {
     "template spec": (["--set", 'prompt_template="{instruction:>999999999999}"'], "not {instruction:>999999999999}"),
     "template literal": (["--set", 'prompt_template="{{instruction}}"'], "must insert the input with {instruction}"),
     "surrogate": (None, "holds an invalid character (a lone surrogate, \\ud800)"),
+    # issue 32: values accepted before, then a traceback or a silence of minutes
+    "device meta": (["--device", "meta"], "'meta' is not a device this runs on"),
+    "device xpu": (["--device", "xpu"], "'xpu' is not a device this runs on"),
+    "grad_accum_steps huge": (["--set", "grad_accum_steps=1000000"], "grad_accum_steps: one optimizer step of 1000000 batches of 16"),
+    "n_clients huge": (["--clients", "100000"], "n_clients: 100000 clients in one process"),
+    "lr nan flag": (["--lr", "nan"], "argument --lr: not a finite number: 'nan'"),
+    "client fraction inf flag": (["--client-fraction", "inf"], "argument --client-fraction: not a finite number"),
 }
 
 
@@ -64,9 +71,34 @@ def test_a_config_or_data_a_user_could_not_mean_is_one_line(case, tmp_path, caps
     if args is None:
         args = ["--data", _surrogate_data(tmp_path)]
     out = tmp_path / "run"
-    assert main(["run", "--quiet", "--out", str(out), *args]) == 2
+    assert _exit_code(lambda: main(["run", "--quiet", "--out", str(out), *args])) == 2
     assert needle in one_error_line(capsys.readouterr().err)
     assert not out.exists()  # refused before the run directory was claimed
+
+
+def _exit_code(command) -> int:
+    """What the `fedrouter` command would exit with: main's return value, or argparse's SystemExit code."""
+    try:
+        return command()
+    except SystemExit as exc:
+        return exc.code
+
+
+ARGPARSE_CASES = {
+    "unknown flag": (["run", "--bogus"], "fedrouter: error: unrecognized arguments: --bogus (see fedrouter --help)"),
+    "missing argument": (["flower", "keys"], "fedrouter: error: flower keys: the following arguments are required: dir"),
+    "bad int": (["run", "--rounds", "x"], "fedrouter: error: run: argument --rounds: invalid int value: 'x'"),
+    "no command": ([], "fedrouter: error: the following arguments are required: command"),
+    "bad choice": (["clusters", "--data", "synthetic", "--scenario", "all", "--assign", "nope"], "argument --assign: invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARGPARSE_CASES))
+def test_argparse_errors_are_one_line_not_a_screen_of_usage(case, capsys):
+    argv, needle = ARGPARSE_CASES[case]
+    assert _exit_code(lambda: main(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in one_error_line(err) and "usage:" not in err, err
 
 
 def test_a_model_whose_weights_are_a_pickle_payload_is_refused_and_runs_nothing(tmp_path, tiny_model_dir, capsys):
@@ -291,9 +323,11 @@ def test_report_on_a_truncated_file_is_one_line(damage, needle, finished_run, tm
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     damage(run_dir)
+    before = sorted(p.name for p in run_dir.iterdir())
     assert main(["report", str(run_dir)]) == 2
     assert needle in one_error_line(capsys.readouterr().err)
-    assert not (run_dir / "report.html").exists()
+    # nothing half-written: no page, no figures/ with some figures in it, no staging folder left
+    assert sorted(p.name for p in run_dir.iterdir()) == before and "figures" not in before
 
 
 # ------------------------------------------------------------------------------------------- flower

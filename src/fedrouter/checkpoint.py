@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedrouter.atomic import write_bytes
+from fedrouter.atomic import read_regular, write_bytes
 from fedrouter.core.statefile import UnreadableState, dumps, loads
 from fedrouter.errors import FedrouterError
 
@@ -49,7 +49,7 @@ def save(run_dir: Path, round_number: int, payload: dict, keep: int) -> Path:
 
 def read(path: Path) -> dict:
     """One checkpoint file, or UnreadableState saying why it is not one."""
-    payload = loads(Path(path).read_bytes())
+    payload = loads(read_regular(path))  # a FIFO planted as a checkpoint: refused, not waited on
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UnreadableState(f"not a fedrouter checkpoint of format {FORMAT}")
     missing = [key for key in REQUIRED if key not in payload]

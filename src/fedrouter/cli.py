@@ -8,11 +8,24 @@ refused config should not pay for them).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from fedrouter import cli_flower
 from fedrouter.errors import FedrouterError
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (float() alone takes 'nan' and 'inf')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
 
 DATA_HELP = ("'synthetic' or 'synthetic-hard' (embedded; -hard: 3 to 5 templates per task and two pairs of tasks "
              "sharing an input format) or a folder with train.jsonl and test.jsonl")
@@ -24,10 +37,10 @@ RUN_FLAGS = {
     "seed": ("--seed", int, "random seed"),
     "rounds": ("--rounds", int, "federated rounds"),
     "n_clients": ("--clients", int, "number of clients"),
-    "client_fraction": ("--client-fraction", float, "fraction of clients sampled per round"),
+    "client_fraction": ("--client-fraction", finite_float, "fraction of clients sampled per round"),
     "local_steps": ("--local-steps", int, "local training steps per round"),
     "batch_size": ("--batch-size", int, "training batch size"),
-    "lr": ("--lr", float, "learning rate (cosine-decayed over rounds)"),
+    "lr": ("--lr", finite_float, "learning rate (cosine-decayed over rounds)"),
     "model": ("--model", str, "'tiny' (embedded), a Hugging Face id, or a local model path"),
     "data": ("--data", str, DATA_HELP),
     "task_field": ("--task-field", str, "JSONL field holding the task label (e.g. category)"),
@@ -35,7 +48,7 @@ RUN_FLAGS = {
     "test_per_client": ("--test-per-client", int, "test examples per client"),
     "threads": ("--threads", int, "torch CPU threads"),
     "eval_every": ("--eval-every", int, "evaluate every N rounds (0: only at the end)"),
-    "inject_failures": ("--inject-failures", float, "each client fails a round with this probability (testing)"),
+    "inject_failures": ("--inject-failures", finite_float, "each client fails a round with this probability (testing)"),
     "engine": ("--engine", str, "inprocess (default) | flower (Flower's simulation runtime; needs the flower extra)"),
     "device": ("--device", str, "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     "dtype": ("--dtype", str, "auto (bf16 on a GPU that has it, else float32) | float32 | bfloat16 | float16"),
@@ -100,12 +113,23 @@ def _cmd_run(args) -> int:
 
 # -------------------------------------------------------------------------------------------- predict
 
+def _add_base_flags(p) -> None:
+    """--model and --cache-dir of the commands that load a finished run: this machine chooses them."""
+    p.add_argument("--model", default=None,
+                   help="the base model the run was trained on: a Hugging Face id or a local path (default: "
+                        "$FEDROUTER_MODEL, else the run's own when it is 'tiny'); refused when it is not the run's base")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the tiny base is built and kept (default: $FEDROUTER_CACHE or ~/.cache/fedrouter; "
+                        "never the run's own cache_dir)")
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="answer prompts with a finished run's adapters and router")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--file", type=Path, help="JSONL with an 'instruction' field per line")
     p.add_argument("--out", type=Path, help="also write {prompt, adapter, distance, answer} lines here (JSONL)")
+    _add_base_flags(p)
 
 
 def _cmd_predict(args) -> int:
@@ -113,7 +137,7 @@ def _cmd_predict(args) -> int:
 
     if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
         raise FedrouterError(f"--out {args.out}: give a file in an existing folder")
-    rows = predict(args.run_dir, read_prompts(args.prompt, args.file))
+    rows = predict(args.run_dir, read_prompts(args.prompt, args.file), args.model, args.cache_dir)
     for row in rows:
         where = row["adapter"] + (f" (distance {row['distance']:.3f})" if row["distance"] is not None else "")
         print(f"[{where}] {row['prompt']}\n  -> {row['answer']}")
@@ -344,24 +368,49 @@ COMMANDS = {"run": (_add_run, _cmd_run), "clusters": (_add_clusters, _cmd_cluste
             "report": (_add_report, _cmd_report), "flower": (cli_flower.add_parser, cli_flower.run)}
 
 
+# Commands whose work a signal should end cleanly (a run marks itself FAILED, a report leaves no half-written
+# figures): SIGTERM and SIGINT raise Interrupted there. `serve` has its own handlers (uvicorn's drain), the
+# flower commands theirs (the worker's cleanup, Flower's SuperNode).
+STOPPABLE = ("run", "clusters", "predict", "compare", "report")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as every other error here: one `fedrouter: error: ...` line, exit 2 (not
+    a dozen lines of usage first); `--help` still prints the usage."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("fedrouter").strip()
+        print(f"fedrouter: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedrouter.runtime import quiet_libraries
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["flower", "supernode"]:  # every other argument is flower-supernode's: argparse must not see them
         return _run_guarded(lambda: cli_flower.supernode(argv[2:]))
-    parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fedrouter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
     quiet_libraries()
-    return _run_guarded(lambda: COMMANDS[args.command][1](args))
+    return _run_guarded(lambda: COMMANDS[args.command][1](args), stop_on_signals=args.command in STOPPABLE)
 
 
-def _run_guarded(command) -> int:
+def _run_guarded(command, stop_on_signals: bool = False) -> int:
+    from fedrouter.runtime import Interrupted
+    from fedrouter.runtime import stop_on_signals as signals_raise
+
     try:
-        return command()
+        if not stop_on_signals:
+            return command()
+        with signals_raise():
+            return command()
+    except Interrupted as exc:  # the run (if any) has marked itself FAILED on the way out
+        print(f"fedrouter: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except FedrouterError as exc:
         print(f"fedrouter: error: {exc}", file=sys.stderr)
         return 2

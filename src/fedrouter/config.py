@@ -186,10 +186,11 @@ class Config(_Strict):
         if self.n_clients > MAX_CLIENTS:
             raise ValueError(f"n_clients: {self.n_clients} clients in one process is more than this simulation holds "
                              f"(at most {MAX_CLIENTS}); a federation that large runs on Flower's deployment, a node per client")
-        if self.batch_size * self.grad_accum_steps > self.train_per_client:
-            raise ValueError(f"grad_accum_steps: one optimizer step of {self.grad_accum_steps} x batch {self.batch_size} "
-                             f"examples would go over a client's {self.train_per_client} training examples more than once; "
-                             "accumulate fewer batches")
+        batches = max(1, math.ceil(self.train_per_client / self.batch_size))  # in one pass over a client's examples
+        if self.grad_accum_steps > batches:
+            raise ValueError(f"grad_accum_steps: one optimizer step of {self.grad_accum_steps} batches of {self.batch_size} "
+                             f"would go over a client's {self.train_per_client} training examples ({batches} batch(es)) "
+                             "more than once; accumulate at most that many")
         return self
 
     @model_validator(mode="after")

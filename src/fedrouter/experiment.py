@@ -34,20 +34,26 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
-    saved = rundir.resumable(run_dir, cfg.model_dump()) if resume else None
-    if cfg.engine == "flower":
-        try:
-            from fedrouter.engines.flower.app import run_simulation
-        except ImportError as exc:
-            raise FedrouterError(f"engine flower needs Flower ({exc.name} is missing): pip install 'fedrouter[flower]'") from None
-        build_data(cfg)  # bad data fails here, before the run directory exists
-        shared = build_shared(cfg, progress)  # the server's model: its initial adapter and the PEFT files it saves
-        produce = lambda: run_simulation(cfg, run_dir, progress, shared, saved)  # noqa: E731
-    else:
-        world = World(cfg, progress)
-        contexts = world.contexts()
-        server = server_part(cfg, world.shared, sorted(contexts))
-        clients = InProcessClients(client_part(cfg), contexts, progress, cfg.inject_failures, cfg.seed, cfg.client_timeout_s,
-                                   cfg.privacy)
-        produce = lambda: drive(cfg, run_dir, world.data.tasks, world.shared, server, clients, progress, saved)  # noqa: E731
-    return rundir.write_run(run_dir, cfg.model_dump(), produce, resume, start)
+    # a resume locks the run before it reads its checkpoint: a second resume of it is refused, naming this pid
+    lock = rundir.RunLock(run_dir) if resume else None
+    try:
+        saved = rundir.resumable(run_dir, cfg.model_dump()) if resume else None
+        if cfg.engine == "flower":
+            try:
+                from fedrouter.engines.flower.app import run_simulation
+            except ImportError as exc:
+                raise FedrouterError(f"engine flower needs Flower ({exc.name} is missing): pip install 'fedrouter[flower]'") from None
+            build_data(cfg)  # bad data fails here, before the run directory exists
+            shared = build_shared(cfg, progress)  # the server's model: its initial adapter and the PEFT files it saves
+            produce = lambda: run_simulation(cfg, run_dir, progress, shared, saved)  # noqa: E731
+        else:
+            world = World(cfg, progress)
+            contexts = world.contexts()
+            server = server_part(cfg, world.shared, sorted(contexts))
+            clients = InProcessClients(client_part(cfg), contexts, progress, cfg.inject_failures, cfg.seed,
+                                       cfg.client_timeout_s, cfg.privacy)
+            produce = lambda: drive(cfg, run_dir, world.data.tasks, world.shared, server, clients, progress, saved)  # noqa: E731
+        return rundir.write_run(run_dir, cfg.model_dump(), produce, lock, start)
+    finally:
+        if lock is not None:
+            lock.release()

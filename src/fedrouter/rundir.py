@@ -7,25 +7,32 @@
 <run>/adapters/<name>/     PEFT format (adapter_config.json + adapter_model.safetensors)
 <run>/router/              centroids.safetensors + router.json (cluster -> adapter, embedder)
 <run>/embedding_map.json   a 2-D map of the clients' training embeddings (FedRouter, in simulation)
+<run>/base_model.json      the base model the adapters were trained on: its name and fingerprint
 <run>/per_client.csv
 <run>/results.json         written last: a run without it is not finished
 <run>/FAILED               the reason a run stopped (absent while it runs or once it has finished)
+<run>/.lock                the pid of the process running it; locked (flock) while a run or resume works in it
 ```
 
-Claiming a new directory is atomic (two runs racing for the same `--out`: exactly one wins). Every file is
-written whole or not at all (`fedrouter.atomic`). Readers (`predict`, `report`, `serve`) get one clear
-`FedrouterError` for a directory that is unfinished, damaged or tampered with -- and never unpickle.
+Claiming a new directory is atomic (two runs racing for the same `--out`: exactly one wins), and a run or
+resume holds the directory's lock for its whole life (a second resume of the same run is refused, naming
+the pid that holds it; the lock goes with the process, however it ends). Every file is written whole or
+not at all (`fedrouter.atomic`). Readers (`predict`, `report`, `serve`) get one clear `FedrouterError`
+for a directory that is unfinished, damaged or tampered with -- read only from regular files (a FIFO is
+refused, not waited on) -- and never unpickle.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import time
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +52,8 @@ ROUTER = "router"
 CHECKPOINTS = checkpoint.DIR
 EMBEDDING_MAP = "embedding_map.json"
 PER_CLIENT = "per_client.csv"
+BASE = "base_model.json"
+LOCK = ".lock"
 
 # Names a run directory gives its adapters (cluster2, client3-local, global): a plain name, never a path.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -64,22 +73,70 @@ def default_path(method: str, scenario: str, seed: int) -> Path:
 
 # ------------------------------------------------------------------------------------------- writing
 
-def claim(run_dir: Path, config: dict) -> Path:
-    """Make `run_dir` this run's (new, or existing and empty) by creating its config.json exclusively: of
-    two runs racing for it, exactly one succeeds. One clear error when it is taken or cannot be written."""
+class RunLock:
+    """The exclusive lock of a run directory, held from the moment a run claims it (or a resume starts)
+    until that process ends its work: an flock on <run>/.lock, which also says the holder's pid. The
+    kernel drops it when the process ends in any way (a SIGKILL too), so a stale lock never blocks a
+    resume. The file itself is never removed (removing a lock file lets two processes lock two files)."""
+
+    def __init__(self, run_dir: Path):
+        run_dir = Path(run_dir)
+        path = run_dir / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise FedrouterError(f"cannot lock run directory {run_dir}: {exc.strerror or exc}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FedrouterError(f"cannot lock run directory {run_dir}: {path} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "(starting; pid not written yet)"
+                raise FedrouterError(f"run directory {run_dir} is in use by process {holder} (a run or resume of it); "
+                                     "wait for it to end, or stop that process first") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # the lock goes with the last descriptor of its open file
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(run_dir: Path, config: dict) -> RunLock:
+    """Make `run_dir` this run's (new, or existing and empty): lock it, then create its config.json
+    exclusively -- of two runs racing for it, exactly one succeeds. Returns the lock, held. One clear error
+    when it is taken or cannot be written."""
     run_dir = Path(run_dir)
+    lock = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if any(run_dir.iterdir()):
+        if any(p.name != LOCK for p in run_dir.iterdir()):  # (a lock file alone: a claim that failed)
             raise FedrouterError(f"run directory {run_dir} already exists and is not empty; choose another --out")
+        lock = RunLock(run_dir)
         atomic.create_exclusive(run_dir / CONFIG, (json.dumps(config, indent=2) + "\n").encode(), mode=0o644)
-    except FileExistsError:
-        if run_dir.is_dir():  # another run created config.json between our look and our write
-            raise FedrouterError(f"run directory {run_dir} was just claimed by another run; choose another --out") from None
-        raise FedrouterError(f"cannot create run directory {run_dir}: a file of that name exists") from None
-    except OSError as exc:
-        raise FedrouterError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
-    return run_dir
+    except BaseException as exc:
+        if lock is not None:
+            lock.release()
+        if isinstance(exc, FileExistsError):
+            if run_dir.is_dir():  # another run created config.json between our look and our write
+                raise FedrouterError(f"run directory {run_dir} was just claimed by another run; choose another --out") from None
+            raise FedrouterError(f"cannot create run directory {run_dir}: a file of that name exists") from None
+        if isinstance(exc, OSError):
+            raise FedrouterError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
+        raise
+    return lock
 
 
 def reopen(run_dir: Path) -> None:
@@ -100,15 +157,19 @@ def resumable(run_dir: Path, config: dict) -> dict:
     return saved
 
 
-def write_run(run_dir: Path, config: dict, produce, resume: bool = False, start: float | None = None) -> dict:
-    """Claim `run_dir` (writing its config.json; a resumed run reopens it), let `produce()` fill it and
-    return the results, then write results.json last -- or FAILED with the reason, so an unfinished run
-    never looks complete. A write that fails (a full disk) ends in one FedrouterError with the reason."""
+def write_run(run_dir: Path, config: dict, produce, resumed_under: RunLock | None = None,
+              start: float | None = None) -> dict:
+    """Claim `run_dir` (locking it and writing its config.json) -- or, for a resume, reopen it under the
+    lock the caller took before reading its checkpoint (`resumed_under`) -- let `produce()` fill it and
+    return the results, then write results.json last -- or FAILED with the reason (a signal's name too),
+    so an unfinished run never looks complete or alive. A write that fails (a full disk) ends in one
+    FedrouterError with the reason. The lock is released when this returns or raises."""
     start = time.perf_counter() if start is None else start
-    if resume:
+    if resumed_under is not None:
+        lock = resumed_under
         reopen(run_dir)
     else:
-        claim(run_dir, config)
+        lock = claim(run_dir, config)
     try:
         results = produce()
         results["wall_s"] = time.perf_counter() - start
@@ -121,6 +182,8 @@ def write_run(run_dir: Path, config: dict, produce, resume: bool = False, start:
             also = f"; FAILED could not be written either ({unrecorded})" if unrecorded else ""
             raise FedrouterError(f"run {run_dir} failed: {exc.strerror or exc}{where}{also}") from None
         raise
+    finally:
+        lock.release()
     return results
 
 
@@ -169,6 +232,23 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.handle.close()
+
+
+def save_base(run_dir: Path, name: str, fingerprint: dict) -> None:
+    """Which base model the run's adapters belong to (`core.model.base_fingerprint`)."""
+    atomic.write_json(Path(run_dir) / BASE, {"model": name, "fingerprint": fingerprint})
+
+
+def read_base(run_dir: Path) -> dict | None:
+    """The run's recorded base model ({"model", "fingerprint"}), or None for a run made before it was
+    recorded; one clear error for a damaged file."""
+    path = Path(run_dir) / BASE
+    if not path.exists():
+        return None
+    base = read_json(path, "the run's base model record")
+    if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), dict):
+        raise FedrouterError(f"{path} is not a base model record (an object with a fingerprint)")
+    return base
 
 
 def save_embedding_map(run_dir: Path, points: list[dict] | None) -> None:
@@ -223,9 +303,9 @@ def save_router(run_dir: Path, router: dict | None) -> None:
 # ------------------------------------------------------------------------------------------- reading
 
 def read_json(path: Path, what: str):
-    """A JSON file, or one clear error naming it (missing, unreadable, truncated)."""
+    """A JSON file, or one clear error naming it (missing, unreadable, truncated, not a regular file)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(atomic.read_regular_text(path))
     except FileNotFoundError:
         raise FedrouterError(f"{what} {path} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -249,10 +329,10 @@ def read_router(run_dir: Path) -> dict | None:
         raise FedrouterError(f"{folder / 'router.json'} is not a router (it needs a list 'adapters' and a string 'embedder')")
     names = [plain_name(n, "the router's adapter") for n in router["adapters"]]
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
-        tensors = load_file(str(folder / "centroids.safetensors"))
+        tensors = load(atomic.read_regular(folder / "centroids.safetensors"))
         centroids, whiten = tensors["centroids"], tensors.get("whiten")
     except (OSError, SafetensorError, KeyError) as exc:
         raise FedrouterError(f"{folder / 'centroids.safetensors'} is unreadable or corrupt ({type(exc).__name__})") from None
@@ -285,9 +365,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = atomic.read_regular_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise FedrouterError(f"{path} is unreadable ({type(exc).__name__})") from None
+        raise FedrouterError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

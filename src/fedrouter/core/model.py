@@ -273,3 +273,55 @@ def adapter_parameters(peft_model, adapter_name: str = "default") -> dict[str, t
         if "lora_" in name and marker in name:
             out[name.replace(marker, ".")] = param
     return out
+
+
+# --- which base model an adapter belongs to ------------------------------------------------------------
+
+FINGERPRINT_SAMPLES = 8  # values sampled per weight tensor: a handful is enough to tell two models apart
+# Loading one checkpoint in float32, bfloat16 or float16 moves a weight by at most a rounding of that dtype
+# (bf16: 2^-8 relative), while another model's weights differ at every sample.
+FINGERPRINT_RTOL, FINGERPRINT_ATOL = 1e-2, 1e-4
+
+
+def _plain_name(name: str) -> str:
+    """A base weight's name as the bare model names it, whether or not peft wraps the model."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def base_fingerprint(model, tokenizer) -> dict:
+    """What identifies a base model, wherever and in whatever dtype it is loaded: its architecture and
+    sizes, a digest of its tokenizer's vocabulary, and a few evenly spaced values of every floating-point
+    weight (quantized weights are skipped; LoRA weights are not the base's). Plain JSON data."""
+    config = model.config
+    shape = {key: getattr(config, key, None) for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")}
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    samples = {}
+    for name, weight in model.named_parameters():
+        if "lora_" in name or not weight.is_floating_point() or weight.numel() == 0:
+            continue
+        flat = weight.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(FINGERPRINT_SAMPLES, flat.numel())).round().long().to(flat.device)
+        samples[_plain_name(name)] = [float(v) for v in flat[index].float().cpu()]
+    return {"shape": shape, "tokenizer": hashlib.sha256(vocab.encode("utf-8")).hexdigest(), "samples": samples}
+
+
+def fingerprint_mismatch(recorded: dict, current: dict) -> str | None:
+    """Why `current` is not the base model `recorded` was taken of, or None when it is (weights compared
+    where both have them: a base trained quantized has fewer floating-point weights than the same base
+    loaded in float32)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("samples"), dict):
+        return "the run's recorded fingerprint is damaged"
+    if recorded.get("shape") != current["shape"]:
+        return f"its architecture is {current['shape']}, the run's base had {recorded.get('shape')}"
+    if recorded.get("tokenizer") != current["tokenizer"]:
+        return "its tokenizer's vocabulary differs from the run's base's"
+    shared = sorted(set(recorded["samples"]) & set(current["samples"]))
+    if not shared:
+        return "it has none of the run's base weights"
+    for name in shared:
+        a, b = recorded["samples"][name], current["samples"][name]
+        if not isinstance(a, list) or len(a) != len(b) or not all(
+                isinstance(x, (int, float)) and abs(x - y) <= FINGERPRINT_ATOL + FINGERPRINT_RTOL * max(abs(x), abs(y))
+                for x, y in zip(a, b)):
+            return f"its weights differ from the run's base's ({name})"
+    return None

@@ -18,7 +18,8 @@ from fedrouter.core.data import ClientData
 from fedrouter.core.embed import BaseModelEmbedder, embed_cached, resolve_embedder
 from fedrouter.core.generate import generate
 from fedrouter.core.metrics import score_predictions
-from fedrouter.core.model import LoraSettings, adapter_parameters, attach_lora, get_adapter_state, set_adapter_state
+from fedrouter.core.model import (LoraSettings, adapter_parameters, attach_lora, base_fingerprint, get_adapter_state,
+                                   set_adapter_state)
 from fedrouter.core.train import TrainStats, batch_stream, collate, encode_examples, round_lr, train_steps
 
 Adapter = dict[str, torch.Tensor]
@@ -44,6 +45,9 @@ class SharedModel:
 
     def __init__(self, base_model, tokenizer, lora: LoraSettings, settings: TrainSettings, seed: int = 0,
                  cache_dir=None):
+        # taken before anything touches the base (FLoRA and FedDPA add to its weights later): what a run
+        # records so that `predict` and `serve` can tell the base they load is the one its adapters fit
+        self.base_fingerprint = base_fingerprint(base_model, tokenizer)
         torch.manual_seed(seed)  # LoRA A's initialisation: the run's initial adapter
         self.model = attach_lora(base_model, lora)
         self.tokenizer = tokenizer

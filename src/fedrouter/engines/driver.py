@@ -110,6 +110,7 @@ def _results(cfg, run_dir, tasks, shared, server, clients, history, loop, report
                   for cid in ids]
     adapters = sorted(rundir.save_adapters(run_dir, shared, server.adapters()) + clients.save_adapters(run_dir, shared))
     rundir.save_router(run_dir, server.router())
+    rundir.save_base(run_dir, cfg.model, shared.base_fingerprint)
     for filename, tensors in server.tensor_files().items():
         rundir.save_tensors(run_dir, filename, tensors)
     rundir.save_embedding_map(run_dir, clients.embedding_map(cfg.seed))

@@ -1,6 +1,9 @@
 """`fedrouter predict RUN_DIR`: answer new prompts with a finished run's adapters and router.
 
-Loads the run's base model (from its config.json), every adapter it saved, and its router (FedRouter:
+Loads the base model (`--model`, else $FEDROUTER_MODEL, else the run's own when it is the embedded tiny
+base, built in this machine's cache: `--cache-dir`, else $FEDROUTER_CACHE -- never a folder the run
+directory names), checks it against the fingerprint the run recorded of its base (another base: refused),
+then every adapter the run saved, and its router (FedRouter:
 centroids + cluster -> adapter map + embedder, and the discriminant router's whitening map); each prompt
 goes to the adapter of its nearest centroid (after whitening, when the router has the map) and all prompts are answered in one mixed batch. A run without a router (FedIT) answers with its single
 `global` adapter.
@@ -9,11 +12,15 @@ goes to the adapter of its nearest centroid (after whitening, when the router ha
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from fedrouter.errors import FedrouterError
+
+log = logging.getLogger(__name__)
 
 
 def read_prompts(prompts: list[str], file: Path | None) -> list[str]:
@@ -28,17 +35,38 @@ def read_prompts(prompts: list[str], file: Path | None) -> list[str]:
     return prompts
 
 
-def load_run(run_dir: Path):
+MODEL_ENV = "FEDROUTER_MODEL"  # the base model predict and serve load, when --model is not given
+
+
+def base_model_name(cfg, model: str | None) -> str:
+    """The base model to load for a run: the one given (`--model`, else $FEDROUTER_MODEL), else the run's
+    own if it is the embedded tiny base; a run directory never names a path or hub id this machine loads."""
+    from fedrouter.core.model import TINY
+
+    given = model or os.environ.get(MODEL_ENV) or None
+    if given:
+        return given
+    if cfg.model == TINY:
+        return TINY
+    raise FedrouterError(f"this run was trained on base model {cfg.model!r}: give it with --model (or ${MODEL_ENV}); "
+                         "a run directory does not choose what this machine loads")
+
+
+def load_run(run_dir: Path, model: str | None = None, cache_dir: Path | None = None):
     """(config, peft model with every saved adapter, tokenizer, router or None) of a finished run; every
-    file is checked first (one clear error for a damaged or tampered run directory)."""
+    file is checked first (one clear error for a damaged or tampered run directory). The base model is
+    `model` (see `base_model_name`), built or found in `cache_dir` (None: $FEDROUTER_CACHE or the default
+    cache), and must match the run's recorded fingerprint of its base."""
     from peft import PeftModel
 
     from fedrouter import rundir
-    from fedrouter.config import cache_dir, hardware, load_saved, tiny_spec
-    from fedrouter.core.model import load_base
+    from fedrouter.config import hardware, load_saved, tiny_spec
+    from fedrouter.core.model import base_fingerprint, fingerprint_mismatch, load_base
 
     rundir.require_finished(run_dir)
     cfg = load_saved(run_dir)
+    name = base_model_name(cfg, model)
+    recorded = rundir.read_base(run_dir)
     router = rundir.read_router(run_dir)
     if router is not None:
         names = router["adapters"]
@@ -48,7 +76,15 @@ def load_run(run_dir: Path):
     else:
         raise FedrouterError(f"{run_dir} has neither a router nor a global adapter (method {cfg.method} keeps "
                              "client-private adapters only)")
-    base, tokenizer = load_base(cfg.model, cache_dir(cfg), tiny_spec(cfg), progress=False, hardware=hardware(cfg))
+    base, tokenizer = load_base(name, cache_dir, tiny_spec(cfg), progress=False, hardware=hardware(cfg))
+    if recorded is None:
+        log.warning("%s records no fingerprint of its base model (made before they were recorded): cannot check "
+                    "that %r is the base its adapters were trained on", run_dir, name)
+    else:
+        problem = fingerprint_mismatch(recorded["fingerprint"], base_fingerprint(base, tokenizer))
+        if problem:
+            raise FedrouterError(f"base model {name!r} is not the one this run's adapters were trained on "
+                                 f"({recorded.get('model')!r}): {problem}")
     unique = list(dict.fromkeys(names))
     try:
         model = PeftModel.from_pretrained(base, rundir.require_adapter(run_dir, unique[0]), adapter_name=unique[0])
@@ -85,12 +121,12 @@ def encode_prompts(cfg, tokenizer, prompts: list[str]) -> list[list[int]]:
     return [e.prompt_ids for e in encoded]
 
 
-def predict(run_dir: Path, prompts: list[str]) -> list[dict]:
-    """One {prompt, adapter, distance, answer} per prompt."""
+def predict(run_dir: Path, prompts: list[str], model_name: str | None = None, cache_dir: Path | None = None) -> list[dict]:
+    """One {prompt, adapter, distance, answer} per prompt (the base model as `load_run` takes it)."""
     from fedrouter.core.embed import resolve_embedder
     from fedrouter.core.generate import generate
 
-    cfg, model, tokenizer, router = load_run(Path(run_dir))
+    cfg, model, tokenizer, router = load_run(Path(run_dir), model_name, cache_dir)
     embedder = resolve_embedder(router["embedder"], model, tokenizer) if router is not None else None
     chosen, distances = route_prompts(router, embedder, prompts)
     answers = generate(model, tokenizer, encode_prompts(cfg, tokenizer, prompts), cfg.max_new_tokens, cfg.eval_batch_size,

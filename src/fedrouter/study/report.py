@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from fedrouter.atomic import write_text
@@ -82,13 +85,31 @@ def _fedrouter_figures(run_dir: Path, figures: Path, prefix: str) -> list[str]:
 
 
 def build_report(directory: Path) -> Path:
-    """Rebuild tables and figures under `directory` and write report.html there; returns its path."""
+    """Rebuild tables and figures under `directory` and write report.html there; returns its path.
 
+    The figures are drawn into a fresh folder beside figures/ and moved into it only once the whole report
+    is built: a damaged run stops the report with one error and leaves figures/ as it was."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FedrouterError(f"no such directory: {directory}")
-    figures = directory / FIGURES
-    figures.mkdir(exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{FIGURES}-", dir=directory))
+    except OSError as exc:
+        raise FedrouterError(f"cannot write the report in {directory}: {exc.strerror or exc}") from None
+    try:
+        title, sections = _build(directory, staging)
+        (directory / FIGURES).mkdir(exist_ok=True)
+        for png in sorted(staging.iterdir()):
+            os.replace(png, directory / FIGURES / png.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    path = directory / REPORT
+    write_text(path, _page(title, sections))
+    return path
+
+
+def _build(directory: Path, figures: Path) -> tuple[str, list[str]]:
+    """The report's title and sections, its figures drawn in `figures`."""
     sections: list[str] = []
     is_compare = (directory / CELLS).is_dir() and any((directory / CELLS).glob("*/results.json"))
     if is_compare:
@@ -130,6 +151,4 @@ def build_report(directory: Path) -> Path:
                              f"{r['rounds_s']:.0f} |" for r in scaling["rows"]])
         sections += [f"<h2>Scaling: {html.escape(scaling['method'])}, scenario {html.escape(scaling['scenario'])}</h2>",
                      _markdown_to_html(table), _image(png, "ROUGE-1 and wall time vs number of clients")]
-    path = directory / REPORT
-    write_text(path, _page(title, sections))
-    return path
+    return title, sections

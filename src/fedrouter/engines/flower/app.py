@@ -86,13 +86,21 @@ def _main(grid: Grid, context: Context) -> None:
             raise FedrouterError("resume=true continues the run in out=DIR with its own config.json: give out and no config or set")
         run_dir = Path(run_config["out"])
         cfg = load_saved(run_dir)
-        saved = rundir.resumable(run_dir, cfg.model_dump())
+        lock = rundir.RunLock(run_dir)  # before the checkpoint is read: one resume of a run at a time
+        try:
+            saved = rundir.resumable(run_dir, cfg.model_dump())
+        except BaseException:
+            lock.release()
+            raise
     else:
+        lock = None
         sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
         cfg = load_config(run_config.get("config") or None, sets)
         run_dir = Path(run_config.get("out") or rundir.default_path(cfg.method, cfg.scenario, cfg.seed))
     pull_interval_s = float(run_config.get("pull-interval-s", PULL_INTERVAL_S))  # an app written before it: the default
     if not 0 < pull_interval_s <= 60:
+        if lock is not None:
+            lock.release()
         raise FedrouterError(f"pull-interval-s must be in (0, 60] seconds, got {pull_interval_s:g}")
     # A reply is visible to the server a moment before its objects are: pulled then, Flower waits 1 s before
     # asking again; in this ServerApp process it asks again after pull-interval-s (on the pinned flwr only).
@@ -100,7 +108,7 @@ def _main(grid: Grid, context: Context) -> None:
     results = rundir.write_run(run_dir, cfg.model_dump(), lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
                                                                         node_wait_s=float(run_config.get("node-wait-s", 120)),
                                                                         pull_interval_s=pull_interval_s),
-                               resume=saved is not None)
+                               resumed_under=lock)
     log.warning("fedrouter: %s %s ROUGE-1 %.4f, run directory %s", cfg.method, cfg.scenario, results["rouge1"], run_dir)
 
 
