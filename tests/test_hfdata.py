@@ -306,3 +306,20 @@ def test_a_run_config_with_hf_paper4_builds_the_federated_split_from_local_copie
     for client in data.clients:
         assert len(client.train) == 2 and {e["task"] for e in client.train} == set(client.tasks)
         assert all(e["instruction"] and e["output"] for e in client.train + client.test)
+
+
+def test_hf_data_keeps_its_task_column_and_honours_task_field_none(tmp_path):
+    # issue 32: the dataset's own `task` column was dropped for a constant task, and --task-field none was ignored
+    from fedrouter.config import load_config
+    from fedrouter.core.data import UNLABELLED
+    from fedrouter.world import build_data
+
+    rows = [{"instruction": f"q{i} {kind}", "output": f"a{i}", "task": kind} for i in range(8) for kind in ("math", "geo")]
+    source = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    sizes = {"n_clients": 2, "train_per_client": 4, "test_per_client": 2, "general_test_per_task": 1}
+    labelled = build_data(load_config(None, {"data": f"hf:{source}", "scenario": "single", **sizes}))
+    assert labelled.tasks == ["geo", "math"]
+    assert all({e["task"] for e in c.train} == set(c.tasks) for c in labelled.clients)
+    unlabelled = build_data(load_config(None, {"data": f"hf:{source}", "task_field": "none", "scenario": "all", **sizes}))
+    assert unlabelled.tasks == [UNLABELLED]
+    assert {e["task"] for c in unlabelled.clients for e in c.train + c.test} == {UNLABELLED}

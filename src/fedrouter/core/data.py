@@ -166,12 +166,18 @@ class _Pools:
             name = source[len(HF):]
             for split in ("train", "test"):
                 if name == "paper4":
-                    yield split, hfdata.load_paper4(split, per_task=cap.get(split), sources=sources)
-                else:  # a task column only when named (data_fields.task, or a --task-field other than "task")
+                    rows = hfdata.load_paper4(split, per_task=cap.get(split), sources=sources)
+                else:  # the task from data_fields.task, else the column task_field names ("task": if there is one)
                     mapping = dict(fields) or {"instruction": "instruction", "output": "output"}
-                    if "task" not in mapping and task_field != "task":
+                    if task_field == NO_TASK_FIELD:
+                        mapping.pop("task", None)
+                    elif "task" not in mapping and task_field != "task":
                         mapping["task"] = task_field
-                    yield split, hfdata.load_mapped(name, split, mapping)
+                    rows = hfdata.load_mapped(name, split, mapping,
+                                              task_column="task" if "task" not in mapping and task_field != NO_TASK_FIELD else None)
+                if task_field == NO_TASK_FIELD:  # data read as unlabelled, as from JSONL: the labels are not used
+                    rows = [{**row, "task": UNLABELLED} for row in rows]
+                yield split, rows
             return
         train_path, test_path = _resolve_files(Path(source))
         for split, path in (("train", train_path), ("test", test_path)):

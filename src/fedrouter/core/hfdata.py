@@ -180,7 +180,7 @@ def load_paper4(split: str, per_task: int | None = None, sources: dict[str, str]
 
 
 def load_mapped(source: str, split: str, fields: dict[str, str], limit: int | None = None, *,
-                config: str | None = None, task: str | None = None) -> list[dict]:
+                config: str | None = None, task: str | None = None, task_column: str | None = None) -> list[dict]:
     """The rows of any dataset as examples, through a field mapping.
 
     source: a hub dataset id, or a local file or folder (read as in `load_paper4`'s sources).
@@ -190,6 +190,8 @@ def load_mapped(source: str, split: str, fields: dict[str, str], limit: int | No
         ``data/qa.jsonl`` -> ``qa``). A number becomes its str(); a row with an empty or null value is skipped.
     limit: at most this many examples, the first usable rows in the dataset's order (None: all).
     config: the hub dataset's config name, if it has several.
+    task_column: without fields["task"], a column to take the task from when the dataset has one (the
+        `--task-field` default, "task": a dataset's own task labels are not dropped for a constant).
     """
     _check_count("limit", limit)
     unknown = sorted(set(fields) - {"instruction", "output", "task"})
@@ -199,6 +201,8 @@ def load_mapped(source: str, split: str, fields: dict[str, str], limit: int | No
                              f"{'unknown: ' + ', '.join(unknown) if unknown else 'missing: ' + ', '.join(missing)}")
     constant_task = task or _source_name(source)
     rows = _open(source, config, split, "give a local file or folder as the source")
+    if "task" not in fields and task_column is not None and task_column in rows.column_names:
+        fields = {**fields, "task": task_column}
     _check_fields(rows, tuple(fields.values()), repr(source))
 
     def render(row: dict) -> dict | None:
