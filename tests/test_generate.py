@@ -99,6 +99,38 @@ def test_greedy_rows_are_unchanged_by_sampled_rows_and_a_seed_repeats(base):
     assert [c.text for c in top] == greedy  # a vanishing nucleus is the argmax
 
 
+def _raise(piece):
+    raise RuntimeError("the client's stream broke")
+
+
+# issue 32: what one row brings fails that row alone; before, one such row failed its whole batch
+POISON = {
+    "seed torch cannot take": dict(temperature=1.0, seed=10**30),
+    "temperature that divides into infinities": dict(temperature=1e-300, seed=1),
+    "top_p below float32": dict(temperature=1.0, top_p=1e-300, seed=1),  # kept the top token: not a failure
+    "callback that raises": dict(on_text=_raise),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POISON))
+def test_a_row_that_fails_fails_alone_and_its_batch_completes(base, case):
+    from fedrouter.core.generate import Row, generate_rows
+
+    model, tok = base
+    prompts = _prompts(tok)
+    greedy = generate(model, tok, prompts, max_new_tokens=6)
+    told = {}
+    rows = [Row(p, 6, on_done=lambda c, k=k: told.setdefault(k, c)) for k, p in enumerate(prompts)]
+    rows[1] = Row(prompts[1], 6, on_done=lambda c: told.setdefault(1, c), **POISON[case])
+    out = generate_rows(model, tok, rows, batch_size=4)
+    assert [c.text for k, c in enumerate(out) if k != 1] == [g for k, g in enumerate(greedy) if k != 1]
+    assert all(told[k] is out[k] for k in range(4))  # every row told once, the failed one too
+    if case == "top_p below float32":
+        assert out[1].finish_reason != "error" and out[1].text == greedy[1]  # the nucleus is the top token
+    else:
+        assert out[1].finish_reason == "error" and out[1].error and out[1].text == ""
+
+
 def test_stacked_adapters_equal_peft_mixed_batch_and_each_adapter_alone(two_adapters):
     from fedrouter.core import mixed_lora
     from fedrouter.core.generate import Row, generate_rows

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -83,8 +84,12 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
-    srv = Server(runs["fedrouter"], tmp_path_factory.mktemp("serve-log") / "server.log", "--api-key", KEY,
-                 "--max-body-bytes", str(MAX_BODY))
+    logs = tmp_path_factory.mktemp("serve-log")
+    key_file = logs / "key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    srv = Server(runs["fedrouter"], logs / "server.log", "--api-key-file", str(key_file), "--max-body-bytes", str(MAX_BODY),
+                 "--body-timeout-s", "2")
     try:
         yield srv
         srv.proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, exit 0
@@ -125,7 +130,8 @@ def test_models_lists_the_routed_model_and_every_adapter(server, client, expecte
     ids = [m.id for m in client.models.list()]
     assert ids == [server.name, *expected["adapters"]]
     assert client.models.retrieve(server.name).id == server.name
-    health = httpx.get(server.root + "/health").json()  # no key needed
+    assert httpx.get(server.root + "/health").json() == {"status": "ok"}  # no key needed, and it tells nothing more
+    health = httpx.get(server.root + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert health["status"] == "ok" and health["models"] == ids
 
 
@@ -229,12 +235,12 @@ def test_32_concurrent_clients_get_predicts_answers_in_mixed_batches(server, cli
     assert after['fedrouter_http_responses_total{path="/v1/completions",status="200"}'] >= 320
 
 
-def _post(server, path: str, body, key: str | None = KEY, raw: bytes | None = None):
-    headers = {"Content-Type": "application/json"}
+def _post(server, path: str, body, key: str | None = KEY, raw: bytes | None = None, headers: dict | None = None):
+    sent = {"Content-Type": "application/json", **(headers or {})}
     if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
+        sent["Authorization"] = f"Bearer {key}"
     content = raw if raw is not None else json.dumps(body).encode()
-    return httpx.post(server.root + path, content=content, headers=headers, timeout=60)
+    return httpx.post(server.root + path, content=content, headers=sent, timeout=60)
 
 
 def test_bad_input_gets_its_status_and_the_server_goes_on(server, client):
@@ -260,6 +266,24 @@ def test_bad_input_gets_its_status_and_the_server_goes_on(server, client):
         ("missing key", "/v1/completions", good, None, None, 401, "invalid_api_key"),
         ("body over the limit", "/v1/completions", {**good, "prompt": "x " * MAX_BODY}, None, KEY, 413, "request_too_large"),
     ]
+    chat = {"model": server.name, "messages": [{"role": "user", "content": "x"}]}
+    good_raw = json.dumps(good)
+    cases += [  # issue 32: each of these failed its request with a 500 (or a whole batch), or was served
+        ("seed 10^30", "/v1/completions", {**good, "temperature": 1, "seed": 10**30}, None, KEY, 400, None),
+        ("temperature 1e-300", "/v1/completions", {**good, "temperature": 1e-300}, None, KEY, 400, None),
+        ("top_p 1e-300", "/v1/completions", {**good, "temperature": 1, "top_p": 1e-300}, None, KEY, 400, None),
+        ("temperature NaN", "/v1/completions", None, good_raw.replace('"temperature": 0', '"temperature": NaN').encode(),
+         KEY, 400, "invalid_json"),
+        ("max_tokens Infinity", "/v1/completions", None, good_raw.replace('"max_tokens": 2', '"max_tokens": Infinity').encode(),
+         KEY, 400, "invalid_json"),
+        ("lone surrogate in a prompt", "/v1/completions", None,
+         good_raw.replace(json.dumps(PROMPTS[0]), '"caf\\ud800"').encode(), KEY, 400, "invalid_json"),
+        ("lone surrogate in a chat", "/v1/chat/completions", None,
+         json.dumps(chat).replace('"x"', '"\\udfff"').encode(), KEY, 400, "invalid_json"),
+        ("JSON nested 20000 deep", "/v1/completions", None, b"[" * 20000 + b"]" * 20000, KEY, 400, "invalid_json"),
+        ("a prompt no tokenization could fit", "/v1/completions", {**good, "prompt": "x" * (MAX_BODY - 200)}, None, KEY, 400,
+         "context_length_exceeded"),
+    ]
     for what, path, body, raw, key, status, code in cases:
         response = _post(server, path, body, key, raw)
         assert response.status_code == status, (what, response.text)
@@ -269,6 +293,16 @@ def test_bad_input_gets_its_status_and_the_server_goes_on(server, client):
         after = _post(server, "/v1/completions", good)  # the server still answers
         assert after.status_code == 200 and after.json()["choices"][0]["text"] is not None, what
     assert httpx.get(server.root + "/v1/models").status_code == 401
+    # a web page (an Origin header), another body type, another Host name: refused, and no CORS headers
+    for what, headers, status, code in [
+        ("a web page's request", {"Origin": "https://evil.example"}, 403, "origin_not_allowed"),
+        ("a form's text/plain body", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        ("a rebound DNS name", {"Host": f"evil.example:{server.port}"}, 421, "invalid_host"),
+    ]:
+        response = _post(server, "/v1/completions", good, headers=headers)
+        assert response.status_code == status and response.json()["error"]["code"] == code, (what, response.text)
+        assert not any(h.startswith("access-control-") for h in response.headers), what
+    assert "characters" in _post(server, "/v1/completions", {**good, "prompt": "x" * (MAX_BODY - 200)}).json()["error"]["message"]
     assert httpx.get(server.root + "/nope", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     assert httpx.get(server.root + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}).status_code == 405
     # the same through the openai client: its typed errors carry the status
@@ -281,14 +315,152 @@ def test_bad_input_gets_its_status_and_the_server_goes_on(server, client):
     assert client.completions.create(**good).choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_64_request_mixed_batch_with_poisoned_rows_answers_every_valid_request(runs, expected, tmp_path):
+    # issue 32: requests that failed in generation (seed 10^30, top_p / temperature 1e-300) failed the whole
+    # batch they landed in -- 37 of 40 valid requests got a 500. A long batching wait puts the 64 together.
+    srv = Server(runs["fedrouter"], tmp_path / "batch.log", "--max-wait-ms", "1500")
+    try:
+        rows = expected["rows"]
+        prompts = list(rows)
+        poisons = [{"temperature": 1, "seed": 10**30}, {"temperature": 1e-300}, {"temperature": 1, "top_p": 1e-300},
+                   {"temperature": 1, "seed": -(2**70)}, {"top_p": 0}, {"temperature": -0.0001}]
+        requests = []
+        for k in range(64):
+            prompt = prompts[k % len(prompts)]
+            if k % 4 == 1:
+                requests.append(("poisoned", {"model": srv.name, "prompt": prompt, **poisons[k % len(poisons)]}))
+            elif k % 4 == 2:  # another adapter than the router's: a mixed batch
+                other = next(a for a in expected["adapters"] if a != rows[prompt]["adapter"])
+                requests.append(("adapter", {"model": other, "prompt": prompt, "temperature": 0}))
+            elif k % 4 == 3:
+                requests.append(("sampled", {"model": srv.name, "prompt": prompt, "temperature": 1.3, "seed": k}))
+            else:
+                requests.append(("greedy", {"model": srv.name, "prompt": prompt, "temperature": 0}))
+        results = [None] * len(requests)
+
+        def send(k: int) -> None:
+            results[k] = httpx.post(srv.root + "/v1/completions", json=requests[k][1], timeout=300)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        for (kind, body), response in zip(requests, results):
+            if kind == "poisoned":
+                assert response.status_code == 400, (body, response.text)
+                continue
+            assert response.status_code == 200, (kind, body, response.text)
+            text = response.json()["choices"][0]["text"]
+            if kind == "greedy":
+                assert text == rows[body["prompt"]]["answer"]
+            elif kind == "adapter":
+                assert text == expected["alone"][body["model"]][body["prompt"]]
+    finally:
+        srv.close()
+
+
+def test_a_batch_that_fails_as_a_whole_is_answered_row_by_row(monkeypatch):
+    # The serving boundary behind the per-row isolation: whatever still fails a whole batch, each request
+    # is generated again alone, so only the one that cannot be generated is a 500.
+    import asyncio
+
+    from fedrouter.core import generate as core
+    from fedrouter.study import serve as srv
+
+    def fake_rows(model, tokenizer, rows, batch_size=64, **kwargs):
+        if any(r.seed == 13 for r in rows):
+            raise RuntimeError("a row no batch survives")
+        done = [core.Completion(f"answer {r.prompt_ids[0]}", "stop", 1) for r in rows]
+        for r, c in zip(rows, done):
+            r.on_done(c)
+        return done
+
+    monkeypatch.setattr(core, "generate_rows", fake_rows)
+    service = srv.Service.__new__(srv.Service)  # no model: only the batcher's bookkeeping runs
+    service.router, service.embedder, service.model, service.tokenizer = None, None, None, None
+    service.metrics = srv.Metrics()
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [srv.Job("completions", "global", "x", [k], 4, 1.0, 1.0, 13 if k == 2 else k, (), False, False, loop,
+                        adapter="global") for k in range(5)]
+        service._run_batch(jobs)
+        loop.run_until_complete(asyncio.sleep(0))  # the worker's answers, delivered on the loop
+        for k, job in enumerate(jobs):
+            if k == 2:
+                assert job.done.exception().status == 500
+            else:
+                assert job.done.result().text == f"answer {k}"
+    finally:
+        loop.close()
+
+
+def test_a_prompt_is_measured_in_characters_then_tokenized_once_off_the_event_loop():
+    import asyncio
+    import types
+
+    from fedrouter.study import serve as srv
+
+    calls = []
+
+    class Tokenizer:
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            calls.append((text, threading.current_thread().name))
+            return {"input_ids": [5] * len(text.split())}
+
+    service = srv.Service.__new__(srv.Service)
+    service.request_tokenizer, service.longest_token, service.prompt_limit = Tokenizer(), 4, 10
+    service.tokenizing = srv.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrouter-tokenize")
+    service.cfg = types.SimpleNamespace(prompt_template="Q: {instruction}", max_seq_len=16, max_new_tokens=3)
+    service.context_length, service.routed_name, service.adapters = 64, "run", ["global"]
+    req = srv.CompletionRequest.model_validate({"model": "run", "prompt": "x"})
+    loop = asyncio.new_event_loop()
+    try:
+        job = loop.run_until_complete(service.new_job(req, "completions", "a b c", loop))
+        assert job.prompt_ids == [1, 5, 5, 5, 5] and calls == [("Q: a b c", calls[0][1])]
+        assert calls[0][1].startswith("fedrouter-tokenize")  # once, in the tokenizing thread
+        with pytest.raises(srv.ApiError, match="characters"):  # 10 tokens x 4 characters: refused untokenized
+            loop.run_until_complete(service.new_job(req, "completions", "y" * 40, loop))
+        assert len(calls) == 1
+    finally:
+        service.tokenizing.shutdown()
+        loop.close()
+
+
+def _trickle(srv, body_sent: bytes = b'{"model": ') -> socket.socket:
+    """A connection that sends its headers and the start of its body, then nothing more."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=120)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n" + body_sent)
+    return sock
+
+
 def test_fedit_run_serves_its_global_adapter_and_sigterm_drains(runs, tmp_path):
-    srv = Server(runs["fedit"], tmp_path / "fedit.log", "--max-wait-ms", "5")
+    srv = Server(runs["fedit"], tmp_path / "fedit.log", "--max-wait-ms", "5", "--allow-origin", "https://ok.example",
+                 "--body-timeout-s", "2", "--shutdown-timeout-s", "20")
     try:
         c = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in c.models.list()] == [srv.name, "global"]
         raw = c.completions.with_raw_response.create(model=srv.name, prompt=PROMPTS[1], temperature=0)
         assert raw.parse().fedrouter == {"adapter": "global", "distance": None, "routed": True}
         assert raw.headers["x-fedrouter-adapter"] == "global" and raw.headers["x-fedrouter-distance"] == "none"
+
+        # --allow-origin opens the API to that page, with CORS headers (a preflight too); any other is refused
+        body = {"model": srv.name, "prompt": PROMPTS[1], "temperature": 0}
+        allowed = httpx.post(srv.root + "/v1/completions", json=body, headers={"Origin": "https://ok.example"})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://ok.example"
+        preflight = httpx.options(srv.root + "/v1/completions", headers={
+            "Origin": "https://ok.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200 and "POST" in preflight.headers["access-control-allow-methods"]
+        assert httpx.post(srv.root + "/v1/completions", json=body, headers={"Origin": "https://evil.example"}).status_code == 403
+
+        # a body that does not arrive in --body-timeout-s: 408, and the connection is the server's again
+        with _trickle(srv) as sock:
+            assert sock.recv(4096).split(b"\r\n", 1)[0].endswith(b"408 Request Timeout")
+        late = _trickle(srv)  # one more, still trickling when SIGTERM comes: it must not hold the server up
 
         # four long streams in flight, then SIGTERM: each stream still ends normally, then the process exits 0
         started, results = [threading.Event() for _ in range(4)], [None] * 4
@@ -316,6 +488,7 @@ def test_fedit_run_serves_its_global_adapter_and_sigterm_drains(runs, tmp_path):
         for t in threads:
             t.join(timeout=120)
         assert srv.proc.wait(timeout=120) == 0, srv.log.read_text()[-3000:]
+        late.close()
         assert all(not isinstance(r, Exception) for r in results), results
         assert all(r[0][-1].finish_reason in ("stop", "length") for r in results)
         assert any(t > signalled for r in results for t in r[1]), "nothing was still in flight at SIGTERM"
@@ -325,9 +498,42 @@ def test_fedit_run_serves_its_global_adapter_and_sigterm_drains(runs, tmp_path):
         srv.close()
 
 
-def test_serve_refuses_bad_arguments_in_one_line(runs, tmp_path, capsys):
-    import socket
+SERVE_FLAG_CASES = {
+    "max-wait-ms nan": (["--max-wait-ms", "nan"], "argument --max-wait-ms: not a finite number: 'nan'"),
+    "max-wait-ms inf": (["--max-wait-ms", "inf"], "not a finite number: 'inf'"),
+    "max-wait-ms huge": (["--max-wait-ms", "1e9"], "--max-wait-ms must be from 0 to 10000"),
+    "body timeout 0": (["--body-timeout-s", "0"], "--body-timeout-s must be in (0, 3600]"),
+    "shutdown timeout negative": (["--shutdown-timeout-s", "-1"], "--shutdown-timeout-s must be from 0 to 3600"),
+    "origin with a path": (["--allow-origin", "https://x.example/page"], "give an origin such as https://example.org"),
+    "key file missing": (["--api-key-file", "/nonexistent/key"], "--api-key-file /nonexistent/key: cannot read it"),
+    "key file a folder": (["--api-key-file", "/tmp"], "is a folder, not a regular file"),
+    "two keys": (["--api-key-file", "k", "--api-key", "k"], "not allowed with argument"),
+}
 
+
+@pytest.mark.parametrize("case", sorted(SERVE_FLAG_CASES))
+def test_serve_refuses_bad_flags_in_one_line(case, runs, capsys):
+    flags, needle = SERVE_FLAG_CASES[case]
+    try:
+        code = main(["serve", str(runs["fedit"]), "--port", "0", *flags])
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fedrouter: error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+def test_the_key_from_the_command_line_is_warned_about_and_an_empty_key_file_refused(runs, tmp_path, capsys):
+    assert main(["serve", str(runs["fedit"]), "--api-key", "k", "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key puts the key in the command line, which every user of this machine can read" in err
+    (tmp_path / "empty").write_text("\n")
+    assert main(["serve", str(runs["fedit"]), "--api-key-file", str(tmp_path / "empty")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_serve_refuses_bad_arguments_in_one_line(runs, tmp_path, capsys):
     (tmp_path / "half").mkdir()
     assert main(["serve", str(tmp_path / "half")]) == 2
     assert "not a finished run directory" in capsys.readouterr().err

@@ -159,28 +159,66 @@ def _add_serve(sub) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every path but /health (default: $FEDROUTER_API_KEY if set)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", type=Path, default=None,
+                     help="require 'Authorization: Bearer KEY' on every path but /health, KEY being this file's content "
+                          "(default: $FEDROUTER_API_KEY if set)")
+    key.add_argument("--api-key", default=None,
+                     help="the key itself (visible to every user of this machine in the process list: prefer --api-key-file)")
+    p.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://example.org; * for any) call the API, with CORS headers "
+                        "(repeatable; default: requests with an Origin header are refused)")
     p.add_argument("--max-batch", type=int, default=64, help="most requests generated together in one batch (default 64)")
-    p.add_argument("--max-wait-ms", type=float, default=20.0,
-                   help="how long an idle server waits for more requests to batch with the first (default 20)")
+    p.add_argument("--max-wait-ms", type=finite_float, default=20.0,
+                   help="how long an idle server waits for more requests to batch with the first (default 20; at most 10000)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB; larger: 413)")
+    p.add_argument("--body-timeout-s", type=finite_float, default=30.0,
+                   help="the most a request's body may take to arrive (default 30; slower: 408)")
+    p.add_argument("--shutdown-timeout-s", type=int, default=30,
+                   help="on SIGTERM or Ctrl-C, the most it waits for the requests in flight (default 30)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request on stderr")
+    _add_base_flags(p)
+
+
+def _api_key(args) -> str | None:
+    """The key from --api-key-file (a regular file, its content without surrounding whitespace), --api-key
+    (with a warning: argv is world-readable) or $FEDROUTER_API_KEY; None: no key."""
+    import os
+
+    from fedrouter.atomic import read_regular_text
+
+    if args.api_key_file is not None:
+        try:
+            key = read_regular_text(args.api_key_file).strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FedrouterError(f"--api-key-file {args.api_key_file}: cannot read it ({exc.strerror or exc})"
+                                 if isinstance(exc, OSError) else f"--api-key-file {args.api_key_file}: not text") from None
+        if not key:
+            raise FedrouterError(f"--api-key-file {args.api_key_file} is empty")
+        if os.stat(args.api_key_file).st_mode & 0o077:
+            print(f"fedrouter: warning: --api-key-file {args.api_key_file} is readable by other users (chmod 600 it)",
+                  file=sys.stderr)
+        return key
+    if args.api_key is not None:
+        print("fedrouter: warning: --api-key puts the key in the command line, which every user of this machine can "
+              "read (ps, /proc); use --api-key-file or $FEDROUTER_API_KEY", file=sys.stderr)
+        return args.api_key or None
+    return os.environ.get("FEDROUTER_API_KEY") or None
 
 
 def _cmd_serve(args) -> int:
-    import os
-
     from fedrouter.runtime import set_threads
     from fedrouter.study.serve import serve
 
     if args.threads is not None and args.threads < 1:
         raise FedrouterError(f"--threads must be positive, got {args.threads}")
+    api_key = _api_key(args)
     set_threads(args.threads)
-    api_key = args.api_key if args.api_key is not None else (os.environ.get("FEDROUTER_API_KEY") or None)
     return serve(args.run_dir, args.host, args.port, api_key, args.max_batch, args.max_wait_ms, args.max_body_bytes,
-                 access_log=args.access_log)
+                 access_log=args.access_log, model=args.model, cache_dir=args.cache_dir,
+                 allow_origins=tuple(args.allow_origins), body_timeout_s=args.body_timeout_s,
+                 shutdown_timeout_s=args.shutdown_timeout_s)
 
 
 # ------------------------------------------------------------------------------------------- clusters

@@ -3,7 +3,9 @@
 `generate` is the greedy path every evaluation uses (answers as strings). `generate_rows` is the same
 loop with per-row requests, as a server needs them: each row its own adapter, token budget, temperature
 (0: greedy), stop strings and a callback for streamed text; a row stops at EOS, at a stop string or at
-its budget, and its result says which (`Completion.finish_reason`).
+its budget, and its result says which (`Completion.finish_reason`). What one row brings (its seed, its
+sampling, its callbacks) fails that row alone: it ends with finish_reason "error" and the reason, while
+the rest of its batch goes on.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class Row:
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop": EOS or a stop string; "length": the row's max_new_tokens
+    finish_reason: str  # "stop": EOS or a stop string; "length": the row's max_new_tokens; "error": see `error`
     completion_tokens: int  # tokens generated for this row (an EOS included)
+    error: str | None = None  # why this row failed (its own seed, sampling or callback), the rest of the batch unharmed
 
 
 @torch.no_grad()
@@ -105,7 +108,7 @@ def generate_rows(model, tokenizer, rows: list[Row], batch_size: int = 64, on_ba
 
             extra["stopping_criteria"] = StoppingCriteriaList([control])
             if any(r.temperature > 0 for r in batch):
-                extra["logits_processor"] = LogitsProcessorList([_RowSampler(batch)])
+                extra["logits_processor"] = LogitsProcessorList([_RowSampler(batch, control)])
         names = [r.adapter for r in batch] if batch[0].adapter is not None else None
         with _adapters(model, names, stack_adapters) as kwargs:
             generated = model.generate(
@@ -185,25 +188,42 @@ class _RowControl:
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         latest = input_ids[:, -1].tolist()
-        for k, row in enumerate(self.rows):
-            if self.done[k] is not None:
-                continue
-            token = latest[k]
-            if token == self.eos:
-                self._finish(k, "stop", eos=True)
-                continue
-            self.tokens[k].append(token)
-            if row.stop or row.on_text is not None:
-                text, stopped = visible_text(self._decode(k), row.stop, final=False)
-                if stopped:
-                    self._finish(k, "stop")
-                    continue
-                self._send(k, text)
-            if len(self.tokens[k]) >= row.max_new_tokens:
-                self._finish(k, "length")
-            elif row.cancel is not None and row.cancel.is_set():
-                self._finish(k, "cancelled")
+        for k in range(len(self.rows)):
+            if self.done[k] is None:
+                try:
+                    self._step(k, latest[k])
+                except Exception as exc:  # this row's stop strings or callback: it fails alone
+                    self.fail(k, exc)
         return torch.tensor([d is not None for d in self.done], dtype=torch.bool, device=input_ids.device)
+
+    def _step(self, k: int, token: int) -> None:
+        row = self.rows[k]
+        if token == self.eos:
+            self._finish(k, "stop", eos=True)
+            return
+        self.tokens[k].append(token)
+        if row.stop or row.on_text is not None:
+            text, stopped = visible_text(self._decode(k), row.stop, final=False)
+            if stopped:
+                self._finish(k, "stop")
+                return
+            self._send(k, text)
+        if len(self.tokens[k]) >= row.max_new_tokens:
+            self._finish(k, "length")
+        elif row.cancel is not None and row.cancel.is_set():
+            self._finish(k, "cancelled")
+
+    def fail(self, k: int, exc: BaseException) -> None:
+        """Row k ends here with finish_reason "error": what it asked for could not be done."""
+        if self.done[k] is not None:
+            return
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        self.done[k] = Completion("", "error", len(self.tokens[k]), f"{type(exc).__name__}: {first}")
+        if self.rows[k].on_done is not None:
+            try:
+                self.rows[k].on_done(self.done[k])
+            except Exception:  # nobody left to tell: the row is over either way
+                pass
 
     def _decode(self, k: int) -> str:
         return self.tokenizer.decode(self.tokens[k], skip_special_tokens=True)
@@ -231,25 +251,42 @@ class _RowControl:
 class _RowSampler:
     """A logits processor that samples the rows with a temperature (top-p optional) with their own
     generator and leaves the greedy rows untouched: generate then runs greedily for every row, and a
-    sampled row's logits point only at its drawn token."""
+    sampled row's logits point only at its drawn token. A row whose seed or sampling fails is failed
+    through `control` (it stops; the other rows go on)."""
 
-    def __init__(self, batch: list[Row]):
-        self.rows = {}
+    def __init__(self, batch: list[Row], control: _RowControl):
+        self.rows, self.control = {}, control
         for k, row in enumerate(batch):
             if row.temperature > 0:
-                g = torch.Generator()
-                g.manual_seed(row.seed if row.seed is not None else secrets.randbits(62))  # torch's global RNG untouched
+                try:
+                    g = torch.Generator()
+                    g.manual_seed(row.seed if row.seed is not None else secrets.randbits(62))  # torch's global RNG untouched
+                except Exception as exc:  # a seed torch cannot take
+                    control.fail(k, exc)
+                    continue
                 self.rows[k] = (row.temperature, row.top_p, g)
 
     def __call__(self, input_ids, scores):
         for k, (temperature, top_p, g) in self.rows.items():
-            probs = torch.softmax(scores[k].float().cpu() / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_p, idx = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
-                probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
-            token = int(torch.multinomial(probs, 1, generator=g).item())
+            if self.control.done[k] is not None:
+                continue
+            try:
+                token = _sample(scores[k], temperature, top_p, g)
+            except Exception as exc:  # this row's sampling (its temperature or top_p): it fails alone
+                self.control.fail(k, exc)
+                continue
             scores[k] = -math.inf
             scores[k, token] = 0.0
         return scores
 
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token drawn from softmax(logits / temperature), within the smallest set of tokens whose mass
+    reaches top_p -- which always holds the most likely token, however small top_p is."""
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        keep[0] = True  # (a top_p below float32's resolution would otherwise keep nothing)
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator).item())

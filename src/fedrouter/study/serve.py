@@ -18,11 +18,18 @@ per fedrouter.core.mixed_lora). A streamed row's text leaves as it is generated;
 early is answered at once, before the rest of its batch.
 
 Bad input is an HTTP 4xx with an OpenAI-style error body ({"error": {"message", "type", "param",
-"code"}}) and the server goes on: malformed JSON or a missing or wrong field 400, an unknown model 404,
-a prompt longer than the run's max_seq_len (or prompt + max_tokens over the model's positions) 400,
-n > 1 400, a wrong or missing key 401 (with --api-key), a body over --max-body-bytes 413. SIGTERM or
-Ctrl-C stops accepting connections, lets every request in flight finish (streams included), then exits 0;
-a second Ctrl-C stops at once.
+"code"}}) for that request alone, and the server goes on: malformed JSON (nested too deep, NaN, a lone
+surrogate) or a missing or wrong field 400 -- sampling parameters included: a seed torch cannot take,
+a temperature or top_p below their minimums --, an unknown model 404, a prompt longer than the run's
+max_seq_len (or prompt + max_tokens over the model's positions) 400, n > 1 400, a wrong or missing key
+401 (with a key set), a request from a web page (an Origin header) 403 unless --allow-origin lets it in,
+a Host header that is not the loopback address the server listens on 421, a body that is not
+application/json 415, over --max-body-bytes 413, or not all there within --body-timeout-s 408. A row
+that fails while it is generated (what its request asked for could not be done) answers its own request
+with 500; the rest of its batch completes. Prompts are measured in characters first (a prompt too long
+for any tokenization is refused untokenized) and tokenized once, off the event loop. SIGTERM or Ctrl-C
+stops accepting connections, lets every request in flight finish (streams included; at most
+--shutdown-timeout-s), then exits 0; a second Ctrl-C stops at once.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at run time.
@@ -37,17 +44,26 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger("fedrouter.serve")
 
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0  # a client that trickles its body keeps a connection, not the server's shutdown
+SHUTDOWN_TIMEOUT_S = 30  # the most a SIGTERM waits for the requests in flight
+MAX_WAIT_MS = 10_000.0  # a batching wait longer than this is no batching policy anyone means
+# Sampling parameters the row sampler computes in float32 without loss: below these a temperature divides
+# logits into infinities and a top_p rounds to zero. 0 stays greedy; a smaller top_p is the top token alone.
+MIN_TEMPERATURE, MIN_TOP_P = 0.01, 0.001
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FIELD = "fedrouter"  # the response field that says which adapter served and at what distance
 HEADER_ADAPTER, HEADER_DISTANCE = "X-Fedrouter-Adapter", "X-Fedrouter-Distance"
 
@@ -77,17 +93,24 @@ class _Request(BaseModel):
     """Fields both endpoints share. Unknown fields are ignored (clients send extras); fields this server
     cannot honour are refused rather than ignored (see `_refuse_unsupported`)."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # None: 1.0, the OpenAI default
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # None: 1.0, the OpenAI default; else 0 or >= MIN_TEMPERATURE
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
     n: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: dict | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return v
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -133,7 +156,7 @@ def _parse(cls, data: dict):
         err = exc.errors()[0]
         # pydantic names the union member it tried ("str", "list[str]"): not a part of the field's path
         where = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS)) or "body"
-        message = "Field required" if err["type"] == "missing" else err["msg"]
+        message = "Field required" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")
         raise ApiError(400, f"{where}: {message}", param=str(err["loc"][0]) if err["loc"] else None) from None
     _refuse_unsupported(req)
     return req
@@ -215,6 +238,9 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     arrived: float = field(default_factory=time.monotonic)
+    # the worker's own record (its thread only): has text left for the client, has the answer been given
+    streamed: bool = False
+    answered: bool = False
 
     def __post_init__(self):
         self.routed, self.done = self.loop.create_future(), self.loop.create_future()
@@ -231,14 +257,22 @@ class Job:
         self._call(_resolve, self.routed, (self.adapter, self.distance))
 
     def text(self, piece: str) -> None:
+        self.streamed = True
         self._call(self.pieces.put_nowait, ("text", piece))
 
     def finished(self, completion) -> None:
+        if completion.finish_reason == "error":  # this row alone could not be generated
+            log.warning("request %s failed while it was generated: %s", self.id, completion.error)
+            self.failed(ApiError(500, f"this request could not be generated: {completion.error}", kind="server_error",
+                                 code="generation_failed"))
+            return
+        self.answered = True
         if self.pieces is not None:
             self._call(self.pieces.put_nowait, ("done", completion))
         self._call(_resolve, self.done, completion)
 
     def failed(self, error: ApiError) -> None:
+        self.answered = True
         self._call(_reject, self.routed, error)
         self._call(_reject, self.done, error)
         if self.pieces is not None:
@@ -323,24 +357,30 @@ class Metrics:
 class Service:
     """The run's model, router and batcher; everything that touches the model runs in one worker thread."""
 
-    def __init__(self, run_dir: Path, max_batch: int = 64, max_wait_ms: float = 20.0):
+    def __init__(self, run_dir: Path, max_batch: int = 64, max_wait_ms: float = 20.0, model: str | None = None,
+                 cache_dir: Path | None = None):
         from fedrouter.core.embed import resolve_embedder
         from fedrouter.core.train import encode_examples
         from fedrouter.study.predict import load_run
 
         if max_batch < 1:
             raise FedrouterError(f"--max-batch must be at least 1, got {max_batch}")
-        if max_wait_ms < 0:
-            raise FedrouterError(f"--max-wait-ms must not be negative, got {max_wait_ms}")
+        if not 0 <= max_wait_ms <= MAX_WAIT_MS:  # (NaN fails this too: it would wait forever)
+            raise FedrouterError(f"--max-wait-ms must be from 0 to {MAX_WAIT_MS:g}, got {max_wait_ms}")
         run_dir = Path(run_dir)
-        self.cfg, self.model, self.tokenizer, self.router = load_run(run_dir)
+        self.cfg, self.model, self.tokenizer, self.router = load_run(run_dir, model, cache_dir)
         self.embedder = resolve_embedder(self.router["embedder"], self.model, self.tokenizer) if self.router else None
         self.adapters = list(dict.fromkeys(self.router["adapters"])) if self.router else ["global"]
         name = run_dir.resolve().name
         self.routed_name = name if name not in self.adapters else f"{name}-routed"
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
-        # requests are tokenised in the server's thread with their own copy (a tokenizer is not shared across threads)
+        # Requests are tokenized off the event loop, one at a time, in a thread of their own with their own copy
+        # of the tokenizer (a fast tokenizer is not to be used by two threads at once).
         self.request_tokenizer = copy.deepcopy(self.tokenizer)
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrouter-tokenize")
+        # No token stands for more characters than its vocabulary entry holds (a byte-level entry holds one
+        # character per byte): a prompt over `prompt_limit * longest_token` characters is refused untokenized.
+        self.longest_token = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
         answer_room = len(encode_examples(self.tokenizer, [{"instruction": "", "output": "", "task": ""}],
                                           self.cfg.prompt_template, self.cfg.max_seq_len)[0].answer_ids)
         self.prompt_limit = self.cfg.max_seq_len - answer_room  # longer prompts would lose their start in `predict`
@@ -362,17 +402,26 @@ class Service:
                         "max_prompt_tokens": self.prompt_limit, "context_length": self.context_length}}
 
     # -- requests (server thread)
-    def new_job(self, req: _Request, kind: str, instruction: str, loop) -> Job:
+    def _encode(self, text: str) -> list[int]:
+        """The prompt's token ids as `predict` builds them (BOS + the templated prompt; within the limit,
+        nothing is cut). Runs in the tokenizing thread."""
+        tok = self.request_tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        return bos + tok(text, add_special_tokens=False)["input_ids"]
+
+    async def new_job(self, req: _Request, kind: str, instruction: str, loop) -> Job:
         if req.model not in self.model_ids():
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves: {', '.join(self.model_ids())}",
                            param="model", code="model_not_found")
-        from fedrouter.study.predict import encode_prompts
-
-        tok = self.request_tokenizer
-        prompt_ids = encode_prompts(self.cfg, tok, [instruction])[0]
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        full = len(bos) + len(tok(self.cfg.prompt_template.format(instruction=instruction), add_special_tokens=False)["input_ids"])
         param = "prompt" if kind == "completions" else "messages"
+        text = self.cfg.prompt_template.format(instruction=instruction)
+        if len(text) > self.prompt_limit * self.longest_token:
+            raise ApiError(400, f"{param}: the prompt is {len(text)} characters with the run's prompt template, more than "
+                                f"this run's limit of {self.prompt_limit} tokens (max_seq_len {self.cfg.max_seq_len}) can "
+                                f"hold at {self.longest_token} characters per token at most",
+                           param=param, code="context_length_exceeded")
+        prompt_ids = await loop.run_in_executor(self.tokenizing, self._encode, text)
+        full = len(prompt_ids)
         if full > self.prompt_limit:
             raise ApiError(400, f"{param}: the prompt is {full} tokens with the run's prompt template, over this run's "
                                 f"limit of {self.prompt_limit} (max_seq_len {self.cfg.max_seq_len})",
@@ -405,6 +454,7 @@ class Service:
             self.queue.put(_STOP)
             self.thread.join()
             self.thread = None
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def _work(self) -> None:
         import torch
@@ -436,29 +486,44 @@ class Service:
                     return
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        from fedrouter.core.generate import Row, generate_rows
-        from fedrouter.study.predict import route_prompts
-
         jobs = [j for j in jobs if not j.cancel.is_set()]  # their clients left before the batch began
         if not jobs:
             return
         try:
-            routed = [j for j in jobs if j.via_router]
-            if routed:
-                adapters, distances = route_prompts(self.router, self.embedder, [j.instruction for j in routed])
-                for j, a, d in zip(routed, adapters, distances):
-                    j.adapter, j.distance = a, (None if d is None else float(d))
+            self._generate(jobs)
+        except Exception as exc:  # a serving boundary: one request's trouble must not answer the others
+            if len(jobs) == 1:
+                log.exception("request %s failed", jobs[0].id)
+                jobs[0].failed(_internal(exc))
+                return
+            log.warning("a batch of %d request(s) failed (%s: %s); its unanswered requests are generated one by one",
+                        len(jobs), type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             for j in jobs:
-                j.set_routed()
-            rows = [Row(j.prompt_ids, j.max_tokens, j.adapter, j.temperature, j.top_p, j.seed, j.stop,
-                        on_text=j.text if j.stream else None, on_done=j.finished, cancel=j.cancel) for j in jobs]
-            start = time.perf_counter()
-            done = generate_rows(self.model, self.tokenizer, rows, batch_size=len(rows))
-            self.metrics.batch(jobs, time.perf_counter() - start, sum(c.completion_tokens for c in done))
-        except Exception as exc:  # a serving boundary: fail this batch's requests, keep serving
-            log.exception("a batch of %d request(s) failed", len(jobs))
-            for j in jobs:
-                j.failed(_internal(exc))
+                if j.answered:
+                    continue
+                if j.streamed:  # part of its answer has left: it cannot start again
+                    j.failed(_internal(exc))
+                else:
+                    self._run_batch([j])
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """Route the batch's routed requests (one embedding call) and generate every row together; a row
+        that fails while generated fails its own request (`Job.finished`)."""
+        from fedrouter.core.generate import Row, generate_rows
+        from fedrouter.study.predict import route_prompts
+
+        routed = [j for j in jobs if j.via_router]
+        if routed:
+            adapters, distances = route_prompts(self.router, self.embedder, [j.instruction for j in routed])
+            for j, a, d in zip(routed, adapters, distances):
+                j.adapter, j.distance = a, (None if d is None else float(d))
+        for j in jobs:
+            j.set_routed()
+        rows = [Row(j.prompt_ids, j.max_tokens, j.adapter, j.temperature, j.top_p, j.seed, j.stop,
+                    on_text=j.text if j.stream else None, on_done=j.finished, cancel=j.cancel) for j in jobs]
+        start = time.perf_counter()
+        done = generate_rows(self.model, self.tokenizer, rows, batch_size=len(rows))
+        self.metrics.batch(jobs, time.perf_counter() - start, sum(c.completion_tokens for c in done))
 
 
 # ------------------------------------------------------------------------------------------ responses
@@ -530,39 +595,102 @@ async def _events(job: Job):
 
 # ------------------------------------------------------------------------------------------- the app
 
-async def _read_json(request, limit: int) -> dict:
-    """The request's JSON object; a body over `limit` bytes is read to its end (up to 16x the limit,
-    so that the client can read the answer) and refused with 413."""
+async def _read_json(request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> dict:
+    """The request's JSON object. Only an application/json body is read (a web page's form cannot send
+    one without asking first); a body over `limit` bytes is read to its end (up to 16x the limit, so that
+    the client can read the answer) and refused with 413; a body not all there within `timeout_s` 408.
+    JSON that is no text (NaN, Infinity, a lone surrogate) or nested too deep for the parser is a 400."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"the request body must be JSON sent as Content-Type: application/json, not {media or 'none'}",
+                       code="unsupported_media_type")
     declared = request.headers.get("content-length")
     too_large = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", code="request_too_large")
     if declared is not None and declared.isdigit() and int(declared) > 16 * limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > 16 * limit:
-            break
-        if size <= limit:
-            chunks.append(chunk)
+
+    async def read() -> tuple[bytes, int]:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > 16 * limit:
+                break
+            if size <= limit:
+                chunks.append(chunk)
+        return b"".join(chunks), size
+
+    try:
+        body, size = await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout") from None
     if size > limit:
         raise too_large
     try:
-        data = json.loads(b"".join(chunks))
+        data = json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        raise ApiError(400, "We could not parse the JSON body of your request: it is nested too deeply",
+                       code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise ApiError(400, f"{where}: holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text",
+                       param=where.split(".")[0], code="invalid_json")
     return data
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")  # Python's parser takes NaN and Infinity; JSON does not
+
+
+def _lone_surrogate(data) -> str | None:
+    """Where in parsed JSON a string (or key) holds a lone surrogate -- text no encoder or tokenizer
+    takes -- as a dotted path, or None. Iterative: the parser already bounded the depth."""
+    todo = [("", data)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                todo.append((f"{where}.{k}" if where else str(k), k))
+                todo.append((f"{where}.{k}" if where else str(k), v))
+        elif isinstance(value, list):
+            todo.extend((f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value))
+    return None
+
+
+AUTHORIZED = "fedrouter.authorized"  # the ASGI scope key _Guard sets: the request carries the key (or none is needed)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header without its port ('[::1]:8000' -> '::1'), lower case. (Starlette's
+    TrustedHostMiddleware cuts at the first colon, which an IPv6 address holds.)"""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class _Guard:
-    """ASGI middleware: the API key (every path but /health) and the response counters."""
+    """ASGI middleware, in front of everything: the Host check (a server on loopback answers only to a
+    loopback name: a DNS-rebinding page cannot reach it), the Origin check (a request from a web page is
+    refused unless --allow-origin names its origin), the API key (every path but /health, which says less
+    without it), and the response counters."""
 
     PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
-    def __init__(self, app, service: Service, api_key: str | None):
+    def __init__(self, app, service: Service, api_key: str | None, allow_origins: tuple[str, ...] = (),
+                 hosts: tuple[str, ...] | None = None):
         self.app, self.service = app, service
         self.key = api_key.encode() if api_key else None
+        self.origins = set(allow_origins)
+        self.hosts = set(hosts) if hosts is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -575,14 +703,31 @@ class _Guard:
                 self.service.metrics.response(label, message["status"])
             await send(message)
 
-        if self.key is not None and path != "/health":
-            header = dict(scope["headers"]).get(b"authorization", b"")
+        headers = dict(scope["headers"])
+        if self.hosts is not None:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.hosts:
+                err = ApiError(421, f"this server answers on {', '.join(sorted(self.hosts))} only, not Host {host or '(none)'}",
+                               code="invalid_host")
+                return await _send_json(counted, 421, err.body())
+        origin = headers.get(b"origin")
+        if origin is not None and "*" not in self.origins and origin.decode("latin-1") not in self.origins:
+            err = ApiError(403, f"requests from web pages (Origin {origin.decode('latin-1')}) are refused; start the "
+                                "server with --allow-origin ORIGIN to let that page call it", code="origin_not_allowed")
+            return await _send_json(counted, 403, err.body())
+        if origin is not None and scope["method"] == "OPTIONS":  # an allowed origin's preflight: CORS answers it, keyless
+            return await self.app(scope, receive, counted)
+        authorized = True
+        if self.key is not None:
+            header = headers.get(b"authorization", b"")
             given = header[7:].strip() if header[:7].lower() == b"bearer " else None
-            if given is None or not hmac.compare_digest(given, self.key):
+            authorized = given is not None and hmac.compare_digest(given, self.key)
+            if not authorized and path != "/health":
                 message = ("Incorrect API key provided." if given is not None else
                            "You didn't provide an API key: send it as 'Authorization: Bearer KEY'.")
                 err = ApiError(401, message, code="invalid_api_key")
                 return await _send_json(counted, 401, err.body(), {"www-authenticate": "Bearer"})
+        scope[AUTHORIZED] = authorized
         return await self.app(scope, receive, counted)
 
 
@@ -594,8 +739,11 @@ async def _send_json(send, status: int, body: dict, headers: dict | None = None)
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(service: Service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
-    """The ASGI application (FastAPI) for `service`."""
+def create_app(service: Service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               allow_origins: tuple[str, ...] = (), hosts: tuple[str, ...] | None = None,
+               body_timeout_s: float = BODY_TIMEOUT_S):
+    """The ASGI application (FastAPI) for `service`: CORS headers only for `allow_origins` (Starlette's
+    CORSMiddleware; none by default), `hosts` the Host names it answers to (None: any)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -620,7 +768,9 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
         return JSONResponse(err.body(), status_code=500)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not request.scope.get(AUTHORIZED):  # without the key: alive, and nothing the key keeps
+            return {"status": "ok"}
         return {"status": "ok", "models": service.model_ids(), "queued": service.queue.qsize()}
 
     @app.get("/metrics")
@@ -652,16 +802,22 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = _parse(CompletionRequest, await _read_json(request, max_body_bytes))
+        req = _parse(CompletionRequest, await _read_json(request, max_body_bytes, body_timeout_s))
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        return await answer(service.new_job(req, "completions", prompt, asyncio.get_running_loop()))
+        return await answer(await service.new_job(req, "completions", prompt, asyncio.get_running_loop()))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = _parse(ChatRequest, await _read_json(request, max_body_bytes))
-        return await answer(service.new_job(req, "chat", chat_instruction(req.messages), asyncio.get_running_loop()))
+        req = _parse(ChatRequest, await _read_json(request, max_body_bytes, body_timeout_s))
+        return await answer(await service.new_job(req, "chat", chat_instruction(req.messages), asyncio.get_running_loop()))
 
-    return _Guard(app, service, api_key)
+    inner = app
+    if allow_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        inner = CORSMiddleware(app, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"], expose_headers=[HEADER_ADAPTER, HEADER_DISTANCE])
+    return _Guard(inner, service, api_key, allow_origins, hosts)
 
 
 # ------------------------------------------------------------------------------------------- serving
@@ -686,8 +842,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 64,
-          max_wait_ms: float = 20.0, max_body_bytes: int = MAX_BODY_BYTES, access_log: bool = True) -> int:
-    """Serve `run_dir` until SIGTERM or Ctrl-C; requests in flight are finished first. Returns 0."""
+          max_wait_ms: float = 20.0, max_body_bytes: int = MAX_BODY_BYTES, access_log: bool = True, model: str | None = None,
+          cache_dir: Path | None = None, allow_origins: tuple[str, ...] = (), body_timeout_s: float = BODY_TIMEOUT_S,
+          shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> int:
+    """Serve `run_dir` until SIGTERM or Ctrl-C; requests in flight are finished first (for at most
+    `shutdown_timeout_s`). Returns 0."""
     try:
         import fastapi  # noqa: F401 - create_app needs it
         import uvicorn
@@ -695,7 +854,15 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str
         raise FedrouterError("fedrouter serve needs the serve extra: pip install 'fedrouter[serve]'") from None
     if max_body_bytes < 1:
         raise FedrouterError(f"--max-body-bytes must be positive, got {max_body_bytes}")
-    service = Service(Path(run_dir), max_batch, max_wait_ms)
+    if not 0 < body_timeout_s <= 3600:
+        raise FedrouterError(f"--body-timeout-s must be in (0, 3600] seconds, got {body_timeout_s}")
+    if not 0 <= shutdown_timeout_s <= 3600:
+        raise FedrouterError(f"--shutdown-timeout-s must be from 0 to 3600 seconds, got {shutdown_timeout_s}")
+    for origin in allow_origins:
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("://", 1)[1]):
+            raise FedrouterError(f"--allow-origin {origin!r}: give an origin such as https://example.org (scheme and host, "
+                                 "no path), or * for any")
+    service = Service(Path(run_dir), max_batch, max_wait_ms, model, cache_dir)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
 
@@ -705,8 +872,12 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str
                 self.force_exit = True  # a second signal: stop now
             self.should_exit = True
 
-    config = uvicorn.Config(create_app(service, api_key, max_body_bytes), log_level="info", access_log=access_log,
-                            lifespan="off", timeout_keep_alive=5)
+    # On loopback the server answers only to loopback names (a web page that rebinds its own name to
+    # 127.0.0.1 cannot reach it); bound to another address it cannot know the names its clients use.
+    hosts = LOOPBACK if host.lower() in LOOPBACK else None
+    app = create_app(service, api_key, max_body_bytes, tuple(allow_origins), hosts, body_timeout_s)
+    config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="off", timeout_keep_alive=5,
+                            timeout_graceful_shutdown=shutdown_timeout_s)
     server = _Server(config)
     service.start()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/v1"
