@@ -346,3 +346,45 @@ def test_flower_keys_and_app_refuse_bad_arguments_and_leave_nothing(tmp_path, ca
     assert main(["flower", "worker", "--socket", str(tmp_path / "missing" / "node.sock")]) == 2
     assert "does not exist" in one_error_line(capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+FLOWER_EXTRA_CASES = {  # the module each needs first, blocked as if the flower extra were not installed
+    "app": (["flower", "app", "{tmp}/app"], "flwr"),
+    "worker": (["flower", "worker", "--socket", "{tmp}/w/node.sock"], "flwr"),
+    "keys": (["flower", "keys", "{tmp}/keys"], "cryptography"),
+    "supernode": (["flower", "supernode", "--insecure"], "flwr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOWER_EXTRA_CASES))
+def test_flower_commands_without_the_extra_say_what_to_install(case, tmp_path, capsys, monkeypatch):
+    argv, blocked = FLOWER_EXTRA_CASES[case]
+    (tmp_path / "w").mkdir(mode=0o700)
+    for name in [m for m in sys.modules if m == blocked or m.startswith((blocked + ".", "fedrouter.engines.flower"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import flwr` now fails as on a machine without it
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"needs the flower extra ({blocked} is missing): pip install 'fedrouter[flower]'" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and not list((tmp_path / "w").iterdir())
+
+
+@pytest.mark.parametrize("hosts, needle", [
+    ("a b", "'a b' is not a host name"), ("../x", "'../x' is not a host name"), ("-x.example", "'-x.example'"),
+    ("ok.example," + "x" * 64 + ".example", "is not a host name"), ("bad_name.example", "'bad_name.example'"),
+])
+def test_flower_keys_refuses_names_that_cannot_be_hosts(hosts, needle, tmp_path, capsys):
+    pytest.importorskip("cryptography")
+    assert main(["flower", "keys", str(tmp_path / "keys"), f"--hosts={hosts}"]) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "keys").exists()
+
+
+def test_flower_keys_writes_an_international_name_in_its_ascii_form(tmp_path):
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+
+    assert main(["flower", "keys", str(tmp_path / "keys"), "--hosts", "bücher.example,127.0.0.1"]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "keys" / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["xn--bcher-kva.example"]

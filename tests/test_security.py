@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import stat
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def _start_worker(folder: Path, log: Path) -> tuple[subprocess.Popen, Path]:
     proc = subprocess.Popen([sys.executable, "-m", "fedrouter.cli", "flower", "worker", "--socket", str(socket_path)],
                             stdout=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.monotonic() + 120
-    while not (socket_path.exists() and Path(str(socket_path) + ".key").exists()):
+    while "worker listening on" not in log.read_text():  # its own socket and key (not ones a killed worker left)
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
     return proc, socket_path
@@ -153,6 +154,7 @@ def test_a_worker_refuses_pickled_and_malformed_messages_and_keeps_serving(tmp_p
             [json.dumps({"type": "train", "node_config": {}}).encode(), pickle.dumps(Payload(marker)), b"x"],
             [b"\xff not json"],
             [json.dumps({"type": "train", "node_config": {"a": {"nested": 1}}}).encode()],
+            [b"[" * 100_000 + b"]" * 100_000],  # deeper than the JSON parser goes (a RecursionError killed the worker)
         ]
         for parts in attacks:
             with Client(str(socket_path), family="AF_UNIX", authkey=key) as conn:
@@ -173,7 +175,8 @@ def test_a_worker_refuses_pickled_and_malformed_messages_and_keeps_serving(tmp_p
     finally:
         stop(proc)
     assert not socket_path.exists() and not key_path.exists()  # stopped by pid: it cleaned up
-    os.rmdir(folder)
+    assert [p.name for p in folder.iterdir()] == ["node.sock.lock"]  # the lock's file stays (removing it would race)
+    shutil.rmtree(folder)
 
 
 def test_a_worker_refuses_a_planted_key_an_open_folder_and_a_missing_one(tmp_path, capsys):
@@ -191,12 +194,62 @@ def test_a_worker_refuses_a_planted_key_an_open_folder_and_a_missing_one(tmp_pat
         assert "closed to others" in one_error_line(capsys.readouterr().err)
         assert main(["flower", "worker", "--socket", str(folder / "missing" / "node.sock")]) == 2
         assert "does not exist" in one_error_line(capsys.readouterr().err)
-        assert list(folder.iterdir()) == []
+        assert [p.name for p in folder.iterdir()] == ["node.sock.lock"]  # the worker lock's file only: nothing else made
     finally:
         folder.chmod(0o700)
         for path in folder.iterdir():
             path.unlink()
         folder.rmdir()
+
+
+def test_one_worker_per_socket_and_a_killed_one_can_be_restarted(tmp_path):
+    # issue 32: a second worker on the same socket deleted the live one's key; a SIGKILLed worker's own
+    # socket (0755) was refused as foreign, so it could not be restarted.
+    pytest.importorskip("flwr")
+    from fedrouter.testing import kill_now, stop
+
+    folder = Path(tempfile.mkdtemp(prefix="frw", dir="/tmp"))
+    first, socket_path = _start_worker(folder, tmp_path / "first.log")
+    key_path = Path(str(socket_path) + ".key")
+    try:
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+        key = key_path.read_bytes()
+        second = subprocess.run([sys.executable, "-m", "fedrouter.cli", "flower", "worker", "--socket", str(socket_path)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"a worker (pid {first.pid}) is already serving on {socket_path}" in one_error_line(second.stderr)
+        assert key_path.read_bytes() == key and socket_path.exists() and first.poll() is None  # untouched
+        kill_now([first.pid])
+        first.wait(timeout=60)
+        assert socket_path.exists() and key_path.exists()  # left behind by the kill
+        restarted, _ = _start_worker(folder, tmp_path / "restarted.log")
+        try:
+            assert key_path.read_bytes() != key  # its own new key, on its own new socket
+            assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+        finally:
+            stop(restarted)
+        assert not socket_path.exists() and not key_path.exists()  # it removed what it made
+    finally:
+        stop(first)
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+
+
+def test_a_worker_removes_only_the_key_and_socket_it_made(tmp_path):
+    pytest.importorskip("flwr")
+    from fedrouter.engines.flower.node import _remove_if_ours
+
+    made, placed = tmp_path / "made", tmp_path / "placed"
+    made.write_bytes(b"the worker's")
+    placed.write_bytes(b"someone else's")
+    info = os.lstat(made)
+    ours = (info.st_dev, info.st_ino)
+    _remove_if_ours(placed, ours)  # not the file it made
+    _remove_if_ours(placed, None)  # it made none
+    assert placed.exists()
+    _remove_if_ours(made, ours)
+    assert not made.exists() and placed.exists()
 
 
 def test_private_keys_are_never_readable_by_others(tmp_path):

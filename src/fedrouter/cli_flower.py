@@ -13,7 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+from fedrouter.errors import FedrouterError
 
 
 def add_parser(sub) -> None:
@@ -39,26 +42,40 @@ def add_parser(sub) -> None:
 
 def supernode(argv: list[str]) -> int:
     """`fedrouter flower supernode [--poll-interval S] ARGS...`: flower-supernode ARGS with short polls."""
-    from fedrouter.engines.flower.supernode import main
+    with _needs_flower("supernode"):
+        from fedrouter.engines.flower.supernode import main
 
-    return main(argv)
+        return main(argv)
+
+
+@contextlib.contextmanager
+def _needs_flower(command: str):
+    """Without the flower extra (flwr, and the cryptography it brings), one line that says what to install
+    instead of a ModuleNotFoundError traceback -- whenever the import happens, even halfway through."""
+    try:
+        yield
+    except ImportError as exc:
+        missing = (exc.name or "a module").split(".")[0]  # the distribution to install, not its submodule
+        raise FedrouterError(f"fedrouter flower {command} needs the flower extra ({missing} is missing): "
+                             "pip install 'fedrouter[flower]'") from None
 
 
 def run(args) -> int:
-    if args.flower_command == "app":
-        from fedrouter.engines.flower.app import write_app
+    with _needs_flower(args.flower_command):
+        if args.flower_command == "app":
+            from fedrouter.engines.flower.app import write_app
 
-        path = write_app(args.dir)
-        print(f"wrote {path}; run it with: flwr run {args.dir} <connection> --run-config 'set=\"method=fedit\"'")
+            path = write_app(args.dir)
+            print(f"wrote {path}; run it with: flwr run {args.dir} <connection> --run-config 'set=\"method=fedit\"'")
+            return 0
+        if args.flower_command == "worker":
+            from fedrouter.engines.flower.node import serve_worker
+
+            serve_worker(args.socket)
+            return 0
+        from fedrouter.engines.flower.keys import make_keys
+
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+        for path in make_keys(args.dir, hosts, args.supernodes, args.days):
+            print(path)
         return 0
-    if args.flower_command == "worker":
-        from fedrouter.engines.flower.node import serve_worker
-
-        serve_worker(args.socket)
-        return 0
-    from fedrouter.engines.flower.keys import make_keys
-
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    for path in make_keys(args.dir, hosts, args.supernodes, args.days):
-        print(path)
-    return 0

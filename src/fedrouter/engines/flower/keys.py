@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import shutil
 from pathlib import Path
 
@@ -41,10 +42,33 @@ def _san(hosts: list[str]):
     return x509.SubjectAlternativeName(names)
 
 
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def host_name(host: str) -> str:
+    """`host` as a certificate names it: an IP address as given, a DNS name in its ASCII form (IDNA:
+    'bücher.example' -> 'xn--bcher-kva.example'); FedrouterError for anything that cannot be a host name
+    ('a b', '../x', an empty or over-long label)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        name = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise FedrouterError(f"--hosts: {host!r} is not a host name or IP address") from None
+    labels = name.removesuffix(".").split(".")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise FedrouterError(f"--hosts: {host!r} is not a host name or IP address (letters, digits and '-' in dot-separated "
+                             "labels of 1 to 63 characters)")
+    return ".".join(labels)
+
+
 def make_keys(out: Path, hosts: list[str], supernodes: int, days: int = 365) -> list[Path]:
     """Write the CA, the SuperLink certificate for `hosts` and `supernodes` SuperNode key pairs into `out`."""
     if not hosts:
         raise FedrouterError("give at least one host name or IP address for the SuperLink certificate")
+    hosts = [host_name(h) for h in hosts]  # checked before anything is written
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 36500:
         raise FedrouterError(f"--days must be a whole number of days from 1 to 36500, got {days!r}")
     if isinstance(supernodes, bool) or not isinstance(supernodes, int) or not 0 <= supernodes <= 10000:

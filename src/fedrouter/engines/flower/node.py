@@ -12,10 +12,12 @@ ClientApp forwards to (Flower 1.41 starts a fresh ClientApp process for every me
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 from flwr.app import ConfigRecord, MessageType, RecordDict
@@ -235,16 +237,55 @@ def _private_folder(folder: Path) -> None:
                              f"(mode {oct(info.st_mode & 0o777)}): chmod 700 {folder}, or use a folder of your own")
 
 
-def _clear_stale(path: Path, kind: str, is_kind) -> None:
-    """Remove a file an earlier worker of this user left at `path`; refuse anything else found there."""
+def _clear_stale(path: Path, kind: str, is_kind, private_mode: bool) -> None:
+    """Remove a file an earlier worker of this user left at `path` when it ended without cleaning up (a
+    crash, SIGKILL); refuse anything else found there. Called only under the worker lock, so no live
+    worker owns it. `private_mode`: the file must also be closed to others (a key; a socket made before
+    sockets were made 0600 is this user's too, in a folder only this user can enter)."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return
-    if not is_kind(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+    if not is_kind(info.st_mode) or info.st_uid != os.geteuid() or (private_mode and info.st_mode & 0o077):
         raise FedrouterError(f"{path} exists and is not a {kind} this user's worker left (owner {info.st_uid}, "
                              f"mode {oct(info.st_mode & 0o777)}): remove it, or choose another --socket")
     path.unlink()
+
+
+def _listening(socket_path: Path) -> bool:
+    """Whether a process accepts connections on `socket_path` (a worker that predates the lock file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(socket_path))
+        except OSError:  # refused (a socket nobody listens on: a dead worker's), or not a socket at all
+            return False
+    return True
+
+
+def _worker_lock(lock_path: Path, socket_path: Path) -> int:
+    """An flock on `<socket>.lock`, held for the worker's life (the kernel drops it however the worker
+    ends), with the worker's pid in it: a second worker on the same socket is refused naming the first."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "(starting)"
+        os.close(fd)
+        raise FedrouterError(f"a worker (pid {holder}) is already serving on {socket_path}; stop it first, or choose "
+                             "another --socket") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _remove_if_ours(path: Path, ours: tuple[int, int] | None) -> None:
+    """Unlink `path` only if it is still the very file this worker made (same device and inode)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if ours is not None and (info.st_dev, info.st_ino) == ours:
+        path.unlink()
 
 
 def serve_worker(socket_path: Path) -> None:
@@ -252,7 +293,11 @@ def serve_worker(socket_path: Path) -> None:
     the data are loaded once, not once per message (Flower 1.41 starts a fresh ClientApp process for
     every message). The SuperNode's ClientApp forwards each message here when its node config names
     this socket (`worker=<path>`); the key in `<path>.key` (created exclusively, mode 0600, in a folder
-    only this user can enter) authenticates it. A malformed message is refused; the worker goes on."""
+    only this user can enter) authenticates it. One worker per socket: it holds `<path>.lock` for its
+    life, so a second one is refused without touching the first one's socket or key, and a worker that
+    was killed leaves nothing that stops the next (its stale socket and key are recognised and replaced).
+    The socket is made 0600; on the way out a worker removes only the socket and key it made. A
+    malformed message is refused; the worker goes on."""
     import secrets
     import signal
     import stat
@@ -264,14 +309,27 @@ def serve_worker(socket_path: Path) -> None:
     socket_path = Path(socket_path).absolute()
     _private_folder(socket_path.parent)
     key_path = socket_path.with_name(socket_path.name + ".key")
-    _clear_stale(key_path, "key file", stat.S_ISREG)
-    _clear_stale(socket_path, "socket", stat.S_ISSOCK)
-    key = secrets.token_bytes(32)
-    create_exclusive(key_path, key, mode=0o600)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by pid: clean up below
-    log.warning("fedrouter worker listening on %s", socket_path)
+    lock = _worker_lock(socket_path.with_name(socket_path.name + ".lock"), socket_path)
+    made: dict[str, tuple[int, int] | None] = {"key": None, "socket": None}
     try:
-        with Listener(str(socket_path), family="AF_UNIX", authkey=key) as listener:
+        if _listening(socket_path):
+            raise FedrouterError(f"a process is already serving on {socket_path}; stop it first, or choose another --socket")
+        _clear_stale(key_path, "key file", stat.S_ISREG, private_mode=True)
+        _clear_stale(socket_path, "socket", stat.S_ISSOCK, private_mode=False)
+        key = secrets.token_bytes(32)
+        create_exclusive(key_path, key, mode=0o600)
+        info = os.lstat(key_path)
+        made["key"] = (info.st_dev, info.st_ino)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by pid: clean up below
+        umask = os.umask(0o177)  # the socket file is born 0600 (bind takes its mode from the umask)
+        try:
+            listener = Listener(str(socket_path), family="AF_UNIX", authkey=key)
+        finally:
+            os.umask(umask)
+        info = os.lstat(socket_path)
+        made["socket"] = (info.st_dev, info.st_ino)
+        log.warning("fedrouter worker listening on %s", socket_path)
+        with listener:
             while True:
                 try:
                     conn = listener.accept()
@@ -281,8 +339,9 @@ def serve_worker(socket_path: Path) -> None:
                 with conn:
                     _serve_connection(conn)
     finally:
-        key_path.unlink(missing_ok=True)
-        socket_path.unlink(missing_ok=True)
+        _remove_if_ours(key_path, made["key"])
+        _remove_if_ours(socket_path, made["socket"])
+        os.close(lock)
 
 
 def _serve_connection(conn) -> None:

@@ -50,6 +50,8 @@ def recv_header(conn) -> dict:
         header = json.loads(conn.recv_bytes(MAX_PART))
     except (ValueError, UnicodeDecodeError) as exc:
         raise WorkerProtocolError(f"the header is not JSON ({exc})") from None
+    except RecursionError:  # a header nested deeper than the parser goes: refused like any malformed one
+        raise WorkerProtocolError("the header is nested too deeply") from None
     if not isinstance(header, dict):
         raise WorkerProtocolError("the header is not a JSON object")
     return header
