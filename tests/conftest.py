@@ -85,6 +85,14 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def exit_code(command) -> int:
+    """What the `fedrouter` command would exit with: main's return value, or argparse's SystemExit code."""
+    try:
+        return command()
+    except SystemExit as exc:
+        return exc.code
+
+
 TIMING_KEYS = {"wall_s", "timings", "run_dir"}  # results.json keys that differ between identical runs
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_after_checkpoint, one_error_line, set_args
+from conftest import exit_code, kill_after_checkpoint, one_error_line, set_args
 
 from fedrouter.checkpoint import path_of
 from fedrouter.cli import main
@@ -71,17 +71,9 @@ def test_a_config_or_data_a_user_could_not_mean_is_one_line(case, tmp_path, caps
     if args is None:
         args = ["--data", _surrogate_data(tmp_path)]
     out = tmp_path / "run"
-    assert _exit_code(lambda: main(["run", "--quiet", "--out", str(out), *args])) == 2
+    assert exit_code(lambda: main(["run", "--quiet", "--out", str(out), *args])) == 2
     assert needle in one_error_line(capsys.readouterr().err)
     assert not out.exists()  # refused before the run directory was claimed
-
-
-def _exit_code(command) -> int:
-    """What the `fedrouter` command would exit with: main's return value, or argparse's SystemExit code."""
-    try:
-        return command()
-    except SystemExit as exc:
-        return exc.code
 
 
 ARGPARSE_CASES = {
@@ -96,7 +88,7 @@ ARGPARSE_CASES = {
 @pytest.mark.parametrize("case", sorted(ARGPARSE_CASES))
 def test_argparse_errors_are_one_line_not_a_screen_of_usage(case, capsys):
     argv, needle = ARGPARSE_CASES[case]
-    assert _exit_code(lambda: main(argv)) == 2
+    assert exit_code(lambda: main(argv)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in one_error_line(err) and "usage:" not in err, err
 

@@ -22,6 +22,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency")
 httpx = pytest.importorskip("httpx")
 
+from conftest import exit_code, one_error_line  # noqa: E402
 from fedrouter.cli import main  # noqa: E402
 from fedrouter.testing import stop  # noqa: E402
 
@@ -514,14 +515,8 @@ SERVE_FLAG_CASES = {
 @pytest.mark.parametrize("case", sorted(SERVE_FLAG_CASES))
 def test_serve_refuses_bad_flags_in_one_line(case, runs, capsys):
     flags, needle = SERVE_FLAG_CASES[case]
-    try:
-        code = main(["serve", str(runs["fedit"]), "--port", "0", *flags])
-    except SystemExit as exc:  # argparse's refusals
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("fedrouter: error:")]
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert exit_code(lambda: main(["serve", str(runs["fedit"]), "--port", "0", *flags])) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
 
 
 def test_the_key_from_the_command_line_is_warned_about_and_an_empty_key_file_refused(runs, tmp_path, capsys):
