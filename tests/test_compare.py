@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fedrouter import rundir
 from fedrouter.cli import main
-from fedrouter.study.compare import CompareSpec
+from fedrouter.config import load_config
+from fedrouter.study.compare import CompareSpec, run_cells
 from fedrouter.study.tables import aggregate, load_cells, table_markdown, write_tables
 from fedrouter.errors import FedrouterError
 
@@ -107,3 +109,12 @@ def test_quick_preset_on_a_tiny_config(tmp_path, tiny_overrides, tiny_model_dir)
     assert len(summary["runs"]) == 9 and (out / "report.html").is_file()
     config = json.loads((out / "cells" / "fedit-dual-seed0" / "config.json").read_text())
     assert config["rounds"] == tiny_overrides["rounds"] and config["general_test_per_task"] == 2
+
+
+def test_a_cell_another_compare_is_running_is_refused_not_deleted(tmp_path):
+    # issue 32: a run directory is never run twice; an unfinished cell is redone only when nobody holds it
+    cell = tmp_path / "cells" / "fedit-dual-seed0"
+    with rundir.claim(cell, {"method": "fedit"}):  # as a running cell holds it
+        with pytest.raises(FedrouterError, match="is in use by process"):
+            run_cells({cell.name: load_config(None, {"method": "fedit"})}, tmp_path / "cells", jobs=1, echo=lambda _: None)
+        assert (cell / "config.json").is_file()

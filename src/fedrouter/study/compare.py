@@ -97,6 +97,7 @@ def run_cells(configs: dict, cells_dir: Path, jobs: int, echo=print) -> float:
             echo(f"{name}: finished earlier, skipped")
             continue
         if cell_dir.exists():
+            rundir.RunLock(cell_dir).release()  # a cell another compare is running now is refused, not deleted under it
             echo(f"{name}: interrupted earlier, running again")
             shutil.rmtree(cell_dir)
         todo.append((name, cfg))
