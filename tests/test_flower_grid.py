@@ -218,9 +218,9 @@ def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
     if damage:
         damage(out)
     flower_node._WORLDS.clear()
-    saved, n = rundir.resumable(out, cfg.model_dump()), cfg.n_clients
+    (lock, saved), n = rundir.lock_for_resume(out, cfg.model_dump()), cfg.n_clients
     rundir.write_run(out, cfg.model_dump(), lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
-                                             progress=False, node_wait_s=5, saved=saved), resume=True)
+                                             progress=False, node_wait_s=5, saved=saved), resumed_under=lock)
 
 
 @pytest.mark.slow

@@ -34,10 +34,9 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
-    # a resume locks the run before it reads its checkpoint: a second resume of it is refused, naming this pid
-    lock = rundir.RunLock(run_dir) if resume else None
+    # a resume holds the run's lock from before it reads its checkpoint: a second one is refused, naming this pid
+    lock, saved = rundir.lock_for_resume(run_dir, cfg.model_dump()) if resume else (None, None)
     try:
-        saved = rundir.resumable(run_dir, cfg.model_dump()) if resume else None
         if cfg.engine == "flower":
             try:
                 from fedrouter.engines.flower.app import run_simulation

@@ -157,6 +157,19 @@ def resumable(run_dir: Path, config: dict) -> dict:
     return saved
 
 
+def lock_for_resume(run_dir: Path, config: dict) -> tuple[RunLock, dict]:
+    """The lock of the unfinished run in `run_dir` and its newest readable checkpoint, for a resume. What
+    cannot be resumed is refused first, touching nothing; then the lock is taken (a run or resume going on
+    in it is refused, naming its pid) and the checkpoint read again under it (the run may have moved on)."""
+    resumable(run_dir, config)
+    lock = RunLock(run_dir)
+    try:
+        return lock, resumable(run_dir, config)
+    except BaseException:
+        lock.release()
+        raise
+
+
 def write_run(run_dir: Path, config: dict, produce, resumed_under: RunLock | None = None,
               start: float | None = None) -> dict:
     """Claim `run_dir` (locking it and writing its config.json) -- or, for a resume, reopen it under the

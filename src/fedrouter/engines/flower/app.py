@@ -86,12 +86,7 @@ def _main(grid: Grid, context: Context) -> None:
             raise FedrouterError("resume=true continues the run in out=DIR with its own config.json: give out and no config or set")
         run_dir = Path(run_config["out"])
         cfg = load_saved(run_dir)
-        lock = rundir.RunLock(run_dir)  # before the checkpoint is read: one resume of a run at a time
-        try:
-            saved = rundir.resumable(run_dir, cfg.model_dump())
-        except BaseException:
-            lock.release()
-            raise
+        lock, saved = rundir.lock_for_resume(run_dir, cfg.model_dump())  # one run or resume of a run at a time
     else:
         lock = None
         sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
