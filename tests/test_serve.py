@@ -540,3 +540,13 @@ def test_serve_refuses_bad_arguments_in_one_line(runs, tmp_path, capsys):
         assert main(["serve", str(runs["fedit"]), "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fedrouter: error: cannot listen on 127.0.0.1:"), err
+
+
+@pytest.mark.parametrize("header, name", [("127.0.0.1:8000", "127.0.0.1"), ("[::1]:8000", "::1"), ("LOCALHOST", "localhost"),
+                                          ("evil.example:80", "evil.example"), ("::1", "::1"), ("", "")])
+def test_the_host_check_reads_ipv6_hosts_and_ports(header, name):
+    from fedrouter.study.serve import _host_name, _is_loopback
+
+    assert _host_name(header) == name
+    assert [_is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "0.0.0.0", "example.org")] == \
+        [True, True, True, True, False, False]

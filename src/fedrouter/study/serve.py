@@ -37,6 +37,7 @@ stops accepting connections, lets every request in flight finish (streams includ
 import asyncio
 import copy
 import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -822,6 +823,14 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
 
 # ------------------------------------------------------------------------------------------- serving
 
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (as given to --host) is this machine only: localhost, 127.0.0.0/8, ::1."""
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _bind(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
         raise FedrouterError(f"--port must be 0..65535, got {port}")
@@ -874,7 +883,7 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str
 
     # On loopback the server answers only to loopback names (a web page that rebinds its own name to
     # 127.0.0.1 cannot reach it); bound to another address it cannot know the names its clients use.
-    hosts = LOOPBACK if host.lower() in LOOPBACK else None
+    hosts = (*LOOPBACK, host.lower()) if _is_loopback(host) else None
     app = create_app(service, api_key, max_body_bytes, tuple(allow_origins), hosts, body_timeout_s)
     config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="off", timeout_keep_alive=5,
                             timeout_graceful_shutdown=shutdown_timeout_s)
