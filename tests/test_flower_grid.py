@@ -384,3 +384,18 @@ def test_a_node_that_lost_the_run_config_gets_it_again_and_the_config_travels_on
                    if "config" in m.content["run"]]
     node0 = list(grid.contexts)[0]
     assert sorted(with_config) == sorted([("query.hello", "0", n) for n in grid.contexts] + [("train", "2", node0)])
+
+
+@pytest.mark.parametrize("run_config, needle", [
+    ({"node-wait-s": float("nan")}, "node-wait-s must be in (0, 86400]"),
+    ({"node-wait-s": float("inf")}, "node-wait-s must be in (0, 86400]"),
+    ({"pull-interval-s": float("nan")}, "pull-interval-s must be in (0, 60]"),
+])
+def test_the_server_apps_waits_must_be_finite(run_config, needle, tmp_path):
+    # issue 32: NaN/inf refused for every number a user gives; a NaN wait would wait for the nodes forever
+    from fedrouter.engines.flower.app import _main
+
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"out": str(tmp_path / "r"), **run_config})
+    with pytest.raises(FedrouterError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        _main(None, context)
+    assert not (tmp_path / "r").exists()

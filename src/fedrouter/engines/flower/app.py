@@ -80,7 +80,13 @@ server_app = ServerApp()
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
-    saved = None
+    pull_interval_s = float(run_config.get("pull-interval-s", PULL_INTERVAL_S))  # an app written before it: the default
+    if not 0 < pull_interval_s <= 60:  # (NaN fails this too)
+        raise FedrouterError(f"pull-interval-s must be in (0, 60] seconds, got {pull_interval_s:g}")
+    node_wait_s = float(run_config.get("node-wait-s", 120))
+    if not 0 < node_wait_s <= 86400:  # NaN or inf would wait for the nodes forever
+        raise FedrouterError(f"node-wait-s must be in (0, 86400] seconds, got {node_wait_s:g}")
+    saved = lock = None
     if run_config.get("resume"):  # the run in `out`, with its own config, from its newest checkpoint
         if not run_config.get("out") or run_config.get("config") or run_config.get("set"):
             raise FedrouterError("resume=true continues the run in out=DIR with its own config.json: give out and no config or set")
@@ -88,20 +94,14 @@ def _main(grid: Grid, context: Context) -> None:
         cfg = load_saved(run_dir)
         lock, saved = rundir.lock_for_resume(run_dir, cfg.model_dump())  # one run or resume of a run at a time
     else:
-        lock = None
         sets = {**parse_sets(str(run_config.get("set", "")).split()), "engine": "flower"}
         cfg = load_config(run_config.get("config") or None, sets)
         run_dir = Path(run_config.get("out") or rundir.default_path(cfg.method, cfg.scenario, cfg.seed))
-    pull_interval_s = float(run_config.get("pull-interval-s", PULL_INTERVAL_S))  # an app written before it: the default
-    if not 0 < pull_interval_s <= 60:
-        if lock is not None:
-            lock.release()
-        raise FedrouterError(f"pull-interval-s must be in (0, 60] seconds, got {pull_interval_s:g}")
     # A reply is visible to the server a moment before its objects are: pulled then, Flower waits 1 s before
     # asking again; in this ServerApp process it asks again after pull-interval-s (on the pinned flwr only).
     shorten_pull_backoff(pull_interval_s, strict=False)
     results = rundir.write_run(run_dir, cfg.model_dump(), lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
-                                                                        node_wait_s=float(run_config.get("node-wait-s", 120)),
+                                                                        node_wait_s=node_wait_s,
                                                                         pull_interval_s=pull_interval_s),
                                resumed_under=lock)
     log.warning("fedrouter: %s %s ROUGE-1 %.4f, run directory %s", cfg.method, cfg.scenario, results["rouge1"], run_dir)
