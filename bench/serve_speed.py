@@ -59,7 +59,7 @@ def test_prompts(n: int) -> list[str]:
 def batch_figures(run_dir: Path, prompts: list[str], reps: int) -> dict:
     from fedrouter.core.embed import resolve_embedder
     from fedrouter.core.generate import Row, generate, generate_rows
-    from fedrouter.study.predict import encode_prompts, load_run, route_prompts
+    from fedrouter.serving.finished_run import encode_prompts, load_run, route_prompts
 
     cfg, model, tokenizer, router = load_run(run_dir)
     embedder = resolve_embedder(router["embedder"], model, tokenizer) if router else None

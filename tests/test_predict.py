@@ -31,7 +31,7 @@ def test_predict_routes_to_nearest_centroid_and_answers_with_that_adapter(tmp_pa
     from fedrouter.core.embed import resolve_embedder
     from fedrouter.core.generate import generate
     from fedrouter.core.train import encode_examples
-    from fedrouter.study.predict import load_run
+    from fedrouter.serving.finished_run import load_run
 
     run_dir = _run(tmp_path, tiny_overrides, "fedrouter")
     assert (run_dir / "router" / "router.json").is_file()
@@ -70,7 +70,7 @@ def test_predict_refuses_unfinished_runs_and_no_prompts(tmp_path, capsys):
 
 
 def test_predict_reads_prompts_from_jsonl_and_reports_bad_lines(tmp_path, capsys):
-    from fedrouter.study.predict import read_prompts
+    from fedrouter.serving.predict import read_prompts
 
     good = tmp_path / "in.jsonl"
     good.write_text('{"instruction": "a"}\n\n{"instruction": "b", "output": "x"}\n')

@@ -108,7 +108,8 @@ def client(server):
 def expected(runs):
     """`fedrouter predict`'s rows for the test prompts, and each adapter's own greedy answer per prompt."""
     from fedrouter.core.generate import generate
-    from fedrouter.study.predict import encode_prompts, load_run, predict
+    from fedrouter.serving.finished_run import encode_prompts, load_run
+    from fedrouter.serving.predict import predict
 
     prompts = _prompts()
     rows = {r["prompt"]: r for r in predict(runs["fedrouter"], prompts)}
@@ -367,7 +368,7 @@ def test_a_batch_that_fails_as_a_whole_is_answered_row_by_row(monkeypatch):
     import asyncio
 
     from fedrouter.core import generate as core
-    from fedrouter.study import serve as srv
+    from fedrouter.serving import batcher as srv
 
     def fake_rows(model, tokenizer, rows, batch_size=64, **kwargs):
         if any(r.seed == 13 for r in rows):
@@ -400,7 +401,7 @@ def test_a_prompt_is_measured_in_characters_then_tokenized_once_off_the_event_lo
     import asyncio
     import types
 
-    from fedrouter.study import serve as srv
+    from fedrouter.serving import batcher as srv
 
     calls = []
 
@@ -545,7 +546,7 @@ def test_serve_refuses_bad_arguments_in_one_line(runs, tmp_path, capsys):
 @pytest.mark.parametrize("header, name", [("127.0.0.1:8000", "127.0.0.1"), ("[::1]:8000", "::1"), ("LOCALHOST", "localhost"),
                                           ("evil.example:80", "evil.example"), ("::1", "::1"), ("", "")])
 def test_the_host_check_reads_ipv6_hosts_and_ports(header, name):
-    from fedrouter.study.serve import _host_name, _is_loopback
+    from fedrouter.serving.guard import host_name as _host_name, is_loopback as _is_loopback
 
     assert _host_name(header) == name
     assert [_is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "0.0.0.0", "example.org")] == \
