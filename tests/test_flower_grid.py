@@ -26,7 +26,7 @@ from fedrouter.config import load_config  # noqa: E402
 from fedrouter import rundir  # noqa: E402
 from fedrouter.engines.flower import node as flower_node, server as flower  # noqa: E402
 from fedrouter.engines.flower_client import client_app  # noqa: E402
-from fedrouter.engines.flower.protocol import NODE  # noqa: E402
+from fedrouter.engines.flower.worker_wire import NODE  # noqa: E402
 from fedrouter.engines.flower.wire import to_records  # noqa: E402
 from fedrouter.errors import FedrouterError  # noqa: E402
 from fedrouter.methods.base import Message  # noqa: E402
@@ -76,7 +76,7 @@ class LocalGrid:
             if msg.metadata.message_type == "train" and self.restart.get(index[node]) == int(msg.metadata.group_id):
                 del self.restart[index[node]]
                 self.contexts[node].state = RecordDict()
-                flower_node._WORLDS.clear()  # a new process: nothing cached either
+                flower_node._RUNS.clear()  # a new process: nothing cached either
                 flower_node._CONFIGS.clear()
             try:
                 reply = client_app(msg, self.contexts[node])
@@ -114,7 +114,7 @@ def _partitions(n: int, order=None) -> list[dict]:
 
 def _serve(cfg, out: Path, grid) -> dict:
     torch.manual_seed(cfg.seed)
-    return rundir.write_run(out, cfg.model_dump(), lambda: flower.serve(grid, cfg, out, progress=False, node_wait_s=5))
+    return rundir.write_run(out, cfg.model_dump(), lambda: flower.run_on_grid(grid, cfg, out, progress=False, node_wait_s=5))
 
 
 def _same(a: Path, b: Path) -> None:
@@ -139,7 +139,11 @@ def test_every_method_gives_the_inprocess_result_over_the_flower_loop(method, tm
 ])
 def test_differential_privacy_gives_the_inprocess_numbers_on_flower(method, privacy, tmp_path, tiny_overrides, tiny_model_dir):
     # the same clipping, the same seeded noise (server-side, or drawn on each node), the same epsilon
-    cfg = load_config(None, {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, "privacy": privacy})
+    from conftest import FEDROUTER_DP_OPTIONS
+
+    options = FEDROUTER_DP_OPTIONS if method == "fedrouter" else {}
+    cfg = load_config(None, {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, "privacy": privacy,
+                             "method_options": options})
     run_experiment(cfg, tmp_path / "inprocess", progress=False)
     _serve(cfg, tmp_path / "flower", LocalGrid(_partitions(3)))
     _same(tmp_path / "inprocess", tmp_path / "flower")
@@ -217,9 +221,9 @@ def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
     assert (out / "FAILED").exists() and not (out / "results.json").exists()
     if damage:
         damage(out)
-    flower_node._WORLDS.clear()
+    flower_node._RUNS.clear()
     (lock, saved), n = rundir.lock_for_resume(out, cfg.model_dump()), cfg.n_clients
-    rundir.write_run(out, cfg.model_dump(), lambda: flower.serve(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
+    rundir.write_run(out, cfg.model_dump(), lambda: flower.run_on_grid(LocalGrid(_partitions(n, [*range(1, n), 0]), seed=11), cfg, out,
                                              progress=False, node_wait_s=5, saved=saved), resumed_under=lock)
 
 

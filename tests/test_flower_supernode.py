@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
 from fedrouter import cli  # noqa: E402
-from fedrouter.engines.flower import supernode  # noqa: E402
+from fedrouter.engines.flower import patches  # noqa: E402
 
 SCI = importlib.import_module("flwr.supernode.start_client_internal")
 CLI = importlib.import_module("flwr.supernode.cli.flower_supernode")
@@ -27,24 +27,24 @@ def restored(monkeypatch):
     """Whatever a test patches in Flower's modules (and the SuperExec's variable) is put back after it."""
     monkeypatch.setattr(SCI, "time", SCI.time)
     monkeypatch.setattr(SCI, "subprocess", SCI.subprocess)
-    for name in supernode.PULL_FUNCTIONS:
+    for name in patches.PULL_FUNCTIONS:
         monkeypatch.setitem(getattr(PULLS, name).__kwdefaults__, "initial_backoff", 1)
     monkeypatch.setattr(CLI, "flower_supernode", CLI.flower_supernode)
-    monkeypatch.delenv(supernode.SUPEREXEC_POLL_ENV, raising=False)
+    monkeypatch.delenv(patches.SUPEREXEC_POLL_ENV, raising=False)
     return monkeypatch
 
 
 def test_the_pinned_release_is_the_extra_s():
-    assert f'"flwr[simulation]=={supernode.FLWR_VERSION}"' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'"flwr[simulation]=={patches.FLWR_VERSION}"' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
 
 
 def test_the_stock_module_has_the_sleeps_replaced():
-    assert supernode.sleeps_in(SCI) == supernode.STOCK_SLEEPS == (0.5, 0.5, 3)
+    assert patches.sleeps_in(SCI) == patches.STOCK_SLEEPS == (0.5, 0.5, 3)
 
 
 def test_the_patched_module_sleeps_the_interval(restored):
-    supernode.patch(0.05)
-    assert isinstance(SCI.time, supernode.ShortSleeps) and SCI.time.interval == 0.05
+    patches.apply("supernode", 0.05)
+    assert isinstance(SCI.time, patches.ShortSleeps) and SCI.time.interval == 0.05
     start = time.monotonic()
     SCI.time.sleep(3)  # the idle pull's sleep, as start_client_internal calls it
     SCI.time.sleep(0.5)  # the reply poll's
@@ -52,14 +52,14 @@ def test_the_patched_module_sleeps_the_interval(restored):
     assert SCI.time.monotonic() > 0 and SCI.time.time() > 0  # everything else is the real module's
     assert time.sleep is not SCI.time.sleep  # nothing outside that module changed
     # a message object not there yet is asked for again after the interval, not Flower's 1 s
-    assert all(getattr(PULLS, name).__kwdefaults__["initial_backoff"] == 0.05 for name in supernode.PULL_FUNCTIONS)
+    assert all(getattr(PULLS, name).__kwdefaults__["initial_backoff"] == 0.05 for name in patches.PULL_FUNCTIONS)
     # the SuperExec the node starts is fedrouter's (ClientApps forked), with Flower's arguments
     started = []
-    restored.setattr(supernode.subprocess, "Popen", lambda args, *a, **k: started.append(args))
+    restored.setattr(patches.subprocess, "Popen", lambda args, *a, **k: started.append(args))
     SCI.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:1"])
     assert started == [[os.sys.executable, "-m", "fedrouter.engines.flower.superexec", "--insecure",
                         "--runtime-api-address", "127.0.0.1:1"]]
-    supernode.patch(0.2, fork_clientapps=False)  # patching again sets the new interval; Flower's own SuperExec
+    patches.apply("supernode", 0.2, fork_clientapps=False)  # patching again sets the new interval; Flower's own SuperExec
     assert SCI.time.interval == 0.2 and SCI.subprocess is subprocess
 
 
@@ -67,7 +67,7 @@ def test_the_command_hands_flower_its_arguments_and_the_superexec_the_interval(r
     seen = {}
 
     def fake_supernode():
-        seen.update(argv=list(os.sys.argv), env=os.environ.get(supernode.SUPEREXEC_POLL_ENV), time=SCI.time)
+        seen.update(argv=list(os.sys.argv), env=os.environ.get(patches.SUPEREXEC_POLL_ENV), time=SCI.time)
 
     restored.setattr(CLI, "flower_supernode", fake_supernode)
     node_config = 'partition-id=0 num-partitions=2 worker="/tmp/x y/node.sock"'
@@ -75,10 +75,10 @@ def test_the_command_hands_flower_its_arguments_and_the_superexec_the_interval(r
                      "--node-config", node_config]) == 0
     assert seen["argv"] == ["flower-supernode", "--superlink", "127.0.0.1:9092", "--insecure", "--node-config", node_config]
     assert seen["env"] == "0.05" and seen["time"].interval == 0.05
-    restored.delenv(supernode.SUPEREXEC_POLL_ENV)
+    restored.delenv(patches.SUPEREXEC_POLL_ENV)
     assert cli.main(["flower", "supernode", "--insecure"]) == 0  # the default interval
-    assert seen["argv"] == ["flower-supernode", "--insecure"] and seen["time"].interval == supernode.DEFAULT_POLL_S
-    assert seen["env"] == f"{supernode.DEFAULT_POLL_S:g}"
+    assert seen["argv"] == ["flower-supernode", "--insecure"] and seen["time"].interval == patches.DEFAULT_POLL_S
+    assert seen["env"] == f"{patches.DEFAULT_POLL_S:g}"
 
 
 def _one_line_refusal(capsys, argv, pattern):
@@ -102,7 +102,7 @@ def test_a_changed_supernode_module_or_a_bad_interval_is_refused(restored, capsy
     for argv, pattern in [(["--poll-interval", "0"], r"\(0, 3\]"), (["--poll-interval", "x"], "number of seconds"),
                           (["--insecure", "--poll-interval"], "needs a number")]:
         _one_line_refusal(capsys, ["flower", "supernode", *argv], pattern)
-    restored.setattr(supernode, "STOCK_SLEEPS", (0.5, 3))  # as if Flower had changed its sleeps
+    restored.setattr(patches, "STOCK_SLEEPS", (0.5, 3))  # as if Flower had changed its sleeps
     _one_line_refusal(capsys, ["flower", "supernode", "--insecure"], r"not as fedrouter expects.*run flower-supernode itself")
     assert not started and SCI.time is time
 
@@ -117,14 +117,14 @@ def test_the_superexec_forks_clientapps_with_their_argv_and_starts_anything_else
     script = tmp_path / "fork.py"
     script.write_text("""
 import os, subprocess, sys, time
-from fedrouter.engines.flower import superexec
+from fedrouter.engines.flower import patches, superexec
 read_fd, write_fd = os.pipe()
 server = os.fork()
 if server == 0:
     os.close(write_fd)
-    superexec.serve_forks(read_fd)
+    superexec.run_fork_server(read_fd)
 os.close(read_fd)
-stand_in = superexec.ForkingSubprocess(write_fd)
+stand_in = patches.ForkingSubprocess(write_fd)
 assert stand_in.Popen(["flwr-clientapp", "--help"]) is None
 assert stand_in.Popen(["flwr-clientapp", "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) is None
 proc = stand_in.Popen([sys.executable, "-c", "print('real popen')"])
@@ -154,3 +154,26 @@ def test_what_a_clientapp_process_imports_has_no_torch():
             f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_flower_patch_lives_in_the_patches_module():
+    # Only engines/flower/patches.py replaces names inside Flower's modules (an assignment to an attribute
+    # of a module it imported by name) or reads its sources; the processes call patches.apply(kind).
+    import ast
+
+    root = Path(__file__).parents[1] / "src" / "fedrouter"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "patches.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("flwr.") and (
+                    "start_client_internal" in node.value or "executor" in node.value or "inflatable" in node.value):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}: {node.value}")
+            if isinstance(node, ast.Attribute) and node.attr == "__kwdefaults__":
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}: __kwdefaults__")
+    assert offenders == []
+    with pytest.raises(ValueError, match="unknown kind"):
+        patches.apply("client")
+    text = (root / "engines" / "flower" / "patches.py").read_text()
+    assert text.count(" l.") >= 6 and "1.41" not in text  # each patch names the flwr 1.42.0 line it stands in for

@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 def supernode(argv: list[str]) -> int:
     """`fedrouter flower supernode [--poll-interval S] ARGS...`: flower-supernode ARGS with short polls."""
     with _needs_flower("supernode"):
-        from fedrouter.engines.flower.supernode import main
+        from fedrouter.engines.flower.supernode import main  # optional extra: flower
 
         return main(argv)
 
@@ -63,17 +63,17 @@ def _needs_flower(command: str):
 def run(args) -> int:
     with _needs_flower(args.flower_command):
         if args.flower_command == "app":
-            from fedrouter.engines.flower.app import write_app
+            from fedrouter.engines.flower.app import write_app  # optional extra: flower
 
             path = write_app(args.dir)
             print(f"wrote {path}; run it with: flwr run {args.dir} <connection> --run-config 'set=\"method=fedit\"'")
             return 0
         if args.flower_command == "worker":
-            from fedrouter.engines.flower.node import serve_worker
+            from fedrouter.engines.flower.node import run_worker  # optional extra: flower
 
-            serve_worker(args.socket)
+            run_worker(args.socket)
             return 0
-        from fedrouter.engines.flower.keys import make_keys
+        from fedrouter.engines.flower.keys import make_keys  # optional extra: flower
 
         hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
         for path in make_keys(args.dir, hosts, args.supernodes, args.days):

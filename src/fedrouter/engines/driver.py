@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from fedrouter import checkpoint, rundir
-from fedrouter import config as settings
+from fedrouter import config
 from fedrouter.config import Config
-from fedrouter.core.privacy import DPAverage
 from fedrouter.core.metrics import merge_per_task
 from fedrouter.engines.loop import RoundLoop
 from fedrouter.engines.protocol import ClientSide
@@ -50,12 +49,9 @@ def checkpoint_payload(cfg: Config, server: ServerPart, clients: ClientSide, loo
 def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPart, clients: ClientSide,
           progress: bool = True, saved: dict | None = None) -> dict:
     """The whole run on `clients`; returns the results (results.json is written by the caller)."""
-    central = cfg.privacy.mode == "central"
     loop = RoundLoop(server, clients.transport, clients.ids, cfg.rounds, cfg.client_fraction, cfg.seed, progress,
-                     cfg.update_norm_ratio, cfg.min_updates, cfg.privacy.clip if central else None)
-    if central:  # the server's means become DP-FedAvg's: unweighted, noised (its generator is checkpointed)
-        server.dp_average = DPAverage(cfg.privacy.clip, cfg.privacy.noise_multiplier, cfg.seed)
-    accountant = settings.accountant(cfg)
+                     cfg.update_norm_ratio, cfg.min_updates)
+    accountant = config.accountant(cfg)
     if saved is None:
         clock, timings = time.perf_counter(), {}
         base_reports = loop.evaluate("test", base=True)
@@ -95,7 +91,7 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
         results["privacy"] = {**cfg.privacy.model_dump(), **epsilon_fields(accountant.epsilon(cfg.rounds)),
                               "epsilon_per_round": [h.get("epsilon") for h in history],
                               "accountant": "dp_accounting RDP, replace-one neighbours",
-                              "sampled_per_round": settings.sampled_clients(cfg)}
+                              "sampled_per_round": config.sampled_clients(cfg)}
     return results
 
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 from fedrouter import rundir
+from fedrouter.core.embed import project_2d
 from fedrouter.core.train import ClientTimeout, time_budget
-from fedrouter.engines.protocol import FailurePlan, InjectedFailure, failure_reply, local_privacy
+from fedrouter.engines.protocol import FailurePlan, InjectedFailure, failure_reply
 from fedrouter.methods.base import ClientContext, ClientPart, Message
 
 __all__ = ["InProcessTransport", "InProcessClients", "InjectedFailure"]
@@ -26,17 +30,14 @@ class InProcessTransport:
     on a real slow machine."""
 
     def __init__(self, client_part: ClientPart, contexts: dict[int, ClientContext], progress: bool = True,
-                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None, privacy=None):
+                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None):
         self.client_part = client_part
         self.contexts = contexts
         self.progress = progress
         self.failures = FailurePlan(inject_failures, seed)
         self.client_timeout_s = client_timeout_s
-        self.privacy, self.seed = privacy, seed  # local DP: each client clips and noises its own upload
 
     def _deliver(self, messages: dict[int, Message], handler, desc: str) -> dict[int, Message]:
-        from tqdm import tqdm
-
         items = tqdm(messages.items(), desc=desc, leave=False, disable=None if self.progress else True)
         return {cid: handler(msg, self.contexts[cid]) for cid, msg in items}
 
@@ -53,7 +54,7 @@ class InProcessTransport:
             took = time.perf_counter() - start
             if self.client_timeout_s is not None and took > self.client_timeout_s:
                 raise ClientTimeout(f"took {took:.1f} s, over the {self.client_timeout_s:g} s budget")
-            return local_privacy(reply, msg, self.client_part, self.privacy, self.seed, ctx.client_id)
+            return reply
         except Exception as exc:  # a failing client is this round's loss, not the run's
             return failure_reply(exc)
 
@@ -75,9 +76,9 @@ class InProcessClients:
     engine = "inprocess"
 
     def __init__(self, client: ClientPart, contexts: dict[int, ClientContext], progress: bool = True,
-                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None, privacy=None):
+                 inject_failures: float = 0.0, seed: int = 0, client_timeout_s: float | None = None):
         self.client, self.contexts = client, contexts
-        self.transport = InProcessTransport(client, contexts, progress, inject_failures, seed, client_timeout_s, privacy)
+        self.transport = InProcessTransport(client, contexts, progress, inject_failures, seed, client_timeout_s)
         self.ids = sorted(contexts)
         self._diagnostics: dict[int, dict] | None = None  # read once at the end of the run (_final_diagnostics)
 
@@ -92,10 +93,6 @@ class InProcessClients:
     def embedding_map(self, seed: int, per_client: int = 150) -> list[dict] | None:
         """A 2-D PCA of (a sample of) the clients' training embeddings with true task and global cluster;
         only methods whose clients embed their data (FedRouter) have one."""
-        import numpy as np
-
-        from fedrouter.core.embed import project_2d
-
         rng = np.random.default_rng(seed)
         vectors, points = [], []
         for cid, diag in self._final_diagnostics().items():

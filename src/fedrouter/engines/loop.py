@@ -15,7 +15,9 @@ import time
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
+from fedrouter.core.aggregate import update_norm
 from fedrouter.engines.protocol import Transport
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import Message, ServerPart
@@ -64,16 +66,6 @@ def update_problem(arrays: dict, expected: dict[str, tuple[int, ...]] | None) ->
     return None
 
 
-def update_norm(arrays: dict, sent: dict) -> float:
-    """L2 norm of what the client changed: upload - sent where a tensor went both ways, else the upload."""
-    total = 0.0
-    for name, t in arrays.items():
-        base = sent.get(name)
-        delta = t.double() - base.double() if base is not None and base.shape == t.shape else t.double()
-        total += float((delta**2).sum())
-    return total**0.5
-
-
 def screen_updates(server: ServerPart, messages: dict[int, Message], replies: dict[int, Message],
                    norm_ratio: float = 0.0) -> tuple[dict[int, Message], list[dict]]:
     """The replies fit to aggregate, and one {"client", "reason"} per rejected reply (logged).
@@ -112,11 +104,10 @@ class RoundLoop:
 
     def __init__(self, server: ServerPart, transport: Transport, client_ids: list[int], rounds: int,
                  client_fraction: float = 1.0, seed: int = 0, progress: bool = True, norm_ratio: float = 0.0,
-                 min_updates: int = 1, clip_norm: float | None = None):
+                 min_updates: int = 1):
         self.server, self.transport, self.client_ids = server, transport, list(client_ids)
         self.rounds, self.client_fraction = rounds, client_fraction
         self.progress, self.norm_ratio, self.min_updates = progress, norm_ratio, min_updates
-        self.clip_norm = clip_norm  # central DP: every accepted update is clipped to this norm before aggregation
         self.sampling = random.Random(f"client-sampling:{seed}")
         self.traffic = Traffic()
         self.history: list[dict] = []
@@ -168,8 +159,6 @@ class RoundLoop:
         `min_updates` acceptable replies keeps the server's state as it was and says so in its record. A
         round in which every client failed with an error (not an injected one) stops the run: that is a bug
         or a broken setup, not a flaky client."""
-        from tqdm import tqdm
-
         start_round = len(self.history)
         bar = tqdm(range(start_round, self.rounds), desc="rounds", unit="round", initial=start_round, total=self.rounds,
                    disable=None if self.progress else True)
@@ -189,7 +178,6 @@ class RoundLoop:
         replies = self.transport.fit(messages)
         traffic.count(messages, replies)
         kept, rejected = screen_updates(server, messages, replies, self.norm_ratio)
-        clipped = self._clip(messages, kept) if self.clip_norm else None
         failures = [r["failed"] for r in (m.config for m in replies.values()) if "failed" in r]
         if replies and len(failures) == len(replies) and not all(f.startswith(("InjectedFailure", "ClientTimeout")) for f in failures):
             raise FedrouterError(f"round {round_idx + 1}: every client failed; the first: {failures[0]}")
@@ -203,22 +191,7 @@ class RoundLoop:
         slowest = max((float(r.config.get("train_s", 0.0)) for r in kept.values()), default=0.0)
         record = {"round": round_idx + 1, **metrics, "rejected": rejected, "bytes_down": traffic.down,
                   "bytes_up": traffic.up, "round_s": time.perf_counter() - start, "slowest_client_s": slowest}
-        if clipped is not None:
-            record["clipped_updates"] = clipped
         return record
-
-    def _clip(self, messages: dict[int, Message], kept: dict[int, Message]) -> int:
-        """Central DP: each accepted upload with its change from what was sent clipped to `clip_norm`, in
-        place of the clean one; returns how many had to be scaled down."""
-        from fedrouter.core.privacy import clip_upload, update_norm
-
-        scaled = 0
-        for cid, reply in kept.items():
-            reference = self.server.upload_reference(cid, messages[cid])
-            change = {k: t - reference[k] if k in reference else t for k, t in reply.arrays.items()}
-            scaled += update_norm(change) > self.clip_norm
-            reply.arrays = clip_upload(reply.arrays, reference, self.clip_norm)
-        return scaled
 
     def state(self) -> dict:
         return {"sampling_rng": self.sampling.getstate(), "traffic": (self.traffic.down, self.traffic.up),

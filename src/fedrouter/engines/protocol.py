@@ -63,18 +63,6 @@ def failure_reply(exc: BaseException) -> Message:
     return Message(config={"failed": f"{type(exc).__name__}: {exc}"})
 
 
-def local_privacy(reply: Message, msg: Message, client_part, privacy, seed: int, client_id: int) -> Message:
-    """Under local DP, the client's reply to `msg` with its update clipped and noised before it leaves the
-    client (`privacy`: the config's [privacy] section; nothing changes unless its mode is "local")."""
-    if privacy is None or privacy.mode != "local" or not reply.arrays or "failed" in reply.config:
-        return reply
-    from fedrouter.core.privacy import client_generator, privatize_upload
-
-    noisy = privatize_upload(reply.arrays, client_part.upload_reference(msg), privacy.clip, privacy.noise_multiplier,
-                             client_generator(seed, client_id, msg.config.get("round", 0)))
-    return Message(noisy, reply.config)
-
-
 class InjectedFailure(RuntimeError):
     """A client crash simulated by `inject_failures` (raised before the client does anything)."""
 

@@ -15,10 +15,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedrouter import rundir
 from fedrouter.atomic import write_bytes
 from fedrouter.config import Config, load_config, load_saved, parse_sets
+from fedrouter.engines.flower import patches
 from fedrouter.engines.flower.client_app import client_app
 from fedrouter.engines.flower.node import NODE_DIR_ENV
-from fedrouter.engines.flower.server import PULL_INTERVAL_S, serve
-from fedrouter.engines.flower.supernode import shorten_pull_backoff
+from fedrouter.engines.flower.server import PULL_INTERVAL_S, run_on_grid
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ def _main(grid: Grid, context: Context) -> None:
         run_dir = Path(run_config.get("out") or rundir.default_path(cfg.method, cfg.scenario, cfg.seed))
     # A reply is visible to the server a moment before its objects are: pulled then, Flower waits 1 s before
     # asking again; in this ServerApp process it asks again after pull-interval-s (on the pinned flwr only).
-    shorten_pull_backoff(pull_interval_s, strict=False)
-    results = rundir.write_run(run_dir, cfg.model_dump(), lambda: serve(grid, cfg, run_dir, progress=False, saved=saved,
+    patches.apply("serverapp", pull_interval_s)
+    results = rundir.write_run(run_dir, cfg.model_dump(), lambda: run_on_grid(grid, cfg, run_dir, progress=False, saved=saved,
                                                                         node_wait_s=node_wait_s,
                                                                         pull_interval_s=pull_interval_s),
                                resumed_under=lock)
@@ -115,7 +115,7 @@ SIMULATION_PULL_INTERVAL_S = 0.05  # Flower's in-memory grid itself asks every 0
 def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=None, saved: dict | None = None) -> dict:
     """`cfg` on Flower's simulation runtime in this process: n_clients virtual SuperNodes (Ray actors,
     one CPU each); returns the results the ServerApp wrote. `saved`: the server checkpoint to resume from."""
-    from flwr.simulation import run_simulation as flower_simulation
+    from flwr.simulation import run_simulation as flower_simulation  # start-up cost: Ray and the simulation runtime (1.1 s)
 
     for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                        "RAY_DEDUP_LOGS": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -127,7 +127,7 @@ def run_simulation(cfg: Config, run_dir: Path, progress: bool = True, shared=Non
     def main(grid: Grid, context: Context) -> None:
         try:
             # the replies are in this process's memory: asking for them is cheap, so ask often
-            outcome["results"] = serve(grid, cfg, run_dir, progress, shared=shared, saved=saved,
+            outcome["results"] = run_on_grid(grid, cfg, run_dir, progress, shared=shared, saved=saved,
                                        pull_interval_s=SIMULATION_PULL_INTERVAL_S)
         except BaseException as exc:  # carried out of Flower's thread, raised below
             outcome["error"] = exc

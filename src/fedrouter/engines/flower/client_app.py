@@ -2,23 +2,24 @@
 process for every message in a deployment (a new Python under `flower-supernode`; forked from one that
 has imported Flower and this module under `fedrouter flower supernode`).
 
-Each handler either does the client's work in this process (`fedrouter.engines.flower.node.serve_message`,
+Each handler either does the client's work in this process (`fedrouter.engines.flower.node.handle_message`,
 which imports torch and builds the model and data), or, when the SuperNode's node config names a
 long-lived worker (`worker=<socket path>`, started with `fedrouter flower worker`), forwards the message
 and the node's context.state to it and takes back the reply and the new state -- the model then stays
 loaded across messages. Either way an exception on the node comes back to the server as an error reply.
 
-The worker protocol is in `engines.flower.protocol`.
+The worker protocol is in `engines.flower.worker_wire`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from multiprocessing.connection import Client
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedrouter.engines.flower.protocol import read_private_key, recv_header, recv_records, send_parts
+from fedrouter.engines.flower.worker_wire import read_private_key, recv_header, recv_records, send_parts
 
 
 def _raise_remote(name: str, text: str):
@@ -27,8 +28,6 @@ def _raise_remote(name: str, text: str):
 
 
 def _via_worker(address: str, msg: Message, context: Context):
-    from multiprocessing.connection import Client
-
     key = read_private_key(Path(address + ".key"))
     with Client(address, family="AF_UNIX", authkey=key) as conn:
         send_parts(conn, {"type": msg.metadata.message_type, "node_config": dict(context.node_config)},
@@ -51,9 +50,9 @@ def _handle(msg: Message, context: Context) -> Message:
     if worker:
         content = _via_worker(str(worker), msg, context)
     else:
-        from fedrouter.engines.flower.node import serve_message
+        from fedrouter.engines.flower.node import handle_message  # start-up cost: torch and the model, without a worker only
 
-        content, _ = serve_message(msg.metadata.message_type, msg.content, dict(context.node_config), context.state)
+        content, _ = handle_message(msg.metadata.message_type, msg.content, dict(context.node_config), context.state)
     return Message(content, reply_to=msg)
 
 

@@ -31,7 +31,7 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 
 def _san(hosts: list[str]):
-    from cryptography import x509
+    from cryptography import x509  # optional extra: flower (cryptography comes with it)
 
     names = []
     for host in hosts:
@@ -91,7 +91,7 @@ def make_keys(out: Path, hosts: list[str], supernodes: int, days: int = 365) -> 
 
 
 def _make(out: Path, hosts: list[str], supernodes: int, days: int) -> list[Path]:
-    from cryptography import x509
+    from cryptography import x509  # optional extra: flower (cryptography comes with it)
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID

@@ -1,13 +1,13 @@
 """What runs on a Flower node (SuperNode) for fedrouter: one message for this node's client at a time.
 
-`serve_message` rebuilds the client from the run's config (JSON: sent once, at hello, kept in Flower's
+`handle_message` rebuilds the client from the run's config (JSON: sent once, at hello, kept in Flower's
 `context.state` and in this process, and called by its hash in every message) and from the private state
 the server expects it to be in (kept in Flower's `context.state`, and in the
 node's own checkpoint files, `engines.flower.node_store`, for when that memory is gone), runs the method's
 client part, and keeps the new state. The base model, the data and their encoding are built once per
 process and reused by every message that process serves. It is called by the thin ClientApp
-(`engines.flower.client_app`) or, when the node config names one, by a long-lived `serve_worker` the
-ClientApp forwards to (Flower 1.41 starts a fresh ClientApp process for every message).
+(`engines.flower.client_app`) or, when the node config names one, by a long-lived `run_worker` the
+ClientApp forwards to (Flower starts a fresh ClientApp process for every message).
 """
 
 from __future__ import annotations
@@ -17,19 +17,27 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import signal
 import socket
+import stat
+import sys
+from multiprocessing.connection import Listener
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
+from pydantic import ValidationError
 
+from fedrouter.atomic import create_exclusive
 from fedrouter.config import Config
 from fedrouter.core.train import time_budget
-from fedrouter.engines.flower.protocol import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, RunConfigUnknownError,
-                                               WorkerProtocolError, config_hash, recv_header, recv_records, send_parts)
 from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
 from fedrouter.engines.flower.wire import (PARTS, STATE, from_records, join_parts, split_parts, state_bytes,
                                            state_from_bytes, to_records)
-from fedrouter.engines.protocol import InjectedFailure, local_privacy
+from fedrouter.engines.flower.worker_wire import (HELLO, NODE, RESUME, RUN, SAVE, SETUP, RunConfigUnknownError,
+                                                  WorkerProtocolError, config_hash, recv_header, recv_records, send_parts)
+from fedrouter.engines.protocol import InjectedFailure
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message
 from fedrouter.rundir import plain_name, save_adapters
@@ -50,13 +58,11 @@ def run_folder(node_config: dict, run) -> Path:
     return Path(str(base)).resolve() / plain_name(run["run"], "the run name the server sent")
 
 
-class _World:
+class NodeRun:
     """What one process builds once per run config: the run's world (shared model, data) and the method's
     client part; each client's workbench made once, with its batch-stream position when new."""
 
     def __init__(self, cfg: Config):
-        import torch
-
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
@@ -72,7 +78,7 @@ class _World:
         return self.workbenches[cid]
 
 
-_WORLDS: dict[str, _World] = {}
+_RUNS: dict[str, NodeRun] = {}
 _CONFIGS: dict[str, str] = {}  # run config hash -> the config's text, in this process (a worker, a simulation actor)
 CONFIG = "fedrouter-config"  # the key of the run's config in Flower's context.state
 
@@ -101,21 +107,19 @@ def _config_text(run, state) -> tuple[str, bool]:
     return text, True
 
 
-def _world(config_text: str, node_config: dict) -> _World:
+def _node_run(config_text: str, node_config: dict) -> NodeRun:
     """The run's world on this node: its config is the server's, but for where files go -- the node's own
     `cache-dir` node config (else its default cache), never a path the server sent."""
     cache_dir = node_config.get("cache-dir")
     key = hashlib.sha256(f"{config_text}\n{cache_dir}".encode()).hexdigest()
-    if key not in _WORLDS:
-        from pydantic import ValidationError
-
+    if key not in _RUNS:
         try:
             cfg = Config.model_validate(json.loads(config_text))
         except (ValueError, ValidationError) as exc:
             raise FedrouterError(f"the run config the server sent is not a valid config ({str(exc).splitlines()[0]})") from None
-        _WORLDS.clear()  # one run per process at a time: free the previous run's model
-        _WORLDS[key] = _World(cfg.model_copy(update={"cache_dir": str(cache_dir) if cache_dir else None}))
-    return _WORLDS[key]
+        _RUNS.clear()  # one run per process at a time: free the previous run's model
+        _RUNS[key] = NodeRun(cfg.model_copy(update={"cache_dir": str(cache_dir) if cache_dir else None}))
+    return _RUNS[key]
 
 
 def _partition(node_config: dict, n_clients: int) -> int:
@@ -131,7 +135,7 @@ def _partition(node_config: dict, n_clients: int) -> int:
     return cid
 
 
-def serve_message(message_type: str, content: RecordDict, node_config: dict, state) -> tuple[RecordDict, bool]:
+def handle_message(message_type: str, content: RecordDict, node_config: dict, state) -> tuple[RecordDict, bool]:
     """One message for this node's client: rebuild the client (the run's world, built once per process,
     plus the private state the server expects it to have: from `state`, Flower's context.state, or from
     the node's own checkpoint of it), let the method's client part act, keep the new state (in `state`,
@@ -139,23 +143,23 @@ def serve_message(message_type: str, content: RecordDict, node_config: dict, sta
     (a state that did not is not written again). Raises what the client raises."""
     run = content[RUN]
     config_text, changed = _config_text(run, state)
-    world = _world(config_text, node_config)
-    cid = _partition(node_config, world.cfg.n_clients)
+    node_run = _node_run(config_text, node_config)
+    cid = _partition(node_config, node_run.cfg.n_clients)
     if message_type == HELLO:  # discovery: the server does not know yet which client this node holds
-        return to_records(_hello(world, cid)), changed
+        return to_records(_hello(node_run, cid)), changed
     if int(run["client"]) != cid:
         raise FedrouterError(f"the server addressed client {run['client']} but this node holds partition {cid}")
     if run.get("inject_failure"):
         raise InjectedFailure("injected failure")
-    workbench, initial_streams = world.workbench(cid)
-    store = _store(node_config, run, cid, world.cfg.checkpoint_keep)
+    workbench, initial_streams = node_run.workbench(cid)
+    store = _store(node_config, run, cid, node_run.cfg.checkpoint_keep)
     expected = int(run["state_seq"])
     blob, saved = _expected_state(state, expected, store, cid, {"state": {}, "streams": initial_streams})
     workbench.load_stream_state(saved["streams"])
     ctx = ClientContext(cid, workbench, saved["state"])
     # the node enforces the round's time budget itself: a slow client stops and reports, not the server waiting
-    with time_budget(world.cfg.client_timeout_s if message_type == MessageType.TRAIN else None):
-        reply = _WORK[message_type](from_records(content), ctx, world, run_folder(node_config, run))
+    with time_budget(node_run.cfg.client_timeout_s if message_type == MessageType.TRAIN else None):
+        reply = _WORK[message_type](from_records(content), ctx, node_run, run_folder(node_config, run))
     new_blob = state_bytes({"state": ctx.state, "streams": workbench.stream_state()})
     label = expected
     if new_blob != blob:  # the state after this exchange is a new one: checkpoint it under the exchange's number
@@ -197,31 +201,30 @@ def _expected_state(state, expected: int, store: NodeStore | None, cid: int, ini
         raise NodeStateLost(f"client {cid}'s state file {store.path(expected)} is unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def _hello(world: _World, cid: int) -> Message:
-    workbench, _ = world.workbench(cid)
+def _hello(node_run: NodeRun, cid: int) -> Message:
+    workbench, _ = node_run.workbench(cid)
     return Message(config={"partition": cid, "tasks": workbench.tasks, "n_train": workbench.n_train,
-                           "all_tasks": list(world.world.data.tasks)})
+                           "all_tasks": list(node_run.world.data.tasks)})
 
 
-def _save(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Message:
+def _save(msg: Message, ctx: ClientContext, node_run: NodeRun, folder: Path) -> Message:
     """The client's private adapters, written in this node's run folder (they never travel)."""
-    named = {f"client{ctx.client_id}-{name}": a for name, a in world.client.adapters(ctx).items()}
-    return Message(config={"saved": save_adapters(folder, world.world.shared, named)})
+    named = {f"client{ctx.client_id}-{name}": a for name, a in node_run.client.adapters(ctx).items()}
+    return Message(config={"saved": save_adapters(folder, node_run.world.shared, named)})
 
 
-def _evaluate(msg: Message, ctx: ClientContext, world: _World, folder: Path) -> Message:
+def _evaluate(msg: Message, ctx: ClientContext, node_run: NodeRun, folder: Path) -> Message:
     if PARTS in msg.config:  # several evaluations in one message: one after the other, as one by one
-        return join_parts([_evaluate(part, ctx, world, folder) for part in split_parts(msg)])
+        return join_parts([_evaluate(part, ctx, node_run, folder) for part in split_parts(msg)])
     if msg.config.get("base"):  # the untrained base: the engine's job, not the method's
         return Message(config=ctx.workbench.evaluate(None, msg.config.get("split", "test")))
-    return world.client.evaluate(msg, ctx)
+    return node_run.client.evaluate(msg, ctx)
 
 
 _WORK = {
     RESUME: lambda m, ctx, w, folder: Message(),  # loading the expected state is all a resume asks of a node
     SETUP: lambda m, ctx, w, folder: w.client.setup(m, ctx),
-    MessageType.TRAIN: lambda m, ctx, w, folder: local_privacy(w.client.fit(m, ctx), m, w.client, w.cfg.privacy,
-                                                               w.cfg.seed, ctx.client_id),
+    MessageType.TRAIN: lambda m, ctx, w, folder: w.client.fit(m, ctx),
     MessageType.EVALUATE: _evaluate,
     SAVE: _save,
 }
@@ -288,9 +291,9 @@ def _remove_if_ours(path: Path, ours: tuple[int, int] | None) -> None:
         path.unlink()
 
 
-def serve_worker(socket_path: Path) -> None:
+def run_worker(socket_path: Path) -> None:
     """A long-lived process beside a SuperNode that does its clients' work, so that the base model and
-    the data are loaded once, not once per message (Flower 1.41 starts a fresh ClientApp process for
+    the data are loaded once, not once per message (Flower starts a fresh ClientApp process for
     every message). The SuperNode's ClientApp forwards each message here when its node config names
     this socket (`worker=<path>`); the key in `<path>.key` (created exclusively, mode 0600, in a folder
     only this user can enter) authenticates it. One worker per socket: it holds `<path>.lock` for its
@@ -298,14 +301,6 @@ def serve_worker(socket_path: Path) -> None:
     was killed leaves nothing that stops the next (its stale socket and key are recognised and replaced).
     The socket is made 0600; on the way out a worker removes only the socket and key it made. A
     malformed message is refused; the worker goes on."""
-    import secrets
-    import signal
-    import stat
-    import sys
-    from multiprocessing.connection import Listener
-
-    from fedrouter.atomic import create_exclusive
-
     socket_path = Path(socket_path).absolute()
     _private_folder(socket_path.parent)
     key_path = socket_path.with_name(socket_path.name + ".key")
@@ -337,15 +332,15 @@ def serve_worker(socket_path: Path) -> None:
                     log.warning("fedrouter worker: refused a connection: %s", exc)
                     continue
                 with conn:
-                    _serve_connection(conn)
+                    _handle_connection(conn)
     finally:
         _remove_if_ours(key_path, made["key"])
         _remove_if_ours(socket_path, made["socket"])
         os.close(lock)
 
 
-def _serve_connection(conn) -> None:
-    """One forwarded message: read it (refusing a malformed one), serve it, send the reply and new state."""
+def _handle_connection(conn) -> None:
+    """One forwarded message: read it (refusing a malformed one), handle it, send the reply and new state."""
     try:
         header = recv_header(conn)
         message_type, node_config = header.get("type"), header.get("node_config")
@@ -360,7 +355,7 @@ def _serve_connection(conn) -> None:
         _reply(conn, {"status": "error", "name": "WorkerProtocolError", "text": str(exc)})
         return
     try:
-        reply, changed = serve_message(message_type, content, node_config, state)
+        reply, changed = handle_message(message_type, content, node_config, state)
         # the node's state goes back only when it changed (the ClientApp keeps the one it has otherwise)
         answer = ({"status": "ok", "state": changed}, reply, *([state] if changed else []))
     except Exception as exc:  # the ClientApp raises it again, so Flower reports an error reply
@@ -371,5 +366,5 @@ def _serve_connection(conn) -> None:
 def _reply(conn, header: dict, *records) -> None:
     try:
         send_parts(conn, header, *records)
-    except OSError as exc:  # the ClientApp is gone (its node stopped it): serve the next one
+    except OSError as exc:  # the ClientApp is gone (its node stopped it): take the next one
         log.warning("fedrouter worker: could not reply: %s", exc)

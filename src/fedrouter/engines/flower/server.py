@@ -1,7 +1,7 @@
-"""The Flower engine's server side (flwr 1.41): the driver every engine shares (`engines.driver.drive`)
+"""The Flower engine's server side (flwr 1.42.0): the driver every engine shares (`engines.driver.drive`)
 over a `FlowerTransport`, which turns each client's `Message` into a Flower message for that client's
 node and brings the replies back. Nodes are found by asking each one for its partition id
-(`query.hello`); node ids are never assumed. On the node, `engines.flower.node.serve_message` rebuilds the
+(`query.hello`); node ids are never assumed. On the node, `engines.flower.node.handle_message` rebuilds the
 client and runs the method's client part.
 """
 
@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedrouter.config import Config
 from fedrouter.core.train import ClientTimeout
 from fedrouter.engines.driver import drive
-from fedrouter.engines.flower.protocol import HELLO, NODE, RESUME, RUN, SAVE, SETUP, RunConfigUnknownError, config_hash
+from fedrouter.engines.flower.worker_wire import HELLO, NODE, RESUME, RUN, SAVE, SETUP, RunConfigUnknownError, config_hash
 from fedrouter.engines.flower.node_store import NodeStateLost
 from fedrouter.engines.flower.wire import from_records, join_parts, split_parts, to_records
 from fedrouter.engines.protocol import FailurePlan, failure_reply
@@ -292,7 +292,7 @@ def discover_partitions(grid: Grid, nodes: list[int], config_text: str, timeout_
     return node_of, info, tasks
 
 
-def serve(grid: Grid, cfg: Config, run_dir: Path, progress: bool = True, node_wait_s: float = 120.0, shared=None,
+def run_on_grid(grid: Grid, cfg: Config, run_dir: Path, progress: bool = True, node_wait_s: float = 120.0, shared=None,
           saved: dict | None = None, pull_interval_s: float = PULL_INTERVAL_S) -> dict:
     """A whole run from the ServerApp: find the nodes, then the shared server loop (`shared`: the base
     model with its LoRA slot, when the caller has it loaded already; `saved`: the server checkpoint to

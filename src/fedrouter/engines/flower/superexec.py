@@ -8,11 +8,11 @@ process spends 1.2-1.8 s of CPU here importing Flower (fastapi, sqlalchemy, alem
 before it asks for its message -- with 8 nodes on 2 cores, 8 such starts share the cores every round.
 
 What this does: before anything else runs (no thread yet), this process imports what `flwr-clientapp`
-imports and forks a *fork server*; in this module only, the name `subprocess` of flwr's
-`subprocess_executor` module is replaced by a stand-in whose `Popen` hands a `flwr-clientapp` command line
-to the fork server over a private pipe (any other command goes to the real `subprocess.Popen`). The fork
-server forks a child per command line, which runs Flower's own `flwr_clientapp()` entry point with that
-argv: the same code, the same arguments (token, runtime address, parent pid), one process per message as
+imports and forks a *fork server*; then it applies the "superexec" patches (`patches.apply`: the name
+`subprocess` of flwr's `subprocess_executor` module becomes a stand-in whose `Popen` hands a
+`flwr-clientapp` command line to the fork server over a private pipe; any other command goes to the real
+`subprocess.Popen`). The fork server forks a child per command line, which runs Flower's own
+`flwr_clientapp()` entry point with that argv: the same code, the same arguments (token, runtime address, parent pid), one process per message as
 before -- only the imports are already done. The fork server does nothing else, and ends when this
 process does (its pipe closes).
 
@@ -26,15 +26,11 @@ import importlib
 import json
 import os
 import signal
-import struct
-import subprocess
 import sys
-import types
+import traceback
 
+from fedrouter.engines.flower import patches
 from fedrouter.errors import FedrouterError
-
-CLIENTAPP_COMMAND = "flwr-clientapp"
-_LENGTH = struct.Struct(">I")
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
@@ -53,8 +49,8 @@ def _run_clientapp(argv: list[str], quiet: bool) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-    sys.argv = [CLIENTAPP_COMMAND, *argv[1:]]
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    sys.argv = [patches.CLIENTAPP_COMMAND, *argv[1:]]
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # in a forked child, already imported by its parent
 
     try:
         flwr_clientapp()
@@ -62,21 +58,19 @@ def _run_clientapp(argv: list[str], quiet: bool) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except BaseException:  # noqa: BLE001 -- shown, then the exit code a crash has
-        import traceback
-
         traceback.print_exc()
         return 1
     return 0
 
 
-def serve_forks(fd: int) -> None:
+def run_fork_server(fd: int) -> None:
     """The fork server's loop: read (length, JSON {"argv": [...], "quiet": bool}) from `fd`, fork a child
     that runs it; end when the pipe closes. Children are reaped by the kernel (SIGCHLD ignored)."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the SuperNode, which ends the SuperExec, which closes the pipe
     while True:
-        head = _read_exact(fd, _LENGTH.size)
-        body = _read_exact(fd, _LENGTH.unpack(head)[0]) if head else None
+        head = _read_exact(fd, patches.FORK_LENGTH.size)
+        body = _read_exact(fd, patches.FORK_LENGTH.unpack(head)[0]) if head else None
         if body is None:
             os._exit(0)
         request = json.loads(body)
@@ -95,54 +89,21 @@ def serve_forks(fd: int) -> None:
                 os._exit(code)
 
 
-class ForkingSubprocess(types.SimpleNamespace):
-    """Stands in for the `subprocess` module inside flwr's subprocess_executor module only: `Popen` of a
-    `flwr-clientapp` command line goes to the fork server; everything else is the real module's."""
-
-    def __init__(self, fd: int):
-        super().__init__(fd=fd)
-
-    def Popen(self, args, *rest, **kwargs):  # noqa: N802 -- the name it stands in for
-        if isinstance(args, list | tuple) and args and args[0] == CLIENTAPP_COMMAND and not rest:
-            body = json.dumps({"argv": list(args), "quiet": kwargs.get("stdout") is subprocess.DEVNULL}).encode()
-            try:
-                os.write(self.fd, _LENGTH.pack(len(body)) + body)  # small (< PIPE_BUF): one atomic write
-                return None  # launch() keeps nothing of it
-            except OSError as exc:  # the fork server is gone: start the process as Flower would
-                print(f"fedrouter: the ClientApp fork server is gone ({exc}); starting {CLIENTAPP_COMMAND} afresh",
-                      file=sys.stderr, flush=True)
-        return subprocess.Popen(args, *rest, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(subprocess, name)
-
-
 def main(argv: list[str]) -> int:
     """`python -m fedrouter.engines.flower.superexec ARGS...`: flower-superexec ARGS, forking ClientApps."""
-    from fedrouter.engines.flower.supernode import DEFAULT_POLL_S, SUPEREXEC_POLL_ENV, check_flower, shorten_pull_backoff
-
-    check_flower()
-    executor = importlib.import_module("flwr.supercore.superexec.executor.subprocess_executor")
-    constant = importlib.import_module("flwr.supercore.constant")
-    cli = importlib.import_module("flwr.supercore.cli.flower_superexec")
+    patches.check_flower()  # before anything is imported or forked
     importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # what every ClientApp process imports, once
     importlib.import_module("fedrouter.engines.flower.client_app")  # (fedrouter's ClientApp: torch-free, cheap)
-    if getattr(executor, "subprocess", None) is not subprocess or not callable(getattr(cli, "flower_superexec", None)) \
-            or constant.TASK_TYPE_TO_COMMAND.get(constant.TaskType.CLIENT_APP) != CLIENTAPP_COMMAND:
-        raise FedrouterError("flwr's SuperExec is not as fedrouter expects (subprocess_executor.subprocess, "
-                             "flower_superexec, the flwr-clientapp command): run fedrouter flower supernode --fresh-clientapps")
-    # A forked ClientApp asks its SuperNode for the message at once, often before the node has all of its
-    # objects: its first retry then comes after the poll interval, not Flower's 1 s.
-    shorten_pull_backoff(float(os.environ.get(SUPEREXEC_POLL_ENV) or DEFAULT_POLL_S))  # the node's --poll-interval
     read_fd, write_fd = os.pipe()
+    interval = float(os.environ.get(patches.SUPEREXEC_POLL_ENV) or patches.DEFAULT_POLL_S)  # the node's --poll-interval
+    cli = patches.apply("superexec", interval, fork_fd=write_fd)  # refused here, before the fork, if Flower changed
     if os.fork() == 0:  # the fork server (this process has no thread yet)
         try:
             os.close(write_fd)
-            serve_forks(read_fd)
+            run_fork_server(read_fd)
         finally:
             os._exit(1)
     os.close(read_fd)
-    executor.subprocess = ForkingSubprocess(write_fd)
     sys.argv = ["flower-superexec", *argv]
     cli.flower_superexec()
     return 0

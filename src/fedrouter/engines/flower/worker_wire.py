@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from flwr.app import MessageType, RecordDict
+from flwr.common.serde import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
 
 RUN = "run"  # the record every message carries: per-message engine fields, the run's config hash (the config at hello)
 NODE = "node"  # the record every reply carries: which state the node's client is in now
@@ -38,8 +39,6 @@ class WorkerProtocolError(ValueError):
 
 
 def send_parts(conn, header: dict, *records: RecordDict) -> None:
-    from flwr.common.serde import recorddict_to_proto
-
     conn.send_bytes(json.dumps(header).encode())
     for record in records:
         conn.send_bytes(recorddict_to_proto(record).SerializeToString())
@@ -58,8 +57,6 @@ def recv_header(conn) -> dict:
 
 
 def recv_records(conn, n: int) -> list[RecordDict]:
-    from flwr.common.serde import ProtoRecordDict, recorddict_from_proto
-
     out = []
     for _ in range(n):
         proto = ProtoRecordDict()
