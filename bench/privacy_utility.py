@@ -28,6 +28,11 @@ from fedrouter.config import load_config  # noqa: E402
 from fedrouter.experiment import run_experiment  # noqa: E402
 
 
+# What FedRouter may release under DP centroids (`check_privacy`): a fixed number of sub-clusters per client
+# (scenario dual: two tasks each), each example by its sub-cluster, the nearest-prototype router.
+FEDROUTER_DP = {"n_local": 2, "assign": "sub-cluster", "global_router": "prototype"}
+
+
 def one_run(overrides: dict, tmp: Path, name: str) -> dict:
     cfg = load_config(None, {**QUICK_OVERRIDES, "threads": 1, **overrides})
     return run_experiment(cfg, tmp / name, progress=False)
@@ -52,6 +57,7 @@ def main():
                 privacy = {} if z == 0 else {"privacy": {"mode": "central", "noise_multiplier": z, "clip": args.clip}}
                 if privacy and method == "fedrouter":
                     privacy["privacy"]["centroid_noise_multiplier"] = args.fedrouter_centroid_noise
+                    privacy["method_options"] = FEDROUTER_DP
                 r = one_run({"method": method, **privacy}, tmp, f"{method}-{z}")
                 eps = r["privacy"]["epsilon"] if privacy else math.inf
                 rows.append({"method": method, "noise_multiplier": z, "epsilon": eps, "rouge1": r["rouge1"],
@@ -60,7 +66,7 @@ def main():
                       f"{r['generalization']['rouge1']:.3f}", flush=True)
         for zc in [float(v) for v in args.centroid_levels.split(",")]:
             privacy = {"mode": "central", "noise_multiplier": 1.0, "clip": args.clip, "centroid_noise_multiplier": zc}
-            r = one_run({"method": "fedrouter", "rounds": 1, "privacy": privacy}, tmp, f"centroids-{zc}")
+            r = one_run({"method": "fedrouter", "rounds": 1, "privacy": privacy, "method_options": FEDROUTER_DP}, tmp, f"centroids-{zc}")
             from fedrouter.core.privacy import Accountant
 
             eps_c = Accountant(1.0, privacy.get("delta", 1e-5), 1, 1, zc).epsilon(0)  # the centroid release alone

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedrouter.methods.fedrouter.scoring import truth_scores
+
 torch.set_num_threads(1)
 
 # CI sets FEDROUTER_CACHE; otherwise keep this session's models out of the user's cache.
@@ -40,6 +42,11 @@ TINY_OVERRIDES = {
     "max_new_tokens": 8,
     "threads": 1,
 }
+
+
+# What FedRouter may release under DP centroids (its `check_privacy`): a fixed K per client, each example by
+# its sub-cluster, the nearest-prototype router.
+FEDROUTER_DP_OPTIONS = {"n_local": 2, "assign": "sub-cluster", "global_router": "prototype"}
 
 
 def pytest_unconfigure(config):
@@ -97,8 +104,8 @@ TIMING_KEYS = {"wall_s", "timings", "run_dir"}  # results.json keys that differ 
 
 
 # FedRouter's scores against the true tasks: an in-process run has them, a Flower run (labels stay on the
-# nodes) reports null; the clustering it chose is compared all the same.
-TRUTH_KEYS = {"accuracy", "local_accuracy", "local_ari", "per_client", "task_to_cluster", "router_accuracy"}
+# nodes) reports null; the clustering it chose is compared all the same. The keys are the scorer's own.
+TRUTH_KEYS = set(truth_scores(None, {}))
 
 
 def _without_truth(results: dict) -> dict:

@@ -81,7 +81,7 @@ ARGPARSE_CASES = {
     "missing argument": (["flower", "keys"], "fedrouter: error: flower keys: the following arguments are required: dir"),
     "bad int": (["run", "--rounds", "x"], "fedrouter: error: run: argument --rounds: invalid int value: 'x'"),
     "no command": ([], "fedrouter: error: the following arguments are required: command"),
-    "bad choice": (["clusters", "--data", "synthetic", "--scenario", "all", "--assign", "nope"], "argument --assign: invalid choice"),
+    "bad choice": (["nonsense"], "invalid choice: 'nonsense'"),
 }
 
 
@@ -355,7 +355,12 @@ def test_flower_commands_without_the_extra_say_what_to_install(case, tmp_path, c
     for name in [m for m in sys.modules if m == blocked or m.startswith((blocked + ".", "fedrouter.engines.flower"))]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, blocked, None)  # `import flwr` now fails as on a machine without it
-    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    before = set(sys.modules)
+    try:
+        assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    finally:  # what was imported with the extra blocked goes too: later tests import it afresh, whole
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
     line = one_error_line(capsys.readouterr().err)
     assert f"needs the flower extra ({blocked} is missing): pip install 'fedrouter[flower]'" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"] and not list((tmp_path / "w").iterdir())

@@ -69,3 +69,57 @@ def test_no_method_reaches_past_its_workbench():
 
 def test_the_experiment_module_only_picks_the_engine_and_runs_the_driver():
     assert len((SRC / "experiment.py").read_text().splitlines()) < 120
+
+
+# Words that are method names and ordinary words too: the local DP mode and router mode ("local"), and the
+# package's own name ("fedrouter": a cache folder, a JSON field, a logger). A literal of either says nothing
+# about a method; a comparison of a method name with them still counts (`_method_knowledge`).
+_ALSO_WORDS = {"local", "fedrouter"}
+
+
+def _is_method_name(node) -> bool:
+    """`x.method`, `method`, `x["method"]`: an expression that holds a method's name."""
+    return ((isinstance(node, ast.Attribute) and node.attr == "method") or (isinstance(node, ast.Name) and node.id == "method")
+            or (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "method"))
+
+
+def _method_knowledge(source: str, names: set[str]) -> list[str]:
+    """Where `source` knows a method by its name: a literal method name (but the ordinary words above), a
+    startswith/endswith on a method name or with a prefix of one, a method name compared with one."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names - _ALSO_WORDS:
+            found.append(f"{node.lineno}: the literal {node.value!r}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("startswith", "endswith")
+              and (_is_method_name(node.func.value) or any(
+                  isinstance(a, ast.Constant) and isinstance(a.value, str) and any(n.startswith(a.value) for n in names)
+                  for a in node.args))):
+            found.append(f"{node.lineno}: .{node.func.attr}(...) on a method name")
+        elif isinstance(node, ast.Compare) and any(_is_method_name(side) for side in [node.left, *node.comparators]) and any(
+                isinstance(c, ast.Constant) and c.value in names
+                for side in [node.left, *node.comparators] if not _is_method_name(side) for c in ast.walk(side)):
+            found.append(f"{node.lineno}: a method name compared with a literal")
+    return found
+
+
+def test_no_method_is_known_by_its_name_outside_methods():
+    # What the layers above need of a method, the method declares (methods.base.MethodFacts, read through
+    # methods.facts_of); the registry (methods/__init__.py) is the one place names are listed.
+    from fedrouter.methods import METHODS
+
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).parts[0] == "methods":
+            continue
+        offenders += [f"{path.relative_to(SRC)}:{where}" for where in _method_knowledge(path.read_text(), set(METHODS))]
+    assert offenders == []
+
+
+def test_the_method_name_check_finds_what_it_looks_for():
+    names = {"fedit", "flora", "fedrouter", "fedrouter-star", "local"}
+    assert len(_method_knowledge('PRIVATE = ("fedit", "flora")', names)) == 2
+    assert _method_knowledge('if cfg.method.startswith("fedrouter"): pass', names)
+    assert _method_knowledge('rows = [r for r in rows if r["method"].startswith("x")]', names)
+    assert _method_knowledge('if self.method == "fedrouter": pass', names)
+    assert _method_knowledge('ok = name.startswith("fedrout")', names)
+    assert _method_knowledge('mode = "local"; cache = "fedrouter"; mode == "local"; ok = scope["method"] == "GET"', names) == []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedrouter.core import lowrank
-from fedrouter.core.cluster import agglomerative, agglomerative_auto, cosine_distance_matrix
+from fedrouter.core.client_clusters import agglomerative, agglomerative_auto, cosine_distance_matrix
 from fedrouter.errors import FedrouterError
 from fedrouter.methods import fedcluster, feddpa, fedlease, flora, ifca
 from fedrouter.methods.base import ClientContext, Message, MethodSetup

@@ -64,6 +64,7 @@ def test_epsilon_is_the_accountants_and_grows_with_rounds():
 def test_local_mode_uploads_nothing_unclipped():
     from fedrouter.engines.inprocess import InProcessTransport
     from fedrouter.methods.base import ClientContext, Message
+    from fedrouter.methods.privacy import private_parts
 
     class Huge:
         def fit(self, msg, ctx):
@@ -74,7 +75,8 @@ def test_local_mode_uploads_nothing_unclipped():
 
     privacy = load_config(None, {"method": "fedit", "privacy": {"mode": "local", "clip": 0.5, "noise_multiplier": 0.0}}).privacy
     sent = {0: Message({"w": torch.ones(3)}, {"round": 0})}
-    transport = InProcessTransport(Huge(), {0: ClientContext(0, None)}, progress=False, privacy=privacy)
+    _, client = private_parts(None, Huge(), privacy, seed=0)  # what `world.client_part` does under local DP
+    transport = InProcessTransport(client, {0: ClientContext(0, None)}, progress=False)
     reply = transport.fit(sent)[0]
     assert update_norm({"w": reply.arrays["w"] - 1.0}) == pytest.approx(0.5, abs=1e-6)
     noisy = privatize_upload({"w": torch.ones(3) + 100.0}, {"w": torch.ones(3)}, 0.5, 1.0, torch.Generator().manual_seed(0))
@@ -114,8 +116,11 @@ def test_a_budget_the_rounds_would_exceed_is_refused_before_any_work():
 def test_a_private_run_reports_epsilon_per_round_and_at_the_end(method, mode, tmp_path, tiny_overrides, tiny_model_dir):
     from fedrouter.cli import main
 
+    from conftest import FEDROUTER_DP_OPTIONS
+
     privacy = {"privacy.mode": f'"{mode}"', "privacy.noise_multiplier": 1.0, "privacy.clip": 0.05,
-               "privacy.centroid_noise_multiplier": 1.0}
+               "privacy.centroid_noise_multiplier": 1.0,
+               **({f"method_options.{k}": json.dumps(v) for k, v in FEDROUTER_DP_OPTIONS.items()} if method == "fedrouter" else {})}
     out = tmp_path / "run"
     args = [a for k, v in {**tiny_overrides, **privacy}.items() for a in ("--set", f"{k}={v}")]
     assert main(["run", "--quiet", "--method", method, "--out", str(out), *args]) == 0
@@ -168,7 +173,12 @@ def test_a_private_run_the_accountant_does_not_cover_is_refused_in_one_line(case
 def test_what_dp_does_cover_is_accepted():
     # local DP: the server screens only noised uploads (post-processing); FedRouter with noisy centroids
     assert load_config(None, {"method": "fedit", "update_norm_ratio": 3.0, "privacy": {"mode": "local"}}).update_norm_ratio == 3
-    assert load_config(None, {"method": "fedrouter", "privacy": {"mode": "central", "centroid_noise_multiplier": 4.0}})
+    from conftest import FEDROUTER_DP_OPTIONS
+
+    assert load_config(None, {"method": "fedrouter", "privacy": {"mode": "central", "centroid_noise_multiplier": 4.0},
+                              "method_options": FEDROUTER_DP_OPTIONS})
+    with pytest.raises(FedrouterError, match="n_local must be a number"):  # an "auto" K is chosen by the data
+        load_config(None, {"method": "fedrouter", "privacy": {"mode": "central", "centroid_noise_multiplier": 4.0}})
     assert load_config(None, {"method": "fedit", "privacy": {"mode": "central", "noise_multiplier": 0.0}})  # epsilon inf
 
 

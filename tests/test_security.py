@@ -107,8 +107,8 @@ def test_a_save_message_with_a_crafted_run_id_deletes_nothing_outside_the_node(t
     from flwr.app import ConfigRecord, RecordDict
 
     from fedrouter.config import load_config
-    from fedrouter.engines.flower.protocol import RUN, SAVE, config_hash
-    from fedrouter.engines.flower.node import serve_message
+    from fedrouter.engines.flower.worker_wire import RUN, SAVE, config_hash
+    from fedrouter.engines.flower.node import handle_message
     from fedrouter.errors import FedrouterError
 
     victim = tmp_path / "victim"
@@ -121,7 +121,7 @@ def test_a_save_message_with_a_crafted_run_id_deletes_nothing_outside_the_node(t
         run = ConfigRecord({"config": text, "config_hash": config_hash(text), "client": 0, "run_id": run_id, "run": "r",
                             "seq": 1, "state_seq": 0, "keep_from": 0})
         with pytest.raises(FedrouterError, match="not a run id"):
-            serve_message(SAVE, RecordDict({RUN: run}), {"partition-id": 0, "out-dir": str(node)}, RecordDict())
+            handle_message(SAVE, RecordDict({RUN: run}), {"partition-id": 0, "out-dir": str(node)}, RecordDict())
     assert (victim / "client0" / "precious").read_text() == "keep me"
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedrouter.engines.loop import RoundLoop, screen_updates, update_norm, update_problem
+from fedrouter.core.aggregate import update_norm
+from fedrouter.engines.loop import RoundLoop, screen_updates, update_problem
 from fedrouter.methods import fedit
 from fedrouter.methods.base import Message, MethodSetup
 

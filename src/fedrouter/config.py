@@ -19,8 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedrouter.atomic import read_regular_text
 from fedrouter.core.data import SCENARIOS
+from fedrouter.core.hardware import resolve as resolve_hardware
+from fedrouter.core.model import LoraSettings, TinyBaseSpec
+from fedrouter.core.privacy import Accountant
 from fedrouter.core.train import DEFAULT_TEMPLATE
+from fedrouter.core.workbench import TrainSettings
 from fedrouter.errors import FedrouterError
+from fedrouter.methods import DEFAULT, METHODS, facts_of, options_for
 
 CONFIG_FILE = "config.json"  # a run directory's resolved config (see fedrouter.rundir)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
@@ -73,14 +78,9 @@ class PrivacySection(_Strict):
     centroid_noise_multiplier: float | None = Field(None, ge=0)  # FedRouter: noise of that release (None: exact)
 
 
-# The methods whose uploads are folded by a mean, which client-level DP covers (README "Privacy").
-PRIVATE_METHODS = ("fedit", "fedprox", "fedsa", "ffa", "feddpa", "fedcluster", "fedrouter", "fedrouter-star",
-                   "fedrouter-oracle")
-
-
 class Config(_Strict):
     # what to run
-    method: str = "fedrouter"
+    method: str = DEFAULT
     scenario: str = "dual"
     seed: int = Field(0, ge=0)
     engine: Literal["inprocess", "flower"] = "inprocess"  # flower: Flower's simulation runtime (pip install .[flower])
@@ -144,8 +144,6 @@ class Config(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from fedrouter.methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; choose one of: {', '.join(sorted(METHODS))}")
         return v
@@ -173,9 +171,10 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _base_weights_stay_writable(self):
-        """FLoRA merges its update into the base weights and FedDPA adds its partner adapter there: a
-        quantized base cannot take that (bf16 can: the sum is made in float32 and stored once)."""
-        if self.quantization != "none" and self.method in ("flora", "feddpa"):
+        """A method that adds a dense update to the base weights (its facts say so: FLoRA's merged update,
+        FedDPA's partner adapter) cannot run on a quantized base (bf16 can: the sum is made in float32 and
+        stored once)."""
+        if self.quantization != "none" and facts_of(self.method).writes_base_weights:
             raise ValueError(f"method {self.method} adds a dense update to the base weights, which {self.quantization} "
                              "weights cannot hold: use quantization = \"none\" (bfloat16 works) or another method")
         return self
@@ -195,22 +194,23 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _privacy_applies(self):
-        """DP covers averaging methods with a plain mean, and only when nothing else the run releases escapes
-        the accountant; the budget is checked before any work."""
+        """DP covers the methods that declare they fold their uploads by a plain mean, and only when nothing
+        else the run releases escapes the accountant (the method's facts say what it releases); the budget is
+        checked before any work."""
         if self.privacy.mode == "off":
             return self
         p = self.privacy
-        if self.method not in PRIVATE_METHODS:
+        facts = facts_of(self.method)
+        if not facts.folds_by_mean:
+            private = [name for name in METHODS if facts_of(name).folds_by_mean]
             raise ValueError(f"privacy: method {self.method} does not fold uploads by a mean (stacking, a choice by loss, "
-                             f"or nothing shared), which client-level DP here does not cover; use one of "
-                             f"{', '.join(PRIVATE_METHODS)}")
+                             f"or nothing shared), which client-level DP here does not cover; use one of {', '.join(private)}")
         if self.method_options.get("aggregation", "mean") != "mean":
             raise ValueError("privacy: a robust aggregation (median, trimmed_mean) has no Gaussian-mechanism bound; "
                              "use aggregation = \"mean\"")
-        if self.method == "fedrouter-oracle":
-            raise ValueError("privacy: fedrouter-oracle sends each client's true task names to the server by design, an "
-                             "exact release the accountant does not cover; use fedrouter or fedrouter-star")
-        if self.method.startswith("fedrouter") and p.centroid_noise_multiplier is None:
+        if facts.private_refusal:
+            raise ValueError(f"privacy: {self.method} {facts.private_refusal}")
+        if facts.releases_data_summaries and p.centroid_noise_multiplier is None:
             raise ValueError(f"privacy: {self.method} would release its clients' centroids, assignment counts and router "
                              "moments exactly, which the accountant does not cover; set privacy.centroid_noise_multiplier "
                              "(e.g. 4.0) to release them through the Gaussian mechanism and count them in epsilon")
@@ -222,7 +222,7 @@ class Config(_Strict):
             raise ValueError(f"privacy: delta {p.delta:g} is at least 1/n_clients (1/{self.n_clients}), which lets a "
                              "mechanism publish one client's data outright and still meet (epsilon, delta); use a delta "
                              f"well below {1 / self.n_clients:.3g} (the default is 1e-5)")
-        if self.method.startswith("fedrouter") and p.delta * self.train_per_client >= 1:
+        if facts.releases_data_summaries and p.delta * self.train_per_client >= 1:
             raise ValueError(f"privacy: delta {p.delta:g} is at least 1/train_per_client (1/{self.train_per_client}), "
                              "which lets the centroid release publish one example outright; use a delta well below "
                              f"{1 / self.train_per_client:.3g}")
@@ -231,7 +231,7 @@ class Config(_Strict):
         except (ArithmeticError, ValueError) as exc:
             raise ValueError(f"privacy: the accountant cannot compute epsilon for noise_multiplier {p.noise_multiplier:g}"
                              + (f" and centroid_noise_multiplier {p.centroid_noise_multiplier:g}"
-                                if p.centroid_noise_multiplier is not None and self.method.startswith("fedrouter") else "")
+                                if p.centroid_noise_multiplier is not None and facts.releases_data_summaries else "")
                              + f" ({type(exc).__name__}: {exc}); use a multiplier between 1e-3 and 1e4") from None
         if p.target_epsilon is not None:
             if epsilon > p.target_epsilon:
@@ -243,10 +243,8 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _method_options(self):
         """The method's options, checked by the method's own declaration before any work."""
-        from fedrouter.methods import options_for
-
         try:
-            options_for(self.method, self.method_options)
+            options_for(self.method, self.method_options, self.privacy.model_dump() if self.privacy.mode != "off" else None)
         except FedrouterError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -254,9 +252,7 @@ class Config(_Strict):
 
 # --- the one mapping from the config to the core's settings ---------------------------------------------
 
-def train_settings(cfg: Config):
-    from fedrouter.core.workbench import TrainSettings
-
+def train_settings(cfg: Config) -> TrainSettings:
     return TrainSettings(
         local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
         weight_decay=cfg.weight_decay, total_rounds=cfg.rounds, max_seq_len=cfg.max_seq_len,
@@ -265,9 +261,7 @@ def train_settings(cfg: Config):
     )
 
 
-def lora_settings(cfg: Config):
-    from fedrouter.core.model import LoraSettings
-
+def lora_settings(cfg: Config) -> LoraSettings:
     return LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.target_modules))
 
 
@@ -276,14 +270,13 @@ def sampled_clients(cfg: Config) -> int:
     return cfg.n_clients if cfg.client_fraction >= 1 else max(1, round(cfg.client_fraction * cfg.n_clients))
 
 
-def accountant(cfg: Config):
-    """The run's privacy accountant (None when privacy is off)."""
+def accountant(cfg: Config) -> Accountant | None:
+    """The run's privacy accountant (None when privacy is off): the rounds' mechanism, and the method's
+    release of data summaries when it declares one."""
     if cfg.privacy.mode == "off":
         return None
-    from fedrouter.core.privacy import Accountant
-
     p = cfg.privacy
-    centroids = p.centroid_noise_multiplier if cfg.method.startswith("fedrouter") else None
+    centroids = p.centroid_noise_multiplier if facts_of(cfg.method).releases_data_summaries else None
     # Local DP: each client noises its own update; sampling does not hide that it took part.
     population, sampled = (cfg.n_clients, sampled_clients(cfg)) if p.mode == "central" else (1, 1)
     return Accountant(p.noise_multiplier, p.delta, population, sampled, centroids)
@@ -295,14 +288,10 @@ def privacy_epsilon(cfg: Config, rounds: int) -> float:
 
 def hardware(cfg: Config):
     """The config's device, dtype and quantization, checked against this machine."""
-    from fedrouter.core.hardware import resolve
-
-    return resolve(cfg.device, cfg.dtype, cfg.quantization, cfg.gradient_checkpointing)
+    return resolve_hardware(cfg.device, cfg.dtype, cfg.quantization, cfg.gradient_checkpointing)
 
 
-def tiny_spec(cfg: Config):
-    from fedrouter.core.model import TinyBaseSpec
-
+def tiny_spec(cfg: Config) -> TinyBaseSpec:
     return TinyBaseSpec(**cfg.tiny.model_dump())
 
 
@@ -312,8 +301,6 @@ def cache_dir(cfg: Config) -> Path | None:
 
 def method_options(cfg: Config) -> dict:
     """The method's options completed with its defaults (already checked when the config was made)."""
-    from fedrouter.methods import options_for
-
     return options_for(cfg.method, cfg.method_options)
 
 

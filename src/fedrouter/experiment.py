@@ -39,7 +39,7 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
     try:
         if cfg.engine == "flower":
             try:
-                from fedrouter.engines.flower.app import run_simulation
+                from fedrouter.engines.flower.app import run_simulation  # optional extra: flower
             except ImportError as exc:
                 raise FedrouterError(f"engine flower needs Flower ({exc.name} is missing): pip install 'fedrouter[flower]'") from None
             build_data(cfg)  # bad data fails here, before the run directory exists
@@ -50,7 +50,7 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
             contexts = world.contexts()
             server = server_part(cfg, world.shared, sorted(contexts))
             clients = InProcessClients(client_part(cfg), contexts, progress, cfg.inject_failures, cfg.seed,
-                                       cfg.client_timeout_s, cfg.privacy)
+                                       cfg.client_timeout_s)
             produce = lambda: drive(cfg, run_dir, world.data.tasks, world.shared, server, clients, progress, saved)  # noqa: E731
         return rundir.write_run(run_dir, cfg.model_dump(), produce, lock, start)
     finally:

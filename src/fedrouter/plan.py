@@ -9,11 +9,15 @@ the adapters the method keeps, and an estimate of device memory per process.
 
 from __future__ import annotations
 
-from fedrouter import config as settings
+import torch
+
+from fedrouter import config
 from fedrouter.config import Config
 from fedrouter.core.data import HF
 from fedrouter.core.hardware import Hardware, estimate_memory_gb
 from fedrouter.errors import FedrouterError
+from fedrouter.methods import facts_of
+from fedrouter.world import build_data
 
 # The published shapes (config.json) of the paper's models, for planning without the hub.
 KNOWN_SHAPES = {
@@ -32,10 +36,10 @@ KNOWN_SHAPES = {
 def model_config(cfg: Config):
     """The model's transformers config, from its own config.json (local path or hub cache) or the
     published shape of a known model; None when neither is at hand."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import AutoConfig, LlamaConfig  # start-up cost: transformers (0.5 s after torch)
 
     if cfg.model == "tiny":
-        spec = settings.tiny_spec(cfg)
+        spec = config.tiny_spec(cfg)
         return LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
                            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
                            num_key_value_heads=spec.num_heads, tie_word_embeddings=True)
@@ -53,8 +57,7 @@ def model_config(cfg: Config):
 
 def count_parameters(model_cfg, targets: tuple[str, ...], rank: int) -> tuple[int, int]:
     """(base parameters, LoRA parameters) of the model built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # start-up cost: transformers (0.5 s after torch)
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_cfg)
@@ -72,19 +75,8 @@ def _count(n: float) -> str:
 
 
 def adapters_kept(cfg: Config) -> str:
-    options = settings.method_options(cfg)
-    per_method = {
-        "fedit": "1 global adapter", "fedprox": "1 global adapter", "ffa": "1 global adapter (A frozen)",
-        "fedsa": "A shared + 1 private B per client", "local": f"{cfg.n_clients} private adapters",
-        "feddpa": f"1 global + {cfg.n_clients} private adapters", "flora": "a merged dense update",
-        "ifca": f"{options.get('k', '?')} cluster adapters", "fedcluster": f"up to {options.get('n_clusters', '?')} cluster adapters",
-        "fedlease": f"up to {options.get('max_clusters', '?')} experts",
-    }
-    if cfg.method.startswith("fedrouter"):
-        n_global = options["n_global"]
-        return (f"1 per global task cluster ({n_global})" if n_global != "auto"
-                else f"1 per global task cluster (chosen by silhouette, {options['k_min']}..{options['k_max']})")
-    return per_method.get(cfg.method, "?")
+    """What the run keeps at the end, as its method declares it."""
+    return facts_of(cfg.method).adapters_kept(config.method_options(cfg), cfg.n_clients)
 
 
 def _data_lines(cfg: Config) -> list[str]:
@@ -94,8 +86,6 @@ def _data_lines(cfg: Config) -> list[str]:
         return [f"data: {cfg.data} ({'the paper four: QQP, WebNLG, SAMSum, Gigaword' if name == 'paper4' else name}) "
                 f"from {where}; not loaded in a dry run",
                 f"per client: {cfg.train_per_client} train / {cfg.test_per_client} test examples, scenario {cfg.scenario}"]
-    from fedrouter.world import build_data
-
     data = build_data(cfg)
     lines = [f"data: {cfg.data}, {len(data.tasks)} tasks ({', '.join(data.tasks)}), scenario {cfg.scenario}"]
     for client in data.clients[:16]:
@@ -137,7 +127,7 @@ def plan(cfg: Config, hardware: Hardware) -> str:
 def dry_run(cfg: Config) -> str:
     """The plan of `cfg` on this machine; one clear error for a config this machine cannot run."""
     try:
-        hardware = settings.hardware(cfg)
+        hardware = config.hardware(cfg)
     except FedrouterError as exc:
         raise FedrouterError(f"{exc} (dry run: nothing was loaded)") from None
     return plan(cfg, hardware)

@@ -37,6 +37,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
 from fedrouter import atomic, checkpoint
 from fedrouter.config import CONFIG_FILE
 from fedrouter.errors import FedrouterError
@@ -291,8 +295,6 @@ def save_adapters(folder: Path, shared, named: dict) -> list[str]:
 
 def save_tensors(run_dir: Path, filename: str, tensors: dict) -> None:
     """A method's other tensors (FLoRA's merged update) as one safetensors file in the run directory."""
-    from safetensors.torch import save
-
     atomic.write_bytes(Path(run_dir) / plain_name(filename, "tensor file"), save(tensors))
 
 
@@ -301,9 +303,6 @@ def save_router(run_dir: Path, router: dict | None) -> None:
     one) + router/router.json (cluster -> adapter, embedder): what predict needs."""
     if router is None:
         return
-    import torch
-    from safetensors.torch import save
-
     out = Path(run_dir) / ROUTER
     out.mkdir(exist_ok=True)
     tensors = {"centroids": torch.tensor(router["centroids"], dtype=torch.float32).contiguous()}
@@ -341,16 +340,11 @@ def read_router(run_dir: Path) -> dict | None:
     if not isinstance(router, dict) or not isinstance(router.get("adapters"), list) or not isinstance(router.get("embedder"), str):
         raise FedrouterError(f"{folder / 'router.json'} is not a router (it needs a list 'adapters' and a string 'embedder')")
     names = [plain_name(n, "the router's adapter") for n in router["adapters"]]
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     try:
         tensors = load(atomic.read_regular(folder / "centroids.safetensors"))
         centroids, whiten = tensors["centroids"], tensors.get("whiten")
     except (OSError, SafetensorError, KeyError) as exc:
         raise FedrouterError(f"{folder / 'centroids.safetensors'} is unreadable or corrupt ({type(exc).__name__})") from None
-    import torch
-
     if centroids.ndim != 2 or not centroids.is_floating_point() or not bool(torch.isfinite(centroids).all()):
         raise FedrouterError(f"{folder / 'centroids.safetensors'}: centroids must be a finite (clusters x dimensions) matrix")
     if len(names) != centroids.shape[0]:

@@ -9,6 +9,7 @@ pid, with its children; nothing is stopped by name.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,8 +241,6 @@ class LoopbackFederation:
     def close(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
-        import shutil
-
         for folder in self._worker_folders:
             shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(self.env["RAY_TMPDIR"], ignore_errors=True)

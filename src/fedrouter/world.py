@@ -6,13 +6,14 @@ run agrees on the data split, the initial adapter and the options.
 
 from __future__ import annotations
 
-from fedrouter import config as settings
+from fedrouter import config
 from fedrouter.config import Config
 from fedrouter.core.data import FederatedData, build_federated_data
 from fedrouter.core.model import default_cache_dir, load_base
 from fedrouter.core.workbench import ClientWorkbench, SharedModel
 from fedrouter.methods import load_method
 from fedrouter.methods.base import ClientContext, MethodSetup
+from fedrouter.methods.privacy import private_parts
 
 
 def build_data(cfg: Config) -> FederatedData:
@@ -26,24 +27,29 @@ def build_data(cfg: Config) -> FederatedData:
 
 def build_shared(cfg: Config, progress: bool = True) -> SharedModel:
     """The base model with its LoRA slot and the training settings (the same initial adapter everywhere)."""
-    base, tokenizer = load_base(cfg.model, settings.cache_dir(cfg), settings.tiny_spec(cfg), progress, settings.hardware(cfg))
-    return SharedModel(base, tokenizer, settings.lora_settings(cfg), settings.train_settings(cfg), seed=cfg.seed,
-                       cache_dir=settings.cache_dir(cfg) or default_cache_dir())
+    base, tokenizer = load_base(cfg.model, config.cache_dir(cfg), config.tiny_spec(cfg), progress, config.hardware(cfg))
+    return SharedModel(base, tokenizer, config.lora_settings(cfg), config.train_settings(cfg), seed=cfg.seed,
+                       cache_dir=config.cache_dir(cfg) or default_cache_dir())
 
 
 def method_setup(cfg: Config) -> MethodSetup:
     privacy = cfg.privacy.model_dump() if cfg.privacy.mode != "off" else {}
-    return MethodSetup(cfg.seed, cfg.rounds, settings.method_options(cfg), privacy)
+    return MethodSetup(cfg.seed, cfg.rounds, config.method_options(cfg), privacy)
 
 
 def server_part(cfg: Config, shared: SharedModel, client_ids: list[int]):
+    """The method's server part; under central DP inside the DP-FedAvg wrapper (`methods.privacy`)."""
     server_cls, _ = load_method(cfg.method)
-    return server_cls(method_setup(cfg), shared.initial_adapter, sorted(client_ids))
+    server, _ = private_parts(server_cls(method_setup(cfg), shared.initial_adapter, sorted(client_ids)), None,
+                             cfg.privacy, cfg.seed)
+    return server
 
 
 def client_part(cfg: Config):
+    """The method's client part; under local DP inside the wrapper that clips and noises its uploads."""
     _, client_cls = load_method(cfg.method)
-    return client_cls(method_setup(cfg))
+    _, client = private_parts(None, client_cls(method_setup(cfg)), cfg.privacy, cfg.seed)
+    return client
 
 
 class World:

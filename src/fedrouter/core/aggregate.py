@@ -1,8 +1,40 @@
-"""Weighted averaging of adapter state dicts: the one FedAvg step every averaging method calls."""
+"""Weighted averaging of adapter state dicts -- the one FedAvg step every averaging method calls -- and the
+robust alternatives; and what a client changed (`change`, `update_norm`), which both the round loop's
+screening and differential privacy's clipping measure."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _is_change_of(t: torch.Tensor, reference: Tensors, name: str) -> bool:
+    return name in reference and tuple(reference[name].shape) == tuple(t.shape)
+
+
+def change(upload: Tensors, reference: Tensors) -> Tensors:
+    """What a client changed: upload - reference for each tensor that went both ways (same name, same
+    shape); a tensor without one counts its whole value as the change."""
+    return {k: t - reference[k] if _is_change_of(t, reference, k) else t for k, t in upload.items()}
+
+
+def unchange(changed: Tensors, reference: Tensors) -> Tensors:
+    """The inverse of `change`: reference + change where the tensor went both ways."""
+    return {k: reference[k] + t if _is_change_of(t, reference, k) else t for k, t in changed.items()}
+
+
+def update_norm(upload: Tensors, reference: Tensors | None = None) -> float:
+    """The L2 norm, over all tensors together and in float64, of `upload` -- or, given the `reference` it
+    was made from, of what changed (as `change` counts it, the difference taken in float64)."""
+    reference = reference or {}
+    total = 0.0
+    for name, t in upload.items():
+        delta = t.double() - reference[name].double() if _is_change_of(t, reference, name) else t.double()
+        total += float((delta**2).sum())
+    return math.sqrt(total)
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from fedrouter.core import synthetic
+from fedrouter.core import hfdata, synthetic
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger(__name__)
@@ -161,20 +162,18 @@ class _Pools:
     @staticmethod
     def _read(source: str, task_field: str, sources: dict, fields: dict, cap: dict):
         if source.startswith(HF):
-            from fedrouter.core import hfdata
-
             name = source[len(HF):]
             for split in ("train", "test"):
                 if name == "paper4":
                     rows = hfdata.load_paper4(split, per_task=cap.get(split), sources=sources)
                 else:  # the task from data_fields.task, else the column task_field names ("task": if there is one)
-                    mapping = dict(fields) or {"instruction": "instruction", "output": "output"}
+                    columns = dict(fields) or {"instruction": "instruction", "output": "output"}  # field -> its column
                     if task_field == NO_TASK_FIELD:
-                        mapping.pop("task", None)
-                    elif "task" not in mapping and task_field != "task":
-                        mapping["task"] = task_field
-                    rows = hfdata.load_mapped(name, split, mapping,
-                                              task_column="task" if "task" not in mapping and task_field != NO_TASK_FIELD else None)
+                        columns.pop("task", None)
+                    elif "task" not in columns and task_field != "task":
+                        columns["task"] = task_field
+                    rows = hfdata.load_mapped(name, split, columns,
+                                              task_column="task" if "task" not in columns and task_field != NO_TASK_FIELD else None)
                 if task_field == NO_TASK_FIELD:  # data read as unlabelled, as from JSONL: the labels are not used
                     rows = [{**row, "task": UNLABELLED} for row in rows]
                 yield split, rows
@@ -260,7 +259,6 @@ def build_federated_data(
             raise FedrouterError(f"client {empty[0]} would get no {split} examples: the data is too small for {n_clients} clients")
         per_split[split] = wanted
 
-    from tqdm import tqdm
 
     clients = []
     # A bar only where building takes a while (thousands of clients); leave=False keeps small runs quiet.

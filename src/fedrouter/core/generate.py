@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedrouter.core import mixed_lora
+
 
 @dataclass
 class Row:
@@ -104,7 +106,7 @@ def generate_rows(model, tokenizer, rows: list[Row], batch_size: int = 64, on_ba
                     and r.on_done is None and r.cancel is None for r in batch)
         control = None if plain else _RowControl(tokenizer, batch, width)
         if control is not None:
-            from transformers import LogitsProcessorList, StoppingCriteriaList
+            from transformers import LogitsProcessorList, StoppingCriteriaList  # start-up cost: transformers (0.5 s after torch)
 
             extra["stopping_criteria"] = StoppingCriteriaList([control])
             if any(r.temperature > 0 for r in batch):
@@ -143,8 +145,6 @@ class _adapters:
     def __enter__(self) -> dict:
         if self.names is None:
             return {}
-        from fedrouter.core import mixed_lora
-
         if self.stack and mixed_lora.can_stack(self.model, self.names):
             self.inner = mixed_lora.stacked(self.model, self.names)
             self.inner.__enter__()

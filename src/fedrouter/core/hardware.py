@@ -80,7 +80,7 @@ def resolve(device: str = "auto", dtype: str = "auto", quantization: str = "none
 
 def _has_bitsandbytes() -> bool:
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401 -- optional extra: gpu
     except ImportError:
         return False
     return True
@@ -91,7 +91,7 @@ def quantization_config(hardware: Hardware):
     compute), or None."""
     if hardware.quantization == "none":
         return None
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # start-up cost: transformers (0.5 s after torch)
 
     if hardware.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -29,7 +29,7 @@ BASE = "__base__"  # peft's name for "no adapter on this row"
 
 
 def _lora_layers(model) -> list:
-    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.layer import LoraLayer  # start-up cost: peft (2.7 s after torch)
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
@@ -37,7 +37,7 @@ def _lora_layers(model) -> list:
 def can_stack(model, adapter_names: list[str]) -> bool:
     """Whether `stacked(model, adapter_names)` applies (else use peft's `adapter_names=`)."""
     try:
-        from peft import LoraConfig, PeftModel
+        from peft import LoraConfig, PeftModel  # start-up cost: peft (2.7 s after torch)
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # pragma: no cover - peft is a dependency
         return False

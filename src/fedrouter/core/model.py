@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fedrouter.core.hardware import Hardware, quantization_config
+from fedrouter.core.synthetic import copy_drills, pretraining_corpus
 from fedrouter.errors import FedrouterError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def default_cache_dir() -> Path:
 
 def _train_tokenizer(corpus: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # start-up cost: transformers (0.5 s after torch)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -99,9 +100,7 @@ def _pretrain_batches(streams: list[torch.Tensor], spec: TinyBaseSpec, generator
 def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) -> None:
     """Tokenizer + Llama from config + deterministic full-parameter pretraining, saved to `out_dir`."""
     from tqdm import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fedrouter.core.synthetic import copy_drills, pretraining_corpus
+    from transformers import LlamaConfig, LlamaForCausalLM  # start-up cost: transformers (0.5 s after torch)
 
     corpus = pretraining_corpus(n_documents=spec.pretrain_documents, seed=spec.seed)
     drills = copy_drills(spec.pretrain_documents, seed=spec.seed)
@@ -186,7 +185,7 @@ def load_base(name: str, cache_dir: Path | None = None, tiny_spec: TinyBaseSpec 
     """(model, tokenizer) for "tiny", a Hugging Face hub id, or a local model directory: frozen, in eval
     mode, on `hardware`'s device in its dtype (quantized with bitsandbytes and prepared for k-bit
     training when it says so; gradient checkpointing on when it says so). Default: float32 on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # start-up cost: transformers (0.5 s after torch)
 
     hardware = hardware or Hardware(torch.device("cpu"), torch.float32)
     quantized = quantization_config(hardware)
@@ -208,7 +207,7 @@ def load_base(name: str, cache_dir: Path | None = None, tiny_spec: TinyBaseSpec 
     model.requires_grad_(False)
     model.eval()
     if quantized is not None:
-        from peft import prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training  # start-up cost: peft (2.7 s after torch)
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hardware.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -226,15 +225,15 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
 
-def attach_lora(model, settings: LoraSettings, adapter_name: str = "default"):
+def attach_lora(model, lora: LoraSettings, adapter_name: str = "default"):
     """Wrap `model` in a peft LoRA model with one adapter; the base weights stay frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # start-up cost: peft (2.7 s after torch)
 
-    targets = settings.target_modules
+    targets = lora.target_modules
     config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules="all-linear" if targets == ("all-linear",) else list(targets),
         task_type="CAUSAL_LM",
     )

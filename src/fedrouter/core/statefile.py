@@ -16,6 +16,7 @@ import struct
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 
 META_KEY = "fedrouter"
 FORMAT = "fedrouter-state-1"
@@ -60,8 +61,6 @@ def dumps(obj) -> bytes:
     """`obj` (plain data and tensors) as safetensors bytes; TypeError naming what cannot be stored."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(obj, tensors, "state")
-    from safetensors.torch import save
-
     return save(tensors, metadata={META_KEY: json.dumps({"format": FORMAT, "tree": tree})})
 
 
@@ -111,8 +110,6 @@ def _decode(node, tensors: dict[str, torch.Tensor]):
 def loads(blob: bytes):
     """What `dumps` wrote; UnreadableState (one line) for anything else. Runs no code from the bytes."""
     meta = _metadata(bytes(blob))
-    from safetensors.torch import load
-
     try:
         tensors = load(bytes(blob))
         return _decode(meta["tree"], tensors)

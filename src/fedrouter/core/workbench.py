@@ -18,8 +18,8 @@ from fedrouter.core.data import ClientData
 from fedrouter.core.embed import BaseModelEmbedder, embed_cached, resolve_embedder
 from fedrouter.core.generate import generate
 from fedrouter.core.metrics import score_predictions
-from fedrouter.core.model import (LoraSettings, adapter_parameters, attach_lora, base_fingerprint, get_adapter_state,
-                                   set_adapter_state)
+from fedrouter.core.model import (LoraSettings, adapter_parameters, attach_lora, base_fingerprint, default_cache_dir,
+                                   get_adapter_state, set_adapter_state)
 from fedrouter.core.train import TrainStats, batch_stream, collate, encode_examples, round_lr, train_steps
 
 Adapter = dict[str, torch.Tensor]
@@ -43,7 +43,7 @@ class TrainSettings:
 class SharedModel:
     """The base model wrapped by peft with a single adapter slot, plus what every client needs of it."""
 
-    def __init__(self, base_model, tokenizer, lora: LoraSettings, settings: TrainSettings, seed: int = 0,
+    def __init__(self, base_model, tokenizer, lora: LoraSettings, train_settings: TrainSettings, seed: int = 0,
                  cache_dir=None):
         # taken before anything touches the base (FLoRA and FedDPA add to its weights later): what a run
         # records so that `predict` and `serve` can tell the base they load is the one its adapters fit
@@ -51,7 +51,7 @@ class SharedModel:
         torch.manual_seed(seed)  # LoRA A's initialisation: the run's initial adapter
         self.model = attach_lora(base_model, lora)
         self.tokenizer = tokenizer
-        self.settings = settings
+        self.train_settings = train_settings
         self.lora = lora
         self.seed = seed
         self.cache_dir = cache_dir  # where embeddings are cached (None: the default cache)
@@ -68,8 +68,8 @@ class SharedModel:
         self._memo: dict[tuple[str, str, str], list[str]] = {}
 
     def encode(self, examples: list[dict]):
-        s = self.settings
-        return encode_examples(self.tokenizer, examples, s.prompt_template, s.max_seq_len)
+        train = self.train_settings
+        return encode_examples(self.tokenizer, examples, train.prompt_template, train.max_seq_len)
 
     def load(self, adapter: Adapter, slot: str = "default") -> None:
         set_adapter_state(self.model, adapter, adapter_name=slot)
@@ -115,8 +115,6 @@ class SharedModel:
         """Embeddings of `texts` (n, d): frozen and cached on disk by `spec`; or, with `adapter`, the base
         model's mean-pooled last hidden state with that adapter active (not cached: it depends on it)."""
         if adapter is None:
-            from fedrouter.core.model import default_cache_dir
-
             return embed_cached(self.embedder(spec), texts, self.cache_dir or default_cache_dir())
         self.use_base_delta(None)
         self.load(adapter)
@@ -163,9 +161,9 @@ class SharedModel:
                 self._add_serving_slot(slot)
             set_adapter_state(self.model, adapter, adapter_name=slot)
             slots[name] = slot
-        s = self.settings
+        train = self.train_settings
         prompts = [e.prompt_ids for e in encoded]
-        return generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size,
+        return generate(self.model, self.tokenizer, prompts, train.max_new_tokens, train.eval_batch_size,
                         adapter_names=[slots[name] for name in assignment])
 
     def predict_weighted(self, encoded: list, adapters: list[Adapter], weights: torch.Tensor) -> list[str]:
@@ -198,9 +196,9 @@ class SharedModel:
                  for j, slot in enumerate(slots) if slot in module.lora_B]
         try:
             self.model.base_model.set_adapter(slots)
-            s = self.settings
-            return generate(self.model, self.tokenizer, [e.prompt_ids for e in encoded], s.max_new_tokens,
-                            s.eval_batch_size, on_batch=on_batch)
+            train = self.train_settings
+            return generate(self.model, self.tokenizer, [e.prompt_ids for e in encoded], train.max_new_tokens,
+                            train.eval_batch_size, on_batch=on_batch)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -223,13 +221,13 @@ class SharedModel:
         if key not in self._memo:
             if len(self._memo) > 256:
                 self._memo.clear()
-            s = self.settings
+            train = self.train_settings
             if adapter is None:
                 with self.model.disable_adapter():
-                    out = generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
+                    out = generate(self.model, self.tokenizer, prompts, train.max_new_tokens, train.eval_batch_size)
             else:
                 self.load(adapter)
-                out = generate(self.model, self.tokenizer, prompts, s.max_new_tokens, s.eval_batch_size)
+                out = generate(self.model, self.tokenizer, prompts, train.max_new_tokens, train.eval_batch_size)
             self._memo[key] = out
         return list(self._memo[key])
 
@@ -267,7 +265,7 @@ class ClientWorkbench:
         self.splits["general"] = (general_test, general_encoded if general_encoded is not None else shared.encode(general_test))
         # The client's own batch order: seeded per client, continued across rounds (epochs, not restarts).
         self._generator = torch.Generator().manual_seed(seed * 100_003 + data.client_id)
-        self._stream = batch_stream(self.train_examples, shared.settings.batch_size, shared.tokenizer.pad_token_id, self._generator)
+        self._stream = batch_stream(self.train_examples, shared.train_settings.batch_size, shared.tokenizer.pad_token_id, self._generator)
         self._subset_streams: dict = {}  # name -> batch stream over a subset (e.g. one local cluster)
         self.seed = seed
         # Training calls so far: with the client and the seed it seeds each call's LoRA dropout, so the
@@ -311,11 +309,11 @@ class ClientWorkbench:
         `base_update` ({module: dense update}) is added to the frozen base first (FLoRA's merged rounds,
         FedDPA's frozen partner adapter). An adapter of another LoRA rank trains in a slot of that rank.
         """
-        s = self.shared.settings
+        train = self.shared.train_settings
         slot = self.shared.slot_of(adapter)
         self.shared.use_base_delta(base_update)
         self.shared.load(adapter, slot)
-        lr = round_lr(s.lr, round_idx, s.total_rounds, s.min_lr_ratio)
+        lr = round_lr(train.lr, round_idx, train.total_rounds, train.min_lr_ratio)
         whole = subset is None or sorted(subset[1]) == list(range(self.n_train))
         stream = self._stream if whole else self._subset_stream(*subset)
         live = self.shared.live_parameters(slot)
@@ -326,8 +324,8 @@ class ClientWorkbench:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 1_000_003 + self.client_id * 10_007 + self._train_calls)
                 stats = train_steps(
-                    self.shared.model, params, stream, steps or s.local_steps, lr, s.weight_decay,
-                    regularizer=(lambda: penalty(live)) if penalty else None, grad_accum_steps=s.grad_accum_steps,
+                    self.shared.model, params, stream, steps or train.local_steps, lr, train.weight_decay,
+                    regularizer=(lambda: penalty(live)) if penalty else None, grad_accum_steps=train.grad_accum_steps,
                 )
         finally:
             self.shared.model.set_adapter("default")
@@ -345,8 +343,8 @@ class ClientWorkbench:
         model.eval()
         total, tokens = 0.0, 0
         device = next(model.parameters()).device
-        for start in range(0, len(examples), self.shared.settings.batch_size):
-            batch = collate(examples[start : start + self.shared.settings.batch_size], self.shared.tokenizer.pad_token_id)
+        for start in range(0, len(examples), self.shared.train_settings.batch_size):
+            batch = collate(examples[start : start + self.shared.train_settings.batch_size], self.shared.tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the causal LM loss averages over
             total += float(model(**batch).loss) * n
@@ -357,7 +355,7 @@ class ClientWorkbench:
         if name not in self._subset_streams:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.client_id * 1_009 + len(self._subset_streams) + 1)
             examples = [self.train_examples[i] for i in indices]
-            stream = batch_stream(examples, self.shared.settings.batch_size, self.shared.tokenizer.pad_token_id, generator)
+            stream = batch_stream(examples, self.shared.train_settings.batch_size, self.shared.tokenizer.pad_token_id, generator)
             stream.indices = list(indices)
             self._subset_streams[name] = stream
         return self._subset_streams[name]

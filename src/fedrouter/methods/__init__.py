@@ -5,6 +5,9 @@ where a value needs more than its type, a `check_options(name, options)` that ra
 `options_for` is the one place options are read: unknown names, wrong types and the module's own checks,
 with the registry supplying the method's name for the messages. The config validates them this way before
 any work, and the parts get the completed dict in `MethodSetup.options`.
+
+A method's server part declares its facts (`base.MethodFacts`) as `FACTS`; `facts_of` is where the layers
+above read them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib
 import math
 
 from fedrouter.errors import FedrouterError
+from fedrouter.methods.facts import MethodFacts
 
 # name -> (module under fedrouter.methods, server part class, client part class)
 METHODS = {
@@ -32,6 +36,10 @@ METHODS = {
 }
 
 
+DEFAULT = "fedrouter"  # the method a config without one runs
+QUICK = ("fedrouter", "fedit", "local")  # what `fedrouter compare` compares when given no --methods
+
+
 def _module(name: str):
     return importlib.import_module(f"fedrouter.methods.{METHODS[name][0]}")
 
@@ -41,6 +49,23 @@ def load_method(name: str):
     _, server, client = METHODS[name]
     module = _module(name)
     return getattr(module, server), getattr(module, client)
+
+
+NO_FACTS = MethodFacts(adapters="?")  # what a reader of old run directories assumes of a method it does not know
+
+
+def facts_of(name: str, default: MethodFacts | None = None) -> MethodFacts:
+    """The facts the method registered as `name` declares (its server part's `FACTS`). For a name that is
+    not registered (a run directory of another version), `default` if given, else KeyError."""
+    if name not in METHODS:
+        if default is None:
+            raise KeyError(name)
+        return default
+    server, _ = load_method(name)
+    facts = getattr(server, "FACTS", None)
+    if not isinstance(facts, MethodFacts):
+        raise TypeError(f"method {name}: its server part {server.__qualname__} declares no FACTS (methods.base.MethodFacts)")
+    return facts
 
 
 def _kind_ok(value, default) -> bool:
@@ -53,9 +78,10 @@ def _kind_ok(value, default) -> bool:
     return isinstance(value, type(default)) and not isinstance(value, bool)
 
 
-def options_for(name: str, options: dict) -> dict:
+def options_for(name: str, options: dict, privacy: dict | None = None) -> dict:
     """`options` over the method's declared defaults, each checked: unknown names, values of the wrong
-    kind (a float option takes an int; bools are never numbers) and the module's own rules."""
+    kind (a float option takes an int; bools are never numbers) and the module's own rules -- with the
+    run's `privacy` section (when on), also what the module allows under DP (`check_privacy`)."""
     module = _module(name)
     defaults = module.OPTIONS
     unknown = sorted(set(options) - set(defaults))
@@ -72,4 +98,7 @@ def options_for(name: str, options: dict) -> dict:
     check = getattr(module, "check_options", None)
     if check is not None:
         check(name, out)
+    check_privacy = getattr(module, "check_privacy", None)
+    if privacy and check_privacy is not None:
+        check_privacy(name, out, privacy)
     return out

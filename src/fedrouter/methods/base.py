@@ -11,13 +11,16 @@ the helpers methods share are in `fedrouter.methods.common`.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 from fedrouter.core.aggregate import weighted_average
+from fedrouter.methods.facts import MethodFacts
 
 Adapter = dict[str, torch.Tensor]
 
@@ -95,23 +98,42 @@ class MethodSetup:
 def with_defaults(part, options: dict) -> dict:
     """`options` over the defaults its method module declares (`OPTIONS`), for a part built directly
     (the registry has checked and completed them already when the config made the part)."""
-    return {**getattr(sys.modules[type(part).__module__], "OPTIONS", {}), **options}
+    module = type(part).__module__  # the method's module, or the package a method split by axis declares them in
+    while "." in module and not hasattr(sys.modules[module], "OPTIONS"):
+        module = module.rpartition(".")[0]
+    return {**getattr(sys.modules[module], "OPTIONS", {}), **options}
+
+
+# The mean a wrapper around a server part hands it for one call (`folding`); None: the example-weighted one.
+_FOLD: ContextVar[Callable | None] = ContextVar("fold", default=None)
+
+
+@contextmanager
+def folding(mean: Callable):
+    """Within the block, `ServerPart.average` is `mean` (DP-FedAvg's wrapper: unweighted and noised)."""
+    token = _FOLD.set(mean)
+    try:
+        yield
+    finally:
+        _FOLD.reset(token)
 
 
 class ServerPart:
-    """Decides what each client gets each round and folds their replies into the server state."""
+    """Decides what each client gets each round and folds their replies into the server state.
+
+    A method declares its facts (`MethodFacts`) as the class attribute `FACTS`."""
+
+    FACTS: MethodFacts
 
     def __init__(self, setup: MethodSetup, initial_adapter: Adapter, client_ids: list[int]):
-        self.settings = setup
+        self.method_setup = setup
         self.options = with_defaults(self, setup.options)
         self.client_ids = list(client_ids)
-        # Under differential privacy the engine puts its DP average here (clipped uploads in, noise added).
-        self.dp_average = None
 
     def average(self, states: list[Adapter], weights: list[float]) -> Adapter:
-        """The mean every averaging method folds uploads with: example-weighted -- or, under differential
-        privacy, the engine's DP average (unweighted, noised)."""
-        return (self.dp_average or weighted_average)(states, weights)
+        """The mean every averaging method folds uploads with: example-weighted -- or the mean a wrapper
+        hands the part for the call (`folding`: central DP's, unweighted and noised)."""
+        return (_FOLD.get() or weighted_average)(states, weights)
 
     def upload_reference(self, client_id: int, sent: "Message") -> dict[str, torch.Tensor]:
         """What each uploaded tensor is a change of (for clipping an update): by default the tensor of the
@@ -164,11 +186,11 @@ class ServerPart:
         return {}
 
     def state_dict(self) -> dict:
-        """The server's state as plain data, for a checkpoint: every attribute but its settings (which a
+        """The server's state as plain data, for a checkpoint: every attribute but its setup (which a
         resumed run rebuilds from the same config); an attribute with a `state_dict` of its own (a server
         optimizer) gives that. Reading it has no side effect."""
         return {name: value.state_dict() if hasattr(value, "state_dict") else value
-                for name, value in vars(self).items() if name != "settings"}
+                for name, value in vars(self).items() if name != "method_setup"}
 
     def load_state_dict(self, state: dict) -> None:
         """Back to a `state_dict()` taken earlier (on a server built from the same config)."""
@@ -187,7 +209,7 @@ class ClientPart:
     untrained base is evaluated by the engine itself: no method needs to know about it.)"""
 
     def __init__(self, setup: MethodSetup):
-        self.settings = setup
+        self.method_setup = setup
         self.options = with_defaults(self, setup.options)
 
     def setup(self, msg: Message, ctx: ClientContext) -> Message:

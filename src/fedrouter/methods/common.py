@@ -1,9 +1,10 @@
 """Steps several methods share, written once: the usual training reply and round metrics, packing several
 adapters into one message, sending the run's initial adapter once, and the client of the methods that
-send only part of the adapter (FedSA-LoRA, FFA-LoRA)."""
+send only part of the adapter (FedSA-LoRA, FFA-LoRA), and checks of what a client's reply carries."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedrouter.errors import FedrouterError
@@ -116,3 +117,22 @@ class PartialAdapterClient(ClientPart):
 
     def eval_adapter(self, msg, ctx):
         return self._adapter(msg.arrays, ctx)
+
+
+def counts_from(reply: Message, key: str, n: int, cid: int) -> np.ndarray:
+    """A client's `n` example counts under `key` in its reply, checked (non-negative integers, not all
+    zero): a reply is input to check, not trust."""
+    value = reply.config.get(key)
+    if not (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value) and sum(value) > 0):
+        raise FedrouterError(f"client {cid} sent {key} {value!r}: not {n} example counts")
+    return np.asarray(value, dtype=np.int64)
+
+
+def finite_array(value, shape: tuple, what: str) -> np.ndarray:
+    """A tensor from a peer as a float64 array of `shape` (None: any size there) with finite values, or one line."""
+    ok = isinstance(value, torch.Tensor) and value.ndim == len(shape) and bool(torch.isfinite(value).all())
+    if not ok or any(want is not None and got != want for got, want in zip(value.shape, shape)):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise FedrouterError(f"{what} is {got}, not a finite {tuple('n' if s is None else s for s in shape)} array")
+    return value.double().numpy()

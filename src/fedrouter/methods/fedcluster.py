@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedrouter.core.cluster import agglomerative, cosine_distance_matrix
+from fedrouter.core.client_clusters import agglomerative, cosine_distance_matrix
 from fedrouter.methods import fedit
+from fedrouter.methods.base import MethodFacts
 from fedrouter.methods.clustered import ClusteredServer
 from fedrouter.methods.common import mean_fit_metrics, require
 
@@ -35,6 +36,9 @@ def flat_update(adapter: dict, start: dict) -> np.ndarray:
 
 
 class Server(ClusteredServer):
+    # per-cluster means, which DP covers given the clustering (the clustering itself is of clean clipped updates)
+    FACTS = MethodFacts(adapters="up to {n_clusters} cluster adapters", folds_by_mean=True)
+
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
         # Clustering at round R needs round R to happen; clamp so a short run still clusters at its end.

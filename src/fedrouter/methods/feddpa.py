@@ -18,6 +18,7 @@ the reference's "half"), plus FedIT's server optimizer options for G.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -52,6 +53,9 @@ def scale_b(adapter: dict, factor: float) -> dict:
 
 
 class Server(fedit.Server):
+    # its partner adapter is added to the base weights: a quantized base cannot hold it
+    FACTS = replace(fedit.Server.FACTS, adapters="1 global + {n_clients} private adapters", writes_base_weights=True)
+
     def report(self, evaluations, truth=None):
         """The global adapter's mean weight lambda on the clients' own tasks and on every task."""
         return {"feddpa_lambda": {split: float(np.mean([r["lambda"]["mean"] for r in reports.values()]))
@@ -76,7 +80,7 @@ class Client(ClientPart):
         """(examples, 2): per test input, [lambda for G, 1 - lambda for L]."""
         wb = ctx.workbench
         examples, train = wb.examples(split), wb.examples("train")
-        rng = random.Random(f"feddpa:{self.settings.seed}:{ctx.client_id}")
+        rng = random.Random(f"feddpa:{self.method_setup.seed}:{ctx.client_id}")
         reference = rng.sample(train, min(self.options["instances"], len(train)))
         local = ctx.state.get("local") or wb.initial_adapter()  # the representation with L active
         lam = global_weights(wb.embed([e["instruction"] for e in examples], adapter=local),

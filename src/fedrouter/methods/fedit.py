@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from fedrouter.core.aggregate import coordinate_median, trimmed_mean, weighted_average
 from fedrouter.core.server_opt import DEFAULT_LR, KINDS, ServerOptimizer
-from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.base import ClientPart, Message, MethodFacts, ServerPart
 from fedrouter.methods.common import fit_reply, mean_fit_metrics, require
 
 OPTIONS = {"aggregation": "mean", "trim": 0.1,
@@ -55,6 +55,8 @@ class Server(ServerPart):
     """Sends the travelling part of the global adapter and replaces it by the clients' example-weighted
     average, through the configured server optimizer. FedIT: all of it travels; FedSA-LoRA and FFA-LoRA
     override `travelling` (A only, B only)."""
+
+    FACTS = MethodFacts(adapters="1 global adapter", folds_by_mean=True)
 
     def travelling(self, adapter: dict) -> dict:
         return adapter

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedrouter.core import lowrank
-from fedrouter.core.cluster import agglomerative_auto, cosine_distance_matrix
-from fedrouter.methods.base import ClientPart, Message
+from fedrouter.core.client_clusters import agglomerative_auto, cosine_distance_matrix
+from fedrouter.methods.base import ClientPart, Message, MethodFacts
 from fedrouter.methods.clustered import ClusteredServer
 from fedrouter.methods.common import InitialOnce, fit_reply, mean_fit_metrics, own_adapter, require
 
@@ -39,6 +39,9 @@ def b_distance(adapters: list[dict]) -> np.ndarray:
 
 
 class Server(ClusteredServer):
+    # its clients' warm-up adapters are clustered as they are, a release outside DP's mean
+    FACTS = MethodFacts(adapters="up to {max_clusters} experts")
+
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
         self.warmup = min(self.options["warmup_rounds"], setup.rounds)

@@ -6,6 +6,8 @@ carry what is client-specific and never leave the client (client-private state).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedrouter.methods import fedit
 from fedrouter.methods.common import PartialAdapterClient, lora_matrices
 
@@ -15,6 +17,8 @@ check_options = fedit.check_options
 
 
 class Server(fedit.Server):
+    FACTS = replace(fedit.Server.FACTS, adapters="A shared + 1 private B per client")
+
     def travelling(self, adapter):
         return lora_matrices(adapter, SHARED)
 

@@ -7,6 +7,8 @@ clients' B·A equals (average B)·A exactly, so averaging loses nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedrouter.methods import fedit
 from fedrouter.methods.common import PartialAdapterClient, lora_matrices
 
@@ -16,6 +18,8 @@ check_options = fedit.check_options
 
 
 class Server(fedit.Server):
+    FACTS = replace(fedit.Server.FACTS, adapters="1 global adapter (A frozen)")
+
     def travelling(self, adapter):
         return lora_matrices(adapter, TRAINED)
 

@@ -17,7 +17,7 @@ rank ranks[i % len(ranks)]).
 from __future__ import annotations
 
 from fedrouter.core import lowrank
-from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.base import ClientPart, Message, MethodFacts, ServerPart
 from fedrouter.methods.common import fit_reply, mean_fit_metrics, pack, require, unpack
 
 OPTIONS = {"ranks": None}
@@ -35,6 +35,9 @@ def rank_of(ranks: list[int] | None, client_id: int) -> int | None:
 
 
 class Server(ServerPart):
+    # stacked, not averaged (outside DP's mean); merged into the base weights, which a quantized base cannot hold
+    FACTS = MethodFacts(adapters="a merged dense update", writes_base_weights=True)
+
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
         self.ranks = self.options["ranks"]

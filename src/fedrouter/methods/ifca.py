@@ -19,7 +19,7 @@ import torch
 
 from fedrouter.core.aggregate import average_per_cluster
 from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.base import ClientPart, Message, MethodFacts, ServerPart
 from fedrouter.methods.common import fit_reply, mean_fit_metrics, pack, require, unpack
 
 OPTIONS = {"k": 4, "init_std": 0.01, "loss_examples": 32}
@@ -52,6 +52,9 @@ def lowest_loss(losses: dict[int, float]) -> int:
 
 
 class Server(ServerPart):
+    # each client picks its cluster by its loss on its own data: a choice outside DP's mean
+    FACTS = MethodFacts(adapters="{k} cluster adapters")
+
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
         self.clusters = initial_clusters(initial_adapter, self.options["k"], self.options["init_std"], setup.seed)

@@ -5,13 +5,15 @@ The reference point of personalization: no communication of weights, no help fro
 
 from __future__ import annotations
 
-from fedrouter.methods.base import ClientPart, Message, ServerPart
+from fedrouter.methods.base import ClientPart, Message, MethodFacts, ServerPart
 from fedrouter.methods.common import InitialOnce, fit_reply, mean_fit_metrics, own_adapter
 
 OPTIONS: dict = {}
 
 
 class Server(ServerPart):
+    FACTS = MethodFacts(adapters="{n_clients} private adapters")  # nothing shared: nothing for DP to fold
+
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
         # Clients start from the run's shared initialisation, sent once with their first task.

@@ -1,1 +1,1 @@
-"""Reading finished runs: comparisons, tables, reports, plots, predictions, clustering studies."""
+"""Reading finished runs: comparisons, tables, reports, plots, clustering studies."""

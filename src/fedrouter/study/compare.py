@@ -25,11 +25,14 @@ from pathlib import Path
 
 from fedrouter import rundir
 from fedrouter.config import load_config, tiny_spec
+from fedrouter.core.model import ensure_tiny_base
 from fedrouter.errors import FedrouterError
+from fedrouter.experiment import run_experiment
+from fedrouter.runtime import quiet_libraries, set_threads
+from fedrouter.study.report import build_report
 from fedrouter.study.tables import CELLS, write_tables
 
 # --quick: the paper's grid shape at a size that runs in minutes on 2 cores
-QUICK_METHODS = ("fedrouter", "fedit", "local")
 QUICK_OVERRIDES = {"rounds": 10, "train_per_client": 200, "test_per_client": 40, "general_test_per_task": 20}
 
 
@@ -76,9 +79,6 @@ class CompareSpec:
 
 def _run_cell(cfg, out_dir: str) -> tuple[str, float]:
     """One cell in a worker process: quiet, one thread unless the config says otherwise."""
-    from fedrouter.experiment import run_experiment
-    from fedrouter.runtime import quiet_libraries, set_threads
-
     quiet_libraries(progress_bars=False)
     set_threads(cfg.threads or 1)
     start = time.perf_counter()
@@ -119,8 +119,6 @@ def run_cells(configs: dict, cells_dir: Path, jobs: int, echo=print) -> float:
 
 def run_compare(spec: CompareSpec, out: Path, echo=print) -> dict:
     """Run every unfinished cell of the grid, then write the tables, plots and report; returns the summary."""
-    from fedrouter.study.report import build_report
-
     configs = {cell.name: spec.config(cell) for cell in spec.cells()}  # every config checked first
     seconds = run_cells(configs, out / CELLS, spec.jobs, echo)
     summary = write_tables(out)
@@ -149,8 +147,6 @@ def run_scaling(method: str, scenario: str, clients: list[int], overrides: dict,
 
 def _prepare_models(configs) -> None:
     """Build the tiny base once, here, rather than in several workers at the same time."""
-    from fedrouter.core.model import ensure_tiny_base
-
     for spec in {tiny_spec(cfg) for cfg in configs if cfg.model == "tiny"}:
         ensure_tiny_base(spec, Path(configs[0].cache_dir) if configs[0].cache_dir else None)
 

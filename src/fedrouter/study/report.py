@@ -2,9 +2,10 @@
 self-contained HTML page (`report.html`: tables inline, figures embedded as PNG data) beside them.
 
 A compare directory (from `fedrouter compare`) gets its tables rebuilt from the finished cells, bars of
-the comparison and generalization tables, per-scenario round curves, and, from a FedRouter cell, the
-embedding map and silhouette curves; a scaling sweep (scaling.json) gets its plot. A single run directory
-gets its round curve, and the embedding map and silhouette curves when it is a FedRouter run.
+the comparison and generalization tables, per-scenario round curves, and, from a cell of a method with a
+clustering report (FedRouter's), the embedding map and silhouette curves; a scaling sweep (scaling.json)
+gets its plot. A single run directory gets its round curve, and the embedding map and silhouette curves
+where it left them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from fedrouter.atomic import write_text
 from fedrouter.errors import FedrouterError
+from fedrouter.methods import NO_FACTS, facts_of
 from fedrouter.rundir import read_json, read_results
 from fedrouter.study import plots
 from fedrouter.study.tables import CELLS, format_summary, load_cells, write_tables
@@ -71,7 +73,8 @@ def _page(title: str, sections: list[str]) -> str:
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "</body></html>\n")
 
 
-def _fedrouter_figures(run_dir: Path, figures: Path, prefix: str) -> list[str]:
+def _clustering_figures(run_dir: Path, figures: Path, prefix: str) -> list[str]:
+    """The embedding map and silhouette curves of a run whose method clusters (where it left them)."""
     sections = []
     emb = plots.embedding_map(run_dir, figures / f"{prefix}embedding-map.png")
     if emb:
@@ -128,17 +131,17 @@ def _build(directory: Path, figures: Path) -> tuple[str, list[str]]:
             runs = {m: v for m, v in runs.items() if v}
             png = plots.round_curves(runs, figures / f"rounds-{scenario}.png", f"scenario {scenario}")
             sections.append(_image(png, f"Per round, scenario {scenario} (mean over seeds)"))
-        fedrouter_cells = sorted((r for r in rows if r["method"].startswith("fedrouter")),
-                                 key=lambda r: (r["scenario"] != "dual", r["seed"], r["method"]))
-        if fedrouter_cells:
-            sections += _fedrouter_figures(directory / CELLS / fedrouter_cells[0]["cell"], figures, "")
+        clustered = sorted((r for r in rows if facts_of(r["method"], NO_FACTS).clustering_report),
+                           key=lambda r: (r["scenario"] != "dual", r["seed"], r["method"]))
+        if clustered:
+            sections += _clustering_figures(directory / CELLS / clustered[0]["cell"], figures, "")
     elif (directory / "results.json").exists():
         results = read_results(directory)
         title = f"fedrouter run: {directory.name}"
         sections.append(f"<pre>{html.escape(format_summary(results))}</pre>")
         png = plots.round_curves({results["method"]: [directory]}, figures / "rounds.png", results["method"])
         sections.append(_image(png, "Per round"))
-        sections += _fedrouter_figures(directory, figures, "")
+        sections += _clustering_figures(directory, figures, "")
     elif not (directory / "scaling.json").exists():
         raise FedrouterError(f"{directory} holds neither finished compare cells, a run's results.json, nor scaling.json")
     else:

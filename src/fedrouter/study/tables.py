@@ -19,6 +19,7 @@ from pathlib import Path
 from fedrouter import rundir
 from fedrouter.atomic import write_text
 from fedrouter.errors import FedrouterError
+from fedrouter.methods import METHODS, NO_FACTS, facts_of
 
 CELLS = "cells"
 SCENARIO_ORDER = ("single", "dual", "all", "dirichlet")
@@ -56,8 +57,6 @@ def _order(values, preferred) -> list:
 
 def aggregate(rows: list[dict]) -> dict:
     """Per method and scenario: mean/std over seeds of ROUGE-1, all-task ROUGE-1 and fairness."""
-    from fedrouter.methods import METHODS
-
     methods = _order([r["method"] for r in rows], list(METHODS))
     scenarios = _order([r["scenario"] for r in rows], SCENARIO_ORDER)
     out = {"methods": methods, "scenarios": scenarios, "cells": {}}
@@ -169,7 +168,7 @@ def format_summary(results: dict) -> str:
                      f"{row['rouge1']:>8.3f} {row['rougeL']:>8.3f} {row['exact_match']:>6.3f} {row['general_rouge1']:>8.3f}")
     lines.append(f"{'mean':>6}  {'':<28} {results['base_rouge1']:>8.3f} {results['rouge1']:>8.3f} "
                  f"{results['rougeL']:>8.3f} {results['exact_match']:>6.3f} {results['generalization']['rouge1']:>8.3f}")
-    if "clustering" in results:
+    if facts_of(results["method"], NO_FACTS).clustering_report and "clustering" in results:
         c = results["clustering"]
         router = c["router_accuracy"]
         lines.append(f"clusters: {c['n_global']} global | local clustering accuracy {score_text(c['local_accuracy'])} "
