@@ -38,7 +38,7 @@ RUN_FLAGS = {
     "task_field": ("--task-field", str, "JSONL field holding the task label (e.g. category)"),
     "train_per_client": ("--train-per-client", int, "training examples per client"),
     "test_per_client": ("--test-per-client", int, "test examples per client"),
-    "threads": ("--threads", int, "torch CPU threads"),
+    "threads": ("--threads", int, "torch CPU threads (default: 1 for the tiny base, else the CPUs this process may use)"),
     "eval_every": ("--eval-every", int, "evaluate every N rounds (0: only at the end)"),
     "inject_failures": ("--inject-failures", finite_float, "each client fails a round with this probability (testing)"),
     "engine": ("--engine", str, "inprocess (default) | flower (Flower's simulation runtime; needs the flower extra)"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedrouter.atomic import read_regular_text
 from fedrouter.errors import FedrouterError
-from fedrouter.runtime import set_threads
+from fedrouter.threads import choose_threads, set_threads
 
 
 def finite_float(text: str) -> float:
@@ -93,7 +93,7 @@ def add_serve(sub) -> None:
                    help="the most a request's body may take to arrive (default 30; slower: 408)")
     p.add_argument("--shutdown-timeout-s", type=int, default=30,
                    help="on SIGTERM or Ctrl-C, the most it waits for the requests in flight (default 30)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request on stderr")
     add_base_flags(p)
 
@@ -126,7 +126,7 @@ def serve(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise FedrouterError(f"--threads must be positive, got {args.threads}")
     api_key = _api_key(args)
-    set_threads(args.threads)
+    set_threads(choose_threads(args.threads))  # the model's size is not known here: the CPUs this process may use
     return serve(args.run_dir, args.host, args.port, api_key, args.max_batch, args.max_wait_ms, args.max_body_bytes,
                  access_log=args.access_log, model=args.model, cache_dir=args.cache_dir,
                  allow_origins=tuple(args.allow_origins), body_timeout_s=args.body_timeout_s,

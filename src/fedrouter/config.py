@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedrouter.atomic import read_regular_text
 from fedrouter.core.data import SCENARIOS
 from fedrouter.core.hardware import resolve as resolve_hardware
-from fedrouter.core.model import LoraSettings, TinyBaseSpec
+from fedrouter.core.model import TINY, LoraSettings, TinyBaseSpec
 from fedrouter.core.privacy import Accountant
 from fedrouter.core.train import DEFAULT_TEMPLATE
 from fedrouter.core.workbench import TrainSettings
 from fedrouter.errors import FedrouterError
 from fedrouter.methods import DEFAULT, METHODS, facts_of, options_for
+from fedrouter.threads import choose_threads
 
 CONFIG_FILE = "config.json"  # a run directory's resolved config (see fedrouter.rundir)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
@@ -109,7 +110,7 @@ class Config(_Strict):
     max_seq_len: int = Field(128, gt=8)
     max_new_tokens: int = Field(24, gt=0)
     prompt_template: str = DEFAULT_TEMPLATE
-    threads: int | None = Field(None, gt=0)  # torch CPU threads; None keeps torch's default
+    threads: int | None = Field(None, gt=0)  # torch CPU threads; None: chosen (cpu_threads)
     # hardware (fedrouter.core.hardware): where the base runs and in what precision
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
@@ -293,6 +294,13 @@ def hardware(cfg: Config):
 
 def tiny_spec(cfg: Config) -> TinyBaseSpec:
     return TinyBaseSpec(**cfg.tiny.model_dump())
+
+
+def cpu_threads(cfg: Config, processes: int = 1) -> int:
+    """torch's threads for one of `processes` fedrouter processes sharing this machine's CPUs in a run of
+    `cfg`: its `threads` key, else `threads.choose_threads` for its model (a hub model's size is unknown
+    before it loads: treated as large)."""
+    return choose_threads(cfg.threads, tiny_spec(cfg).n_params() if cfg.model == TINY else None, processes)
 
 
 def cache_dir(cfg: Config) -> Path | None:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from fedrouter import rundir
+from fedrouter import config, rundir
 from fedrouter.config import Config
 from fedrouter.engines.driver import drive
 from fedrouter.engines.inprocess import InProcessClients
 from fedrouter.errors import FedrouterError
+from fedrouter.threads import set_threads
 from fedrouter.world import World, build_data, build_shared, client_part, server_part
 
 
@@ -24,14 +25,15 @@ def default_run_dir(cfg: Config) -> Path:
     return rundir.default_path(cfg.method, cfg.scenario, cfg.seed)
 
 
-def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = True, resume: bool = False) -> dict:
+def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = True, resume: bool = False,
+                   processes: int = 1) -> dict:
     """Run `cfg` and write its run directory; returns the results dict (also in results.json).
 
     resume=True continues the unfinished run in `out_dir` from its newest readable checkpoint (refused,
-    before any work, when there is none or it was written under another config)."""
+    before any work, when there is none or it was written under another config). `processes`: how many
+    fedrouter processes (this one included) share the CPUs, as in `compare --jobs`; it sizes torch's threads."""
     start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(config.cpu_threads(cfg, processes))
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
     # a resume holds the run's lock from before it reads its checkpoint: a second one is refused, naming this pid

@@ -1,6 +1,6 @@
 """Process setup, once per process that runs fedrouter: libraries quiet (one line per problem, no
-deprecation noise, no progress bars where nobody watches), torch's threads as the config says, and
-SIGTERM / SIGINT turned into an exception that a run can record before it exits."""
+deprecation noise, no progress bars where nobody watches), and SIGTERM / SIGINT turned into an exception
+that a run can record before it exits. (Threads: `fedrouter.threads`.)"""
 
 from __future__ import annotations
 
@@ -57,11 +57,3 @@ def quiet_libraries(progress_bars: bool = True) -> None:
         from transformers.utils import logging as hf_logging  # start-up cost: transformers (0.5 s after torch)
 
         hf_logging.disable_progress_bar()
-
-
-def set_threads(threads: int | None) -> None:
-    """torch's CPU threads (None: torch's default)."""
-    if threads:
-        import torch  # start-up cost: torch (1 s); the command line imports this module
-
-        torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from sklearn.metrics import silhouette_samples
 from threadpoolctl import threadpool_limits
 
 from fedrouter.errors import FedrouterError
+from fedrouter.threads import chosen_threads
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,14 @@ def n_distinct(x: np.ndarray) -> int:
 
 def one_blas_thread(fn):
     """`fn` with BLAS single-threaded: K-Means and silhouette run OpenMP threads, and BLAS threads under them
-    oversubscribe the cores (on 2 cores a client's K choice took 5.6 s instead of 1.4 s, same labels)."""
+    oversubscribe the cores (on 2 cores a client's K choice took 5.6 s instead of 1.4 s, same labels). The
+    OpenMP threads are as many as torch's in this process when the process chose them
+    (`threads.set_threads`): scikit-learn's own pool would take every core of the machine, busy or not."""
 
     @functools.wraps(fn)
     def limited(*args, **kwargs):
-        with threadpool_limits(limits=1, user_api="blas"):
+        threads = chosen_threads()
+        with threadpool_limits(limits={"blas": 1, **({"openmp": threads} if threads else {})}):
             return fn(*args, **kwargs)
 
     return limited

@@ -52,6 +52,13 @@ class TinyBaseSpec:
     pretrain_lr: float = 3e-3
     seed: int = 0
 
+    def n_params(self) -> int:
+        """The parameters of the Llama this spec builds (tied embeddings, no biases): a run sizes its torch
+        threads by it before the model is built (`threads.choose_threads`)."""
+        h = self.hidden_size
+        per_layer = 4 * h * h + 3 * h * self.intermediate_size + 2 * h  # attention, MLP, two norms
+        return self.vocab_size * h + self.num_layers * per_layer + h
+
     def cache_key(self) -> str:
         payload = json.dumps({**asdict(self), "recipe": _TINY_RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -28,7 +28,7 @@ from fedrouter.config import load_config, tiny_spec
 from fedrouter.core.model import ensure_tiny_base
 from fedrouter.errors import FedrouterError
 from fedrouter.experiment import run_experiment
-from fedrouter.runtime import quiet_libraries, set_threads
+from fedrouter.runtime import quiet_libraries
 from fedrouter.study.report import build_report
 from fedrouter.study.tables import CELLS, write_tables
 
@@ -77,12 +77,11 @@ class CompareSpec:
         return load_config(self.config_path, overrides)
 
 
-def _run_cell(cfg, out_dir: str) -> tuple[str, float]:
-    """One cell in a worker process: quiet, one thread unless the config says otherwise."""
+def _run_cell(cfg, out_dir: str, processes: int = 1) -> tuple[str, float]:
+    """One cell, quiet, as one of `processes` cells running at once (its share of the CPUs sizes its threads)."""
     quiet_libraries(progress_bars=False)
-    set_threads(cfg.threads or 1)
     start = time.perf_counter()
-    run_experiment(cfg, Path(out_dir), progress=False)
+    run_experiment(cfg, Path(out_dir), progress=False, processes=processes)
     return out_dir, time.perf_counter() - start
 
 
@@ -108,8 +107,9 @@ def run_cells(configs: dict, cells_dir: Path, jobs: int, echo=print) -> float:
             _, seconds = _run_cell(cfg, str(cells_dir / name))
             echo(_done_line(i, len(todo), name, cells_dir, seconds))
     else:
+        processes = min(jobs, len(todo))  # cells at once, each with its share of the CPUs
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_cell, cfg, str(cells_dir / name)): name for name, cfg in todo}
+            futures = {pool.submit(_run_cell, cfg, str(cells_dir / name), processes): name for name, cfg in todo}
             for i, future in enumerate(as_completed(futures), 1):
                 _, seconds = future.result()
                 echo(_done_line(i, len(todo), futures[future], cells_dir, seconds))

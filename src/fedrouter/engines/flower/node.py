@@ -25,12 +25,11 @@ import sys
 from multiprocessing.connection import Listener
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 from pydantic import ValidationError
 
 from fedrouter.atomic import create_exclusive
-from fedrouter.config import Config
+from fedrouter.config import Config, cpu_threads
 from fedrouter.core.train import time_budget
 from fedrouter.engines.flower.node_store import NodeStateLost, NodeStore
 from fedrouter.engines.flower.wire import (PARTS, STATE, from_records, join_parts, split_parts, state_bytes,
@@ -41,6 +40,7 @@ from fedrouter.engines.protocol import InjectedFailure
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientContext, Message
 from fedrouter.rundir import plain_name, save_adapters
+from fedrouter.threads import set_threads
 from fedrouter.world import World, client_part
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class NodeRun:
     client part; each client's workbench made once, with its batch-stream position when new."""
 
     def __init__(self, cfg: Config):
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cpu_threads(cfg))  # a simulation's Ray actors get one each through $OMP_NUM_THREADS
         self.cfg = cfg
         self.world = World(cfg, progress=False)
         self.client = client_part(cfg)
