@@ -14,6 +14,7 @@ from fedrouter.core.workbench import ClientWorkbench, SharedModel
 from fedrouter.methods import load_method
 from fedrouter.methods.base import ClientContext, MethodSetup
 from fedrouter.methods.privacy import private_parts
+from fedrouter.progress import phase
 
 
 def build_data(cfg: Config) -> FederatedData:
@@ -27,6 +28,7 @@ def build_data(cfg: Config) -> FederatedData:
 
 def build_shared(cfg: Config, progress: bool = True) -> SharedModel:
     """The base model with its LoRA slot and the training settings (the same initial adapter everywhere)."""
+    phase(f"loading the base model ({cfg.model})", progress)
     base, tokenizer = load_base(cfg.model, config.cache_dir(cfg), config.tiny_spec(cfg), progress, config.hardware(cfg))
     return SharedModel(base, tokenizer, config.lora_settings(cfg), config.train_settings(cfg), seed=cfg.seed,
                        cache_dir=config.cache_dir(cfg) or default_cache_dir())
@@ -58,6 +60,8 @@ class World:
 
     def __init__(self, cfg: Config, progress: bool = True, data: FederatedData | None = None):
         self.cfg = cfg
+        if data is None:
+            phase(f"building the data ({cfg.data}, {cfg.n_clients} clients)", progress)
         self.data = data or build_data(cfg)  # bad data fails here, before the model is loaded
         self.shared = build_shared(cfg, progress)
         self._general = self.shared.encode(self.data.general_test)

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from fedrouter.core import hfdata, synthetic
 from fedrouter.errors import FedrouterError
+from fedrouter.progress import steps
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,7 @@ def build_federated_data(
 
     clients = []
     # A bar only where building takes a while (thousands of clients); leave=False keeps small runs quiet.
-    for cid in tqdm(range(n_clients), desc="building client data", unit="client", leave=False,
-                    disable=True if n_clients < 500 else None):
+    for cid in steps(range(n_clients), "building client data", unit="client", leave=False, enabled=n_clients >= 500):
         train = [ex for t, n in per_split["train"][cid].items() for ex in pools.take(t, "train", n)]
         test = [ex for t, n in per_split["test"][cid].items() for ex in pools.take(t, "test", n)]
         random.Random(f"{seed}:client{cid}").shuffle(train)

@@ -27,6 +27,7 @@ import torch
 from fedrouter.core.hardware import Hardware, quantization_config
 from fedrouter.core.synthetic import copy_drills, pretraining_corpus
 from fedrouter.errors import FedrouterError
+from fedrouter.progress import phase, steps
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ def _pretrain_batches(streams: list[torch.Tensor], spec: TinyBaseSpec, generator
 
 def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) -> None:
     """Tokenizer + Llama from config + deterministic full-parameter pretraining, saved to `out_dir`."""
-    from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM  # start-up cost: transformers (0.5 s after torch)
 
     corpus = pretraining_corpus(n_documents=spec.pretrain_documents, seed=spec.seed)
@@ -140,7 +140,7 @@ def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) ->
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     batches = _pretrain_batches(streams, spec, torch.Generator().manual_seed(spec.seed))
-    bar = tqdm(range(spec.pretrain_steps), desc="pretraining tiny base", disable=None if progress else True, leave=False)
+    bar = steps(range(spec.pretrain_steps), "pretraining tiny base", unit="step", enabled=progress, leave=False)
     for _ in bar:
         batch = next(batches)
         loss = model(input_ids=batch, labels=batch).loss
@@ -170,6 +170,7 @@ def ensure_tiny_base(spec: TinyBaseSpec | None = None, cache_dir: Path | None = 
     except OSError as exc:
         raise FedrouterError(f"cannot create the model cache {cache_dir}: {exc.strerror or exc} (set cache_dir or $FEDROUTER_CACHE)") from None
     log.info("building the tiny base model in %s (once)", target)
+    phase(f"building the tiny base model (once, cached in {cache_dir})", progress)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
     try:
         # Same seed, same result, whatever the surrounding process did with the global RNGs.

@@ -23,6 +23,7 @@ from fedrouter.core.metrics import merge_per_task
 from fedrouter.engines.loop import RoundLoop
 from fedrouter.engines.protocol import ClientSide
 from fedrouter.methods.base import ServerPart
+from fedrouter.progress import phase
 
 
 def _mean(values) -> float:
@@ -54,6 +55,7 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
     accountant = config.accountant(cfg)
     if saved is None:
         clock, timings = time.perf_counter(), {}
+        phase("evaluating the base model", progress)
         base_reports = loop.evaluate("test", base=True)
         timings["base_eval_s"], clock = time.perf_counter() - clock, time.perf_counter()
         setup_report = loop.setup()
@@ -65,6 +67,7 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
         torch.set_rng_state(saved["torch_rng"])
         base_reports, setup_report, timings = saved["base_reports"], saved["setup_report"], dict(saved["timings"])
         clock = time.perf_counter()
+        phase(f"resuming after round {len(loop.history)}", progress)
     rounds_before = timings.pop("rounds_s", 0.0)  # training time of the process(es) before a resume
 
     def on_round(record: dict) -> None:
@@ -83,6 +86,7 @@ def drive(cfg: Config, run_dir: Path, tasks: list[str], shared, server: ServerPa
         history = loop.run(on_round)
     timings["rounds_s"] = rounds_before + time.perf_counter() - clock
     clock = time.perf_counter()
+    phase("evaluating the trained model (own tasks, all tasks)", progress)
     test_reports, general_reports = loop.evaluate_splits(["test", "general"])
     timings["final_eval_s"] = time.perf_counter() - clock
     results = _results(cfg, run_dir, tasks, shared, server, clients, history, loop,

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from fedrouter import rundir
 from fedrouter.core.embed import project_2d
 from fedrouter.core.train import ClientTimeout, time_budget
 from fedrouter.engines.protocol import FailurePlan, InjectedFailure, failure_reply
 from fedrouter.methods.base import ClientContext, ClientPart, Message
+from fedrouter.progress import steps
 
 __all__ = ["InProcessTransport", "InProcessClients", "InjectedFailure"]
 
@@ -38,7 +38,7 @@ class InProcessTransport:
         self.client_timeout_s = client_timeout_s
 
     def _deliver(self, messages: dict[int, Message], handler, desc: str) -> dict[int, Message]:
-        items = tqdm(messages.items(), desc=desc, leave=False, disable=None if self.progress else True)
+        items = steps(messages.items(), desc, leave=False, enabled=self.progress, log=False)  # a log: the round's line
         return {cid: handler(msg, self.contexts[cid]) for cid, msg in items}
 
     def setup(self, messages):

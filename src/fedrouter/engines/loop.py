@@ -15,12 +15,12 @@ import time
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from fedrouter.core.aggregate import update_norm
 from fedrouter.engines.protocol import Transport
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import Message, ServerPart
+from fedrouter.progress import phase, steps
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,14 @@ class RoundLoop:
         self.sampling = random.Random(f"client-sampling:{seed}")
         self.traffic = Traffic()
         self.history: list[dict] = []
+        self.answered = (0, 0)  # the last round's clients that replied without failing, and those asked
 
     def setup(self) -> dict:
         """The method's exchanges before training, if it has any: as long as the server has setup messages
         to send (FedRouter: centroids in, then its cluster assignment), they go out and the replies back."""
         report = {}
         while messages := self.server.configure_setup(self.client_ids):
+            phase(f"setup: {len(messages)} clients", self.progress)
             replies = self.transport.setup(messages)
             self.traffic.count(messages, replies)
             report.update(self.server.aggregate_setup(replies))
@@ -160,12 +162,14 @@ class RoundLoop:
         round in which every client failed with an error (not an injected one) stops the run: that is a bug
         or a broken setup, not a flaky client."""
         start_round = len(self.history)
-        bar = tqdm(range(start_round, self.rounds), desc="rounds", unit="round", initial=start_round, total=self.rounds,
-                   disable=None if self.progress else True)
+        bar = steps(range(start_round, self.rounds), "rounds", unit="round", initial=start_round, total=self.rounds,
+                    enabled=self.progress)
         for round_idx in bar:
             record = self._round(round_idx)
             self.history.append(record)
-            bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.3f}")
+            answered, asked = self.answered
+            bar.set_postfix_str(f"loss {record.get('train_loss', float('nan')):.3f}, round {record['round_s']:.1f} s, "
+                                f"{answered}/{asked} clients answered")
             if on_round is not None:
                 on_round(record)
         return self.history
@@ -181,6 +185,7 @@ class RoundLoop:
         failures = [r["failed"] for r in (m.config for m in replies.values()) if "failed" in r]
         if replies and len(failures) == len(replies) and not all(f.startswith(("InjectedFailure", "ClientTimeout")) for f in failures):
             raise FedrouterError(f"round {round_idx + 1}: every client failed; the first: {failures[0]}")
+        self.answered = (len(replies) - len(failures), len(messages))
         if len(kept) >= max(1, self.min_updates):
             metrics = server.aggregate_fit(round_idx, kept)
         else:
