@@ -116,9 +116,10 @@ class RoundLoop:
     def setup(self) -> dict:
         """The method's exchanges before training, if it has any: as long as the server has setup messages
         to send (FedRouter: centroids in, then its cluster assignment), they go out and the replies back."""
-        report = {}
+        report, exchange = {}, 0
         while messages := self.server.configure_setup(self.client_ids):
-            phase(f"setup: {len(messages)} clients", self.progress)
+            exchange += 1
+            phase(f"setup, exchange {exchange}: {len(messages)} clients", self.progress)
             replies = self.transport.setup(messages)
             self.traffic.count(messages, replies)
             report.update(self.server.aggregate_setup(replies))
