@@ -10,9 +10,10 @@ import torch
 from tqdm import tqdm
 
 from fedrouter import progress
+from fedrouter.engines.inprocess import InProcessTransport
 from fedrouter.engines.loop import RoundLoop
 from fedrouter.methods import fedit
-from fedrouter.methods.base import Message, MethodSetup
+from fedrouter.methods.base import ClientContext, Message, MethodSetup
 from fedrouter.progress import phase, steps
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
@@ -95,3 +96,25 @@ def test_a_round_loop_on_a_log_says_each_round_its_time_and_the_clients_that_ans
     assert len(lines) == 2, lines
     pattern = r"rounds {k}/2 after \d+ s: loss \S+, round \d+\.\d s, {n}/3 clients answered"
     assert re.fullmatch(pattern.format(k=1, n=3), lines[0]) and re.fullmatch(pattern.format(k=2, n=2), lines[1])
+
+
+class EchoClient:
+    """A client part whose setup, training and evaluation answer at once."""
+
+    def setup(self, msg, ctx):
+        return Message(config={"client": ctx.client_id})
+
+    fit = evaluate = setup
+
+
+def test_in_process_setup_and_evaluation_say_each_client_on_a_log_and_training_leaves_it_to_the_round(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    contexts = {cid: ClientContext(cid, None) for cid in range(3)}
+    transport = InProcessTransport(EchoClient(), contexts, progress=True)
+    messages = {cid: Message(config={}) for cid in contexts}
+    assert transport.setup(messages)[2].config == {"client": 2}
+    transport.fit(messages)
+    transport.evaluate(messages)
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("fedrouter:")]
+    assert [line.split(" after ")[0] for line in lines] == [f"clients setting up {k}/3" for k in (1, 2, 3)] + [
+        f"clients evaluating {k}/3" for k in (1, 2, 3)]

@@ -37,8 +37,10 @@ class InProcessTransport:
         self.failures = FailurePlan(inject_failures, seed)
         self.client_timeout_s = client_timeout_s
 
-    def _deliver(self, messages: dict[int, Message], handler, desc: str) -> dict[int, Message]:
-        items = steps(messages.items(), desc, leave=False, enabled=self.progress, log=False)  # a log: the round's line
+    def _deliver(self, messages: dict[int, Message], handler, desc: str, log: bool = True) -> dict[int, Message]:
+        """Each client's reply to its message. On a log, a line per client at most every few seconds: a setup or
+        an evaluation of 8 clients takes minutes on a busy machine (`log=False` for training: the round's line)."""
+        items = steps(messages.items(), desc, leave=False, enabled=self.progress, log=log)
         return {cid: handler(msg, self.contexts[cid]) for cid, msg in items}
 
     def setup(self, messages):
@@ -59,7 +61,7 @@ class InProcessTransport:
             return failure_reply(exc)
 
     def fit(self, messages):
-        return self._deliver(messages, self._fit_one, "clients training")
+        return self._deliver(messages, self._fit_one, "clients training", log=False)
 
     def _evaluate_one(self, msg: Message, ctx: ClientContext) -> Message:
         if msg.config.get("base"):  # the untrained base: the engine's job, not the method's
