@@ -152,3 +152,14 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path, timeout_s: float = 2
         stop(proc)  # whatever was missed above (by pid, with its children)
         if log:
             out.close()
+
+
+class ScriptedTransport:
+    """Replies as scripted per round: {round: {client: reply}}."""
+
+    def __init__(self, script):
+        self.script, self.round = script, -1
+
+    def fit(self, messages):
+        self.round += 1
+        return {cid: self.script[self.round][cid] for cid in messages}

@@ -9,6 +9,7 @@ import re
 import torch
 from tqdm import tqdm
 
+from conftest import ScriptedTransport
 from fedrouter import progress
 from fedrouter.engines.inprocess import InProcessTransport
 from fedrouter.engines.loop import RoundLoop
@@ -73,15 +74,6 @@ def test_progress_off_or_an_inner_loop_prints_nothing_on_a_log():
     assert log.getvalue() == ""
     phase("loading the base model", stream=log)
     assert log.getvalue() == "loading the base model\n"
-
-
-class ScriptedTransport:
-    def __init__(self, script):
-        self.script, self.round = script, -1
-
-    def fit(self, messages):
-        self.round += 1
-        return {cid: self.script[self.round][cid] for cid in messages}
 
 
 def test_a_round_loop_on_a_log_says_each_round_its_time_and_the_clients_that_answered(monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ScriptedTransport
 from fedrouter.core.aggregate import update_norm
 from fedrouter.engines.loop import RoundLoop, screen_updates, update_problem
 from fedrouter.methods import fedit
@@ -68,17 +69,6 @@ def test_norm_screen_is_off_by_default_and_needs_three_updates():
     replies = {0: upd([1.0, 1.0], [[1.0], [1.0]]), 1: upd([1000.0, 0.0], [[0.0], [0.0]])}
     assert len(screen_updates(server, messages, replies)[0]) == 2
     assert len(screen_updates(server, messages, replies, norm_ratio=2.0)[0]) == 2  # two updates: no median
-
-
-class ScriptedTransport:
-    """Replies as scripted per round: {round: {client: reply}}."""
-
-    def __init__(self, script):
-        self.script, self.round = script, -1
-
-    def fit(self, messages):
-        self.round += 1
-        return {cid: self.script[self.round][cid] for cid in messages}
 
 
 def test_a_round_with_no_acceptable_update_keeps_the_state(caplog):
