@@ -157,7 +157,7 @@ def test_what_each_method_sends(every_method):
     ("fedsa", "aggregation=mode", "aggregation must be one of"),
     ("fedcluster", "n_cluster=2", "unknown method option(s) n_cluster"),
     ("ifca", "k=two", "option k must be an integer"),
-    ("flora", "ranks=[0]", "ranks must be a non-empty list"),
+    ("flora", "ranks=[4]", "unknown method option(s) ranks"),
     ("feddpa", "mix=1.5", "mix must be in (0, 1)"),
     ("fedlease", "max_clusters=1", "max_clusters >= 2"),
 ])

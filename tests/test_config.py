@@ -1,8 +1,10 @@
 import pytest
 from pydantic import ValidationError
 
+from fedrouter import world
 from fedrouter.config import Config, load_config, parse_value
 from fedrouter.errors import FedrouterError
+from fedrouter.methods.common import client_rank
 
 
 def test_defaults_are_valid():
@@ -122,3 +124,21 @@ def test_parse_value(text, expected):
     value = parse_value(text)
     assert value == expected
     assert type(value) is type(expected)
+
+
+@pytest.mark.parametrize("ranks", [[], [4, 0], [4, "8"]])
+def test_bad_client_ranks_are_one_line(ranks):
+    with pytest.raises(FedrouterError) as exc:
+        load_config(overrides={"method": "flora", "lora.client_ranks": ranks})
+    assert "lora.client_ranks" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_client_ranks_only_for_a_method_that_takes_them():
+    cfg = load_config(overrides={"method": "flora", "lora.client_ranks": [4, 8, 16]})
+    setup = world.method_setup(cfg)
+    assert [client_rank(setup, c) for c in range(4)] == [4, 8, 16, 4]
+    assert client_rank(world.method_setup(load_config(overrides={"method": "flora"})), 3) is None
+    with pytest.raises(FedrouterError) as exc:
+        load_config(overrides={"method": "fedit", "lora.client_ranks": [4, 8]})
+    msg = str(exc.value)
+    assert "fedit trains one rank" in msg and "flora" in msg and "\n" not in msg

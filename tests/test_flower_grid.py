@@ -124,7 +124,7 @@ def _same(a: Path, b: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_gives_the_inprocess_result_over_the_flower_loop(method, tmp_path, tiny_overrides, tiny_model_dir):
-    options = {"flora": {"method_options": {"ranks": [2, 4]}}, "fedlease": {"method_options": {"warmup_rounds": 1}},
+    options = {"flora": {"lora.client_ranks": [2, 4]}, "fedlease": {"method_options": {"warmup_rounds": 1}},
                "fedcluster": {"method_options": {"cluster_round": 1}}}.get(method, {})
     cfg = load_config(None, {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, **options})
     run_experiment(cfg, tmp_path / "inprocess", progress=False)
@@ -230,7 +230,7 @@ def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method, extra, crash_in_round", [
     ("fedrouter", {}, 3),  # private state from setup (local clusters, embeddings)
-    ("flora", {"eval_every": 1, "client_fraction": 0.67, "method_options": {"ranks": [2, 4]}}, 2),  # state changed by evaluation
+    ("flora", {"eval_every": 1, "client_fraction": 0.67, "lora.client_ranks": [2, 4]}, 2),  # state changed by evaluation
     ("local", {"inject_failures": 0.3}, 3),  # private adapters; failure draws
 ])
 def test_a_crashed_server_resumes_to_the_uninterrupted_result(method, extra, crash_in_round, tmp_path, tiny_overrides, tiny_model_dir):

@@ -130,7 +130,7 @@ def _lora(r, seed, d=4):
 def test_flora_server_stacks_and_download_grows_with_clients():
     sizes = {}
     for n in (2, 4):
-        server = flora.Server(MethodSetup(0, 2, {"ranks": [2, 4]}), {}, list(range(n)))
+        server = flora.Server(MethodSetup(0, 2, client_ranks=(2, 4)), {}, list(range(n)))
         first = server.configure_fit(0, list(range(n)))
         assert [first[c].config["rank"] for c in range(n)] == [2, 4, 2, 4][:n]
         assert all(m.nbytes() == 0 for m in first.values())  # nothing merged yet

@@ -46,6 +46,16 @@ class LoraSection(_Strict):
     # FedIT's default. ["all-linear"] adapts every linear layer: on the tiny base that much capacity
     # lets one adapter absorb all four tasks without interference (measured; docs/benchmark.md).
     target_modules: list[str] = ["q_proj", "v_proj"]
+    # Clients of different compute: client i trains rank client_ranks[i % len] (e.g. [4, 8, 16]); None: every
+    # client trains r. Only methods whose facts say they take per-client ranks accept it (Config refuses others).
+    client_ranks: list[int] | None = None
+
+    @field_validator("client_ranks")
+    @classmethod
+    def _positive_ranks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(r < 1 for r in v)):
+            raise ValueError(f"lora.client_ranks must be a non-empty list of positive integers, got {v!r}")
+        return v
 
 
 class TinySection(_Strict):
@@ -178,6 +188,16 @@ class Config(_Strict):
         if self.quantization != "none" and facts_of(self.method).writes_base_weights:
             raise ValueError(f"method {self.method} adds a dense update to the base weights, which {self.quantization} "
                              "weights cannot hold: use quantization = \"none\" (bfloat16 works) or another method")
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_per_client_taken(self):
+        """Per-client ranks mean something only to a method built for them; any other would train every
+        client at lora.r and quietly ignore them."""
+        if self.lora.client_ranks is not None and not facts_of(self.method).takes_client_ranks:
+            takers = [name for name in METHODS if facts_of(name).takes_client_ranks]
+            raise ValueError(f"lora.client_ranks: method {self.method} trains one rank (lora.r) for every client; "
+                             f"per-client ranks need one of {', '.join(takers)}")
         return self
 
     @model_validator(mode="after")

@@ -36,7 +36,8 @@ def build_shared(cfg: Config, progress: bool = True) -> SharedModel:
 
 def method_setup(cfg: Config) -> MethodSetup:
     privacy = cfg.privacy.model_dump() if cfg.privacy.mode != "off" else {}
-    return MethodSetup(cfg.seed, cfg.rounds, config.method_options(cfg), privacy)
+    ranks = tuple(cfg.lora.client_ranks) if cfg.lora.client_ranks else None
+    return MethodSetup(cfg.seed, cfg.rounds, config.method_options(cfg), privacy, ranks)
 
 
 def server_part(cfg: Config, shared: SharedModel, client_ids: list[int]):

@@ -93,6 +93,7 @@ class MethodSetup:
     rounds: int
     options: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)  # the run's [privacy] section when it is on (FedRouter's centroids)
+    client_ranks: tuple[int, ...] | None = None  # lora.client_ranks, for the methods that take them (`common.client_rank`)
 
 
 def with_defaults(part, options: dict) -> dict:

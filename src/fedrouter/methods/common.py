@@ -1,5 +1,5 @@
 """Steps several methods share, written once: the usual training reply and round metrics, packing several
-adapters into one message, sending the run's initial adapter once, and the client of the methods that
+adapters into one message, a client's rank, sending the run's initial adapter once, and the client of the methods that
 send only part of the adapter (FedSA-LoRA, FFA-LoRA), and checks of what a client's reply carries."""
 
 from __future__ import annotations
@@ -8,13 +8,19 @@ import numpy as np
 import torch
 
 from fedrouter.errors import FedrouterError
-from fedrouter.methods.base import Adapter, ClientContext, ClientPart, Message
+from fedrouter.methods.base import Adapter, ClientContext, ClientPart, Message, MethodSetup
 
 
 def lora_matrices(adapter: Adapter, kind: str, exclude: bool = False) -> Adapter:
     """The adapter's `kind` ("lora_A" or "lora_B") matrices, or with exclude=True all the others."""
     marker = f".{kind}."
     return {k: v for k, v in adapter.items() if (marker in k) != exclude}
+
+
+def client_rank(setup: MethodSetup, client_id: int) -> int | None:
+    """The rank `lora.client_ranks` gives this client (cycled over the client ids); None: the run's `lora.r`."""
+    ranks = setup.client_ranks
+    return None if not ranks else ranks[client_id % len(ranks)]
 
 
 def fit_reply(adapter: Adapter | None, stats, n_examples: int) -> Message:

@@ -32,6 +32,9 @@ class MethodFacts:
     # results.json has a `clustering` section (the run's clusters against the true tasks): the terminal
     # summary prints it and the report draws the embedding map and silhouette curves from such a run.
     clustering_report: bool = False
+    # It trains each client at its own rank (lora.client_ranks, read through `common.client_rank`); the config
+    # refuses per-client ranks for a method without this.
+    takes_client_ranks: bool = False
 
     def adapters_kept(self, options: dict, n_clients: int) -> str:
         if callable(self.adapters):

@@ -10,37 +10,25 @@ the next round from a fresh adapter, as the paper does. A stacked adapter kept a
 sum_k r_k ranks every round; the merged update is one dense matrix per adapted module. The download is
 the stacked module itself (sum_k r_k ranks), so it grows with the number of clients per round.
 
-Options: ranks (None = every client uses the configured rank; a list such as [4, 8, 16] gives client i
-rank ranks[i % len(ranks)]).
+Per-client ranks come from the run's `lora.client_ranks` (e.g. [4, 8, 16]: client i trains rank
+ranks[i % 3]); without them every client trains `lora.r`. No options of its own.
 """
 
 from __future__ import annotations
 
 from fedrouter.core import lowrank
 from fedrouter.methods.base import ClientPart, Message, MethodFacts, ServerPart
-from fedrouter.methods.common import fit_reply, mean_fit_metrics, pack, require, unpack
+from fedrouter.methods.common import client_rank, fit_reply, mean_fit_metrics, pack, unpack
 
-OPTIONS = {"ranks": None}
-
-
-def check_options(method: str, opts: dict) -> None:
-    ranks = opts["ranks"]
-    require(ranks is None or (isinstance(ranks, list) and ranks and all(
-        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)), method,
-        f"ranks must be a non-empty list of positive integers, got {ranks!r}")
-
-
-def rank_of(ranks: list[int] | None, client_id: int) -> int | None:
-    return None if not ranks else ranks[client_id % len(ranks)]
+OPTIONS: dict = {}
 
 
 class Server(ServerPart):
     # stacked, not averaged (outside DP's mean); merged into the base weights, which a quantized base cannot hold
-    FACTS = MethodFacts(adapters="a merged dense update", writes_base_weights=True)
+    FACTS = MethodFacts(adapters="a merged dense update", writes_base_weights=True, takes_client_ranks=True)
 
     def __init__(self, setup, initial_adapter, client_ids):
         super().__init__(setup, initial_adapter, client_ids)
-        self.ranks = self.options["ranks"]
         self.initial_shapes = {name: tuple(t.shape) for name, t in initial_adapter.items()}
         self.stacked: dict[int, dict] = {}    # round -> that round's stacked module
         self.seen: dict[int, int] = {}        # client -> rounds of stacked modules it already merged
@@ -53,7 +41,7 @@ class Server(ServerPart):
         return pack({t: m for t, m in self.stacked.items() if t >= start})
 
     def configure_fit(self, round_idx, client_ids):
-        return {cid: Message(self._unseen(cid), {"round": round_idx, "rank": rank_of(self.ranks, cid)})
+        return {cid: Message(self._unseen(cid), {"round": round_idx, "rank": client_rank(self.method_setup, cid)})
                 for cid in client_ids}
 
     def expected_upload(self, client_id, sent):
@@ -82,7 +70,7 @@ class Server(ServerPart):
     def report(self, evaluations, truth=None):
         return {"flora": {"aggregation": "stacked per round, merged into the base",
                           "stacked_rank_per_round": self.stacked_ranks,
-                          "client_ranks": {str(c): rank_of(self.ranks, c) for c in self.client_ids}}}
+                          "client_ranks": {str(c): client_rank(self.method_setup, c) for c in self.client_ids}}}
 
 
 class Client(ClientPart):
