@@ -57,10 +57,8 @@ def n_distinct(x: np.ndarray) -> int:
 
 
 def one_blas_thread(fn):
-    """`fn` with BLAS single-threaded: K-Means and silhouette run OpenMP threads, and BLAS threads under them
-    oversubscribe the cores (on 2 cores a client's K choice took 5.6 s instead of 1.4 s, same labels). The
-    OpenMP threads are as many as torch's in this process when the process chose them
-    (`threads.set_threads`): scikit-learn's own pool would take every core of the machine, busy or not."""
+    """`fn` with BLAS single-threaded (BLAS threads under K-Means' OpenMP ones oversubscribe: 5.6 s instead of
+    1.4 s on 2 cores) and OpenMP at torch's threads when chosen (`threads.set_threads`), not every core."""
 
     @functools.wraps(fn)
     def limited(*args, **kwargs):

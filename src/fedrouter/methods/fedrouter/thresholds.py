@@ -2,13 +2,11 @@
 realmix's cls4, gen6 and dolly8, synthetic and synthetic-hard, choose the value best on the other five (mean
 clustering accuracy over scenarios all, dual, single; seed 0), report the left-out one. A value replaces the
 current one only when that choice's mean held-out figure beats the current value's -- `bench/task_discovery.py
---sweep`, figures in docs/benchmark.md. Values kept from earlier work were re-checked where it says so.
-"""
+--sweep`, figures in docs/benchmark.md. Values kept from earlier work were re-checked where it says so."""
 
 # features.py: a word is a template word when at least this share of a client's instructions hold it (rarer
-# words are content, masked); the template parts are cut by the first and last EDGE_WORDS words of each
-# instruction, where prompts put their ask. EDGE_WORDS swept 12 / 24 / 48: five held-out folds chose 12,
-# but their held-out mean (0.884) is not above 24's own (0.885), so 24 stays.
+# words are content, masked); template parts are cut by the first and last EDGE_WORDS words (the ask).
+# EDGE_WORDS swept 12 / 24 / 48: five folds chose 12, held-out mean 0.884, not above 24's own 0.885.
 TEMPLATE_SHARE = 0.03
 EDGE_WORDS = 24
 
@@ -26,10 +24,9 @@ MIN_PART = 8
 ANSWER_GAP = 12.0
 MIN_SPLIT_SHARE = 0.25
 
-# server_step.py: prototypes on the same clients whose counts a chi-square test of homogeneity cannot tell
-# apart at this level are parts of one task; a cluster nearest to fewer than MIN_SHARE of a client's examples
-# is not one of its clusters. router.py: the identity's weight in the pooled covariance (0.01 to 0.6 routed
-# alike on every benchmark). All kept from earlier work.
+# server_step.py: prototypes whose counts a chi-square test of homogeneity cannot tell apart at this level
+# are parts of one task; a cluster nearest to under MIN_SHARE of a client's examples is not one of its.
+# router.py: the identity's weight in the pooled covariance (0.01-0.6 route alike). Kept from earlier work.
 COOCCURRENCE_P = 0.01
 MIN_SHARE = 0.05
 SHRINKAGE = 0.1
