@@ -1,4 +1,5 @@
-"""LoRA algebra on adapter state dicts: the dense update an adapter applies, and rank-wise stacking.
+"""LoRA algebra on adapter state dicts: the dense update an adapter applies, rank-wise stacking, and
+truncation to a lower rank by SVD.
 
 An adapter state dict holds, per adapted module `m`, "m.lora_A.weight" (r x in) and "m.lora_B.weight"
 (out x r); the module's weight becomes W + scaling * B @ A with scaling = alpha / r.
@@ -59,4 +60,43 @@ def stack(adapters: list[Adapter], weights: list[float], scalings: list[float]) 
             [a[m + A_SUFFIX].double() * (w / total * s) for a, w, s in zip(adapters, weights, scalings)], dim=0
         ).to(adapters[0][m + A_SUFFIX].dtype)
         out[m + B_SUFFIX] = torch.cat([a[m + B_SUFFIX] for a in adapters], dim=1)
+    return out
+
+
+def shapes_at_rank(shapes: dict[str, tuple[int, ...]], r: int) -> dict[str, tuple[int, ...]]:
+    """An adapter's tensor shapes (name -> shape) at LoRA rank `r`: A becomes (r, in), B (out, r)."""
+    return {name: (r, shape[1]) if name.endswith(A_SUFFIX) else (shape[0], r) for name, shape in shapes.items()}
+
+
+def svd_factors(b: torch.Tensor, a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rank-`r` truncated SVD of the matrix b @ a as two factors, with the singular values split evenly.
+
+    With b @ a = U S V^T (singular values descending): (U_r S_r^1/2, S_r^1/2 V_r^T, S), in float64, so
+    that left @ right is the best rank-r approximation of b @ a in Frobenius norm (Eckart-Young) and
+    left^T left = right right^T = diag(S_r). Computed through QR of the factors, never forming b @ a:
+    b = Q_b R_b and a^T = Q_a R_a give b @ a = Q_b (R_b R_a^T) Q_a^T, so only the small core R_b R_a^T
+    (at most k x k for an inner dimension k) is decomposed -- the cost grows with k, not with the matrix
+    (a dense matrix d is b = d, a = identity). Beyond the rank b @ a has, the factors are zero.
+    """
+    b, a = b.double(), a.double()
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    kept = min(r, s.numel())
+    root = s[:kept].sqrt()
+    left = torch.zeros(b.shape[0], r, dtype=torch.float64)
+    right = torch.zeros(r, a.shape[1], dtype=torch.float64)
+    left[:, :kept] = (q_b @ u[:, :kept]) * root
+    right[:kept] = root[:, None] * (vh[:kept] @ q_a.T)
+    return left, right, s
+
+
+def truncated(adapter: Adapter, r: int) -> Adapter:
+    """An adapter of rank `r` whose B @ A is, module by module, the rank-`r` truncated SVD of the given
+    adapter's B @ A (`svd_factors`), in the given adapter's dtype."""
+    out: Adapter = {}
+    for m in modules(adapter):
+        b, a = adapter[m + B_SUFFIX], adapter[m + A_SUFFIX]
+        left, right, _ = svd_factors(b, a, r)
+        out[m + A_SUFFIX], out[m + B_SUFFIX] = right.to(a.dtype), left.to(b.dtype)
     return out
