@@ -224,8 +224,9 @@ class Config(_Strict):
         facts = facts_of(self.method)
         if not facts.folds_by_mean:
             private = [name for name in METHODS if facts_of(name).folds_by_mean]
-            raise ValueError(f"privacy: method {self.method} does not fold uploads by a mean (stacking, a choice by loss, "
-                             f"or nothing shared), which client-level DP here does not cover; use one of {', '.join(private)}")
+            why = facts.private_refusal or ("does not fold uploads by a mean (stacking, a choice by loss, or nothing "
+                                            "shared), which client-level DP here does not cover")
+            raise ValueError(f"privacy: method {self.method} {why}; use one of {', '.join(private)}")
         if self.method_options.get("aggregation", "mean") != "mean":
             raise ValueError("privacy: a robust aggregation (median, trimmed_mean) has no Gaussian-mechanism bound; "
                              "use aggregation = \"mean\"")
