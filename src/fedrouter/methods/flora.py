@@ -49,7 +49,7 @@ class Server(ServerPart):
         r = sent.config["rank"]
         if r is None:
             return dict(self.initial_shapes)
-        return {name: (r, shape[1]) if ".lora_A." in name else (shape[0], r) for name, shape in self.initial_shapes.items()}
+        return lowrank.shapes_at_rank(self.initial_shapes, r)
 
     def aggregate_fit(self, round_idx, replies):
         ids = sorted(replies)
