@@ -126,6 +126,8 @@ def test_every_method_runs_end_to_end(every_method):
         assert 0.0 <= r["rouge1"] <= 1.0 and 0.0 <= r["generalization"]["rouge1"] <= 1.0
         assert len(r["per_client"]) == 3
         assert r["bytes_down"] > 0 and (r["bytes_up"] > 0 or method == "local")
+        assert sum(r["bytes_per_client"]["up"].values()) == r["bytes_up"]  # per client adds up to the whole
+        assert sum(r["bytes_per_client"]["down"].values()) == r["bytes_down"]
         assert r["rejected_updates"] == []  # every method's uploads match what it declares it sends
 
 

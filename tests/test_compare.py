@@ -15,13 +15,16 @@ from fedrouter.study.tables import aggregate, load_cells, table_markdown, write_
 from fedrouter.errors import FedrouterError
 
 
-def fake_cell(root: Path, method: str, scenario: str, seed: int, clients: list[float], general: float):
+def fake_cell(root: Path, method: str, scenario: str, seed: int, clients: list[float], general: float,
+              up: dict[str, int] | None = None):
     d = root / "cells" / f"{method}-{scenario}-seed{seed}"
     d.mkdir(parents=True)
     per_client = [{"client": i, "rouge1": v} for i, v in enumerate(clients)]
     results = {"method": method, "scenario": scenario, "seed": seed, "rouge1": sum(clients) / len(clients),
                "generalization": {"rouge1": general}, "base_rouge1": 0.1, "per_client": per_client,
                "per_task": {"t1": {"rouge1": clients[0], "n": 1}}, "bytes_up": 1, "bytes_down": 2, "wall_s": 3.0}
+    if up is not None:
+        results["bytes_per_client"] = {"up": up, "down": {c: 0 for c in up}}
     (d / "results.json").write_text(json.dumps(results))
 
 
@@ -47,6 +50,17 @@ def test_tables_mean_std_fairness_and_bold_best(tmp_path):
     write_tables(tmp_path)
     assert (tmp_path / "summary.csv").read_text().count("\n") == 5  # header + 4 cells
     assert json.loads((tmp_path / "summary.json").read_text())["methods"] == ["fedit", "local"]
+
+
+def test_upload_per_client_is_averaged_over_seeds_and_tabled(tmp_path):
+    fake_cell(tmp_path, "flora", "dual", 0, [0.2, 0.4], 0.5, up={"0": 1_000_000, "1": 3_000_000})
+    fake_cell(tmp_path, "flora", "dual", 1, [0.2, 0.4], 0.5, up={"0": 2_000_000, "1": 3_000_000})
+    fake_cell(tmp_path, "fedit", "dual", 0, [0.2, 0.4], 0.5)  # a run from before per-client traffic: no row
+    summary = aggregate(load_cells(tmp_path))
+    assert summary["cells"]["flora|dual"]["up_per_client"] == {0: 1_500_000, 1: 3_000_000}
+    table = table_markdown(summary)
+    assert "| method | scenario | client 0 | client 1 |" in table
+    assert "| flora | dual | 1.500 | 3.000 |" in table and "| fedit | dual | -" not in table
 
 
 def test_method_options_are_per_method():

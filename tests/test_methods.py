@@ -1,5 +1,6 @@
 """Method parts and the round loop with hand-built messages and fake workbenches: no model needed."""
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -227,6 +228,11 @@ def test_traffic_counts_both_directions_cumulatively():
     t.count({0: Message({"z": torch.zeros(10)})}, {})
     assert t.down == (6 + 7 + 10) * 4
     assert t.up == 20
+    # per client too, and through a checkpoint's JSON and back
+    assert t.by_client == {"down": {"0": (6 + 10) * 4, "1": 7 * 4}, "up": {"0": 20, "1": 0}}
+    again = Traffic()
+    again.restore(json.loads(json.dumps(t.state())))
+    assert (again.down, again.up, again.by_client) == (t.down, t.up, t.by_client)
 
 
 class EchoClient:

@@ -24,7 +24,7 @@ from fedrouter.errors import FedrouterError
 log = logging.getLogger(__name__)
 
 DIR = "checkpoints"
-FORMAT = 2
+FORMAT = 3  # 3: traffic per client
 SUFFIX = ".safetensors"
 # What every checkpoint holds; one without any of these is not a checkpoint of this version.
 REQUIRED = ("format", "round", "config", "server", "torch_rng", "sampling_rng", "traffic", "history",

@@ -135,6 +135,7 @@ def _results(cfg, run_dir, tasks, shared, server, clients, history, loop, report
         },
         "bytes_up": loop.traffic.up,
         "bytes_down": loop.traffic.down,
+        "bytes_per_client": loop.traffic.by_client,
         "rejected_updates": [{"round": h["round"], **r} for h in history for r in h["rejected"]],
         "skipped_rounds": [h["round"] for h in history if "skipped" in h],
         "client_failures_per_round": [sum(r["reason"].startswith("client failed") for r in h["rejected"]) for h in history],

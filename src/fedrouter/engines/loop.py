@@ -26,15 +26,29 @@ log = logging.getLogger(__name__)
 
 
 class Traffic:
-    """Bytes sent to clients (down) and received from them (up), over the whole run."""
+    """Bytes sent to clients (down) and received from them (up), over the whole run, in all and per client
+    (keyed by the client id as text, as results.json and the checkpoint hold them): clients of different
+    ranks or roles send different amounts."""
 
     def __init__(self):
         self.down = 0
         self.up = 0
+        self.by_client: dict[str, dict[str, int]] = {"down": {}, "up": {}}
 
     def count(self, sent: dict[int, Message], received: dict[int, Message]) -> None:
-        self.down += sum(m.nbytes() for m in sent.values())
-        self.up += sum(m.nbytes() for m in received.values())
+        down, up = self.by_client["down"], self.by_client["up"]
+        for cid, message in sent.items():
+            down[str(cid)] = down.get(str(cid), 0) + message.nbytes()
+        for cid, message in received.items():
+            up[str(cid)] = up.get(str(cid), 0) + message.nbytes()
+        self.down, self.up = sum(down.values()), sum(up.values())
+
+    def state(self) -> dict:
+        return {"down": self.down, "up": self.up, "by_client": self.by_client}
+
+    def restore(self, saved: dict) -> None:
+        self.down, self.up = saved["down"], saved["up"]
+        self.by_client = {way: dict(saved["by_client"][way]) for way in ("down", "up")}
 
 
 def sample_clients(client_ids: list[int], fraction: float, rng: random.Random) -> list[int]:
@@ -200,10 +214,10 @@ class RoundLoop:
         return record
 
     def state(self) -> dict:
-        return {"sampling_rng": self.sampling.getstate(), "traffic": (self.traffic.down, self.traffic.up),
+        return {"sampling_rng": self.sampling.getstate(), "traffic": self.traffic.state(),
                 "history": list(self.history)}
 
     def restore(self, saved: dict) -> None:
         self.sampling.setstate(saved["sampling_rng"])
-        self.traffic.down, self.traffic.up = saved["traffic"]
+        self.traffic.restore(saved["traffic"])
         self.history = list(saved["history"])

@@ -6,7 +6,8 @@ summary of one run.
   summary.json  the cells and, per method and scenario, mean and std over seeds
   table.md      the paper's layout: rows = methods, columns = scenarios + average, mean ± std, best in
                 bold; the generalization table (trained on single, tested on every task); fairness
-                (std over clients and worst client); per-task ROUGE-1
+                (std over clients and worst client); upload per client (clients of different ranks
+                send different amounts); per-task ROUGE-1
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def load_cells(out: Path) -> list[dict]:
             "generalization": r["generalization"]["rouge1"], "base_rouge1": r["base_rouge1"],
             "client_std": statistics.pstdev(clients), "worst_client": min(clients),
             "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"], "wall_s": r["wall_s"],
+            # per client id (runs before per-client traffic was counted have none)
+            "up_per_client": {int(c): n for c, n in r.get("bytes_per_client", {}).get("up", {}).items()},
             "per_task": {t: v["rouge1"] for t, v in r["per_task"].items()}, "cell": path.parent.name,
         })
     return rows
@@ -70,6 +73,9 @@ def aggregate(rows: list[dict]) -> dict:
                 entry[key], entry[key + "_std"] = _mean_std([r[key] for r in group])
             tasks = sorted({t for r in group for t in r["per_task"]})
             entry["per_task"] = {t: statistics.mean(r["per_task"][t] for r in group if t in r["per_task"]) for t in tasks}
+            clients = sorted({c for r in group for c in r["up_per_client"]})
+            entry["up_per_client"] = {c: statistics.mean(r["up_per_client"][c] for r in group if c in r["up_per_client"])
+                                      for c in clients}
             out["cells"][f"{m}|{s}"] = entry
     return out
 
@@ -127,6 +133,16 @@ def table_markdown(summary: dict) -> str:
             c = cells.get(f"{m}|{s}")
             parts += [f"{c['client_std']:.3f}", f"{c['worst_client']:.3f}"] if c else ["-", "-"]
         lines.append(f"| {m} | " + " | ".join(parts) + " |")
+    clients = sorted({c for cell in cells.values() for c in cell["up_per_client"]})
+    if clients:
+        lines += ["", "## Upload per client (MB over the run, mean over seeds)", "",
+                  "| method | scenario | " + " | ".join(f"client {c}" for c in clients) + " |",
+                  "|---" * (len(clients) + 2) + "|"]
+        for m in methods:
+            for s in scenarios:
+                up = cells.get(f"{m}|{s}", {}).get("up_per_client", {})
+                if up:
+                    lines.append(f"| {m} | {s} | " + " | ".join(f"{up[c] / 1e6:.3f}" if c in up else "-" for c in clients) + " |")
     for s in scenarios:
         tasks = sorted({t for m in methods if f"{m}|{s}" in cells for t in cells[f"{m}|{s}"]["per_task"]})
         lines += ["", f"## Per task, scenario {s} (ROUGE-1, mean over seeds)", "",
