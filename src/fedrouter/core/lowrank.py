@@ -60,3 +60,22 @@ def stack(adapters: list[Adapter], weights: list[float], scalings: list[float]) 
         ).to(adapters[0][m + A_SUFFIX].dtype)
         out[m + B_SUFFIX] = torch.cat([a[m + B_SUFFIX] for a in adapters], dim=1)
     return out
+
+
+def rank_slice(adapter: Adapter, start: int, stop: int) -> Adapter:
+    """Rank components start..stop-1 of every module: A's rows and B's columns (a truncation from 0)."""
+    return {k: t[start:stop] if k.endswith(A_SUFFIX) else t[:, start:stop] for k, t in adapter.items()}
+
+
+def pad_rank(adapter: Adapter, r: int) -> Adapter:
+    """The adapter zero-padded to rank `r`: zero rows under A, zero columns right of B (the same product)."""
+    out = {}
+    for k, t in adapter.items():
+        missing = r - (t.shape[0] if k.endswith(A_SUFFIX) else t.shape[1])
+        out[k] = torch.nn.functional.pad(t, (0, 0, 0, missing) if k.endswith(A_SUFFIX) else (0, missing))
+    return out
+
+
+def frobenius(update: dict[str, torch.Tensor]) -> float:
+    """The Frobenius norm of a dense update taken over all its modules at once."""
+    return float(sum(float((delta.double() ** 2).sum()) for delta in update.values()) ** 0.5)
