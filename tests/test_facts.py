@@ -34,7 +34,7 @@ def test_a_server_part_without_facts_is_named():
 
 
 def test_the_config_reads_what_methods_declare():
-    private = [name for name in METHODS if facts_of(name).folds_by_mean]
+    private = [name for name in METHODS if facts_of(name).folds_by_mean and not facts_of(name).private_refusal]
     assert "fedit" in private and "flora" not in private and "ifca" not in private
     with pytest.raises(FedrouterError, match=f"use one of {', '.join(private)}$"):
         load_config(None, {"method": "flora", "privacy": {"mode": "central"}})

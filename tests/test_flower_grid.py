@@ -124,7 +124,10 @@ def _same(a: Path, b: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_gives_the_inprocess_result_over_the_flower_loop(method, tmp_path, tiny_overrides, tiny_model_dir):
-    options = {"flora": {"lora.client_ranks": [2, 4]}, "flexlora": {"lora.client_ranks": [2, 4]}, "fedlease": {"method_options": {"warmup_rounds": 1}},
+    options = {"flora": {"lora.client_ranks": [2, 4]}, "flexlora": {"lora.client_ranks": [2, 4]},
+               # a global rank above lora.r (the seeded start, saved as factors), every client pruning every round
+               "hetlora": {"lora.client_ranks": [2, 4, 16], "method_options": {"prune_threshold": 10.0}},
+               "fedlease": {"method_options": {"warmup_rounds": 1}},
                "fedcluster": {"method_options": {"cluster_round": 1}}}.get(method, {})
     cfg = load_config(None, {**tiny_overrides, "method": method, "scenario": "dual", "n_clients": 3, **options})
     run_experiment(cfg, tmp_path / "inprocess", progress=False)

@@ -222,16 +222,14 @@ class Config(_Strict):
             return self
         p = self.privacy
         facts = facts_of(self.method)
-        if not facts.folds_by_mean:
-            private = [name for name in METHODS if facts_of(name).folds_by_mean]
+        if facts.private_refusal or not facts.folds_by_mean:  # the method's own reason before the generic one
+            private = [name for name in METHODS if facts_of(name).folds_by_mean and not facts_of(name).private_refusal]
             why = facts.private_refusal or ("does not fold uploads by a mean (stacking, a choice by loss, or nothing "
                                             "shared), which client-level DP here does not cover")
             raise ValueError(f"privacy: method {self.method} {why}; use one of {', '.join(private)}")
         if self.method_options.get("aggregation", "mean") != "mean":
             raise ValueError("privacy: a robust aggregation (median, trimmed_mean) has no Gaussian-mechanism bound; "
                              "use aggregation = \"mean\"")
-        if facts.private_refusal:
-            raise ValueError(f"privacy: {self.method} {facts.private_refusal}")
         if facts.releases_data_summaries and p.centroid_noise_multiplier is None:
             raise ValueError(f"privacy: {self.method} would release its clients' centroids, assignment counts and router "
                              "moments exactly, which the accountant does not cover; set privacy.centroid_noise_multiplier "

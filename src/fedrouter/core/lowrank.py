@@ -100,3 +100,20 @@ def truncated(adapter: Adapter, r: int) -> Adapter:
         left, right, _ = svd_factors(b, a, r)
         out[m + A_SUFFIX], out[m + B_SUFFIX] = right.to(a.dtype), left.to(b.dtype)
     return out
+def rank_slice(adapter: Adapter, start: int, stop: int) -> Adapter:
+    """Rank components start..stop-1 of every module: A's rows and B's columns (a truncation from 0)."""
+    return {k: t[start:stop] if k.endswith(A_SUFFIX) else t[:, start:stop] for k, t in adapter.items()}
+
+
+def pad_rank(adapter: Adapter, r: int) -> Adapter:
+    """The adapter zero-padded to rank `r`: zero rows under A, zero columns right of B (the same product)."""
+    out = {}
+    for k, t in adapter.items():
+        missing = r - (t.shape[0] if k.endswith(A_SUFFIX) else t.shape[1])
+        out[k] = torch.nn.functional.pad(t, (0, 0, 0, missing) if k.endswith(A_SUFFIX) else (0, missing))
+    return out
+
+
+def frobenius(update: dict[str, torch.Tensor]) -> float:
+    """The Frobenius norm of a dense update taken over all its modules at once."""
+    return float(sum(float((delta.double() ** 2).sum()) for delta in update.values()) ** 0.5)

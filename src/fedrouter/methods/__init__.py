@@ -30,6 +30,7 @@ METHODS = {
     "feddpa": ("feddpa", "Server", "Client"),
     "flora": ("flora", "Server", "Client"),
     "flexlora": ("flexlora", "Server", "Client"),
+    "hetlora": ("hetlora", "Server", "Client"),
     "fedlease": ("fedlease", "Server", "Client"),
     "fedrouter": ("fedrouter", "Server", "Client"),
     "fedrouter-star": ("fedrouter", "StarServer", "Client"),

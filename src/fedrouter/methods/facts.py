@@ -20,8 +20,8 @@ class MethodFacts:
     # Every upload is folded by a plain mean (`ServerPart.average`) and nothing else is made of it, so
     # client-level DP covers the method: DP-FedAvg's wrapper may replace that mean (`methods.privacy`).
     folds_by_mean: bool = False
-    # Why DP cannot cover the method even so (an exact release the accountant does not count), or, for one that
-    # does not fold by a plain mean, the config's refusal in its own words; None: it can (or the generic words).
+    # Why DP cannot cover the method (an exact release, or a fold the accountant does not count), the line the
+    # config refuses DP with; None: `folds_by_mean` decides.
     private_refusal: str | None = None
     # It releases summaries of its clients' data at setup (FedRouter's centroids): under DP they go through
     # the Gaussian mechanism (privacy.centroid_noise_multiplier, required), accounted once, and delta must be
