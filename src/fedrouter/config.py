@@ -202,6 +202,8 @@ class Config(_Strict):
             return self
         p = self.privacy
         facts = facts_of(self.method)
+        if facts.private_refusal:  # the method's own reason says more than the generic line below
+            raise ValueError(f"privacy: {self.method} {facts.private_refusal}")
         if not facts.folds_by_mean:
             private = [name for name in METHODS if facts_of(name).folds_by_mean]
             raise ValueError(f"privacy: method {self.method} does not fold uploads by a mean (stacking, a choice by loss, "
@@ -209,8 +211,6 @@ class Config(_Strict):
         if self.method_options.get("aggregation", "mean") != "mean":
             raise ValueError("privacy: a robust aggregation (median, trimmed_mean) has no Gaussian-mechanism bound; "
                              "use aggregation = \"mean\"")
-        if facts.private_refusal:
-            raise ValueError(f"privacy: {self.method} {facts.private_refusal}")
         if facts.releases_data_summaries and p.centroid_noise_multiplier is None:
             raise ValueError(f"privacy: {self.method} would release its clients' centroids, assignment counts and router "
                              "moments exactly, which the accountant does not cover; set privacy.centroid_noise_multiplier "
