@@ -29,6 +29,7 @@ METHODS = {
     "ifca": ("ifca", "Server", "Client"),
     "feddpa": ("feddpa", "Server", "Client"),
     "flora": ("flora", "Server", "Client"),
+    "fedex": ("fedex", "Server", "Client"),
     "fedlease": ("fedlease", "Server", "Client"),
     "fedrouter": ("fedrouter", "Server", "Client"),
     "fedrouter-star": ("fedrouter", "StarServer", "Client"),
