@@ -36,6 +36,7 @@ def _kill_after_checkpoint(out: Path, overrides: dict, method: str, after_round:
     ("fedrouter", {}, 2),
     ("feddpa", {"eval_every": 1}, 3),                                   # serving slots made mid-run
     ("flora", {"method_options.ranks": "[4, 8]", "client_fraction": 0.67}, 1),  # rank slots, sampling
+    ("fedex", {"client_fraction": 0.67}, 2),                            # residuals a sampled-out client catches up on
     ("fedit", {"privacy.mode": '"central"', "privacy.noise_multiplier": 1.0, "privacy.clip": 0.1}, 2),  # DP noise draws
 ])
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_overrides, tiny_model_dir, method, extra, kill_after):
