@@ -143,6 +143,8 @@ def test_clients_must_report_one_positive_scaling():
         server.aggregate_fit(0, {0: _reply(_adapter(0), 1), 1: _reply(_adapter(1), 1, scaling=4.0)})
     with pytest.raises(FedrouterError, match="not one positive number"):
         server.aggregate_fit(0, {0: _reply(_adapter(0), 1, scaling=float("nan"))})
+    with pytest.raises(FedrouterError, match="not one positive number"):
+        server.aggregate_fit(0, {0: _reply(_adapter(0), 1, scaling=[S])})
 
 
 def test_dp_is_refused_in_one_line_and_the_method_has_no_options():

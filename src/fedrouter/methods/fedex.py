@@ -63,10 +63,11 @@ def residual(uploads: list[dict], weights: list[float], scaling: float, averaged
 
 def scaling_of(replies: dict[int, Message]) -> float:
     """The LoRA scaling the round's clients trained with (one rank: one scaling), checked."""
-    values = {replies[c].config.get("scaling") for c in sorted(replies)}
-    (value,) = values if len(values) == 1 else (None,)
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise FedrouterError(f"fedex: clients sent LoRA scalings {sorted(map(repr, values))}, not one positive number")
+    values = [replies[c].config.get("scaling") for c in sorted(replies)]  # a list: a peer may send anything
+    value = values[0]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or any(v != value for v in values):
+        raise FedrouterError(f"fedex: clients sent LoRA scalings {values!r}, not one positive number")
     return float(value)
 
 
