@@ -234,6 +234,7 @@ def _crash_and_resume(cfg, out: Path, crash_in_round: int, damage=None) -> None:
 @pytest.mark.parametrize("method, extra, crash_in_round", [
     ("fedrouter", {}, 3),  # private state from setup (local clusters, embeddings)
     ("flora", {"eval_every": 1, "client_fraction": 0.67, "lora.client_ranks": [2, 4]}, 2),  # state changed by evaluation
+    ("fedex", {"client_fraction": 0.67, "inject_failures": 0.3}, 3),  # residuals resent after a failure, caught up later
     ("local", {"inject_failures": 0.3}, 3),  # private adapters; failure draws
 ])
 def test_a_crashed_server_resumes_to_the_uninterrupted_result(method, extra, crash_in_round, tmp_path, tiny_overrides, tiny_model_dir):

@@ -142,6 +142,8 @@ DP_REFUSED = {
     "fedrouter-oracle sends task names": ({"method": "fedrouter-oracle",
                                            "privacy": {"mode": "central", "centroid_noise_multiplier": 4.0}},
                                           "true task names"),
+    "fedex central, exact residual": ({"method": "fedex", "privacy": {"mode": "central"}}, "fedex releases each round's residual"),
+    "fedex local, exact residual": ({"method": "fedex", "privacy": {"mode": "local"}}, "fedex releases each round's residual"),
     "screen on clean updates": ({"method": "fedit", "update_norm_ratio": 3.0, "privacy": {"mode": "central"}},
                                 "update_norm_ratio screens the clean updates"),
     "delta 1/n": ({"method": "fedit", "n_clients": 8, "privacy": {"mode": "central", "delta": 0.125}},

@@ -39,25 +39,21 @@ def add_updates(*updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def stack(adapters: list[Adapter], weights: list[float], scalings: list[float]) -> Adapter:
-    """FLoRA's stacking: one adapter of rank sum(r_k) whose B @ A equals sum_k p_k * s_k * B_k @ A_k.
-
-    p_k = weights[k] / sum(weights), s_k = scalings[k] (the client's alpha / r_k). The A blocks are scaled
-    by p_k * s_k and stacked along the rank (rows); the B blocks are concatenated along the rank (columns).
-    Ranks may differ between adapters; the modules must not. The result keeps the inputs' dtype.
+def concat(adapters: list[Adapter], coefficients: list[float]) -> Adapter:
+    """One adapter of rank sum(r_k) whose B @ A equals sum_k c_k * B_k @ A_k, for any real c_k (negative
+    ones too: FedEx-LoRA's residual subtracts the averaged product). The A blocks are scaled by c_k (in
+    float64, then stored in the inputs' dtype) and stacked along the rank (rows); the B blocks are
+    concatenated along the rank (columns). Ranks may differ between adapters; the modules must not.
     """
-    if not adapters or len(adapters) != len(weights) or len(adapters) != len(scalings):
-        raise ValueError("need one weight and one scaling per adapter, and at least one adapter")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("weights must sum to a positive number")
+    if not adapters or len(adapters) != len(coefficients):
+        raise ValueError("need one coefficient per adapter, and at least one adapter")
     names = modules(adapters[0])
     if any(modules(a) != names for a in adapters[1:]):
         raise ValueError("adapters to stack adapt different modules")
     out: Adapter = {}
     for m in names:
         out[m + A_SUFFIX] = torch.cat(
-            [a[m + A_SUFFIX].double() * (w / total * s) for a, w, s in zip(adapters, weights, scalings)], dim=0
+            [a[m + A_SUFFIX].double() * c for a, c in zip(adapters, coefficients)], dim=0
         ).to(adapters[0][m + A_SUFFIX].dtype)
         out[m + B_SUFFIX] = torch.cat([a[m + B_SUFFIX] for a in adapters], dim=1)
     return out
@@ -100,6 +96,8 @@ def truncated(adapter: Adapter, r: int) -> Adapter:
         left, right, _ = svd_factors(b, a, r)
         out[m + A_SUFFIX], out[m + B_SUFFIX] = right.to(a.dtype), left.to(b.dtype)
     return out
+
+
 def rank_slice(adapter: Adapter, start: int, stop: int) -> Adapter:
     """Rank components start..stop-1 of every module: A's rows and B's columns (a truncation from 0)."""
     return {k: t[start:stop] if k.endswith(A_SUFFIX) else t[:, start:stop] for k, t in adapter.items()}
@@ -117,3 +115,17 @@ def pad_rank(adapter: Adapter, r: int) -> Adapter:
 def frobenius(update: dict[str, torch.Tensor]) -> float:
     """The Frobenius norm of a dense update taken over all its modules at once."""
     return float(sum(float((delta.double() ** 2).sum()) for delta in update.values()) ** 0.5)
+
+
+def stack(adapters: list[Adapter], weights: list[float], scalings: list[float]) -> Adapter:
+    """FLoRA's stacking: one adapter of rank sum(r_k) whose B @ A equals sum_k p_k * s_k * B_k @ A_k.
+
+    p_k = weights[k] / sum(weights), s_k = scalings[k] (the client's alpha / r_k); see `concat`. The
+    result keeps the inputs' dtype.
+    """
+    if not adapters or len(adapters) != len(weights) or len(adapters) != len(scalings):
+        raise ValueError("need one weight and one scaling per adapter, and at least one adapter")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    return concat(adapters, [w / total * s for w, s in zip(weights, scalings)])

@@ -31,6 +31,7 @@ METHODS = {
     "flora": ("flora", "Server", "Client"),
     "flexlora": ("flexlora", "Server", "Client"),
     "hetlora": ("hetlora", "Server", "Client"),
+    "fedex": ("fedex", "Server", "Client"),
     "fedlease": ("fedlease", "Server", "Client"),
     "fedrouter": ("fedrouter", "Server", "Client"),
     "fedrouter-star": ("fedrouter", "StarServer", "Client"),
