@@ -39,7 +39,7 @@ def test_the_config_reads_what_methods_declare():
     with pytest.raises(FedrouterError, match=f"use one of {', '.join(private)}$"):
         load_config(None, {"method": "flora", "privacy": {"mode": "central"}})
     writes = sorted(name for name in METHODS if facts_of(name).writes_base_weights)
-    assert writes == ["feddpa", "fedex", "flexlora", "flora"]
+    assert writes == ["feddpa", "fedex", "flexlora", "flora", "hetlora"]
     for name in writes:
         with pytest.raises(FedrouterError, match="weights cannot hold"):
             load_config(None, {"method": name, "quantization": "8bit"})

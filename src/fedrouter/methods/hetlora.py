@@ -93,7 +93,9 @@ def tail_penalty(live: dict, keep: int):
 
 
 class Server(ServerPart):
+    # clients evaluate the global adapter as a dense update on the base, which a quantized base cannot hold
     FACTS = MethodFacts(adapters="1 global adapter at the largest client rank", takes_client_ranks=True,
+                        writes_base_weights=True,
                         private_refusal="weights each upload by the norm of its own product B_k A_k, not by a plain "
                                         "mean, so one client's data sets its weight, which the accountant does not cover")
 
