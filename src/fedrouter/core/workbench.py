@@ -10,12 +10,14 @@ knows about federation.
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from fedrouter.core.data import ClientData
 from fedrouter.core.embed import BaseModelEmbedder, embed_cached, resolve_embedder
+from fedrouter.core.gated_mix import GatedMix
 from fedrouter.core.generate import generate
 from fedrouter.core.metrics import score_predictions
 from fedrouter.core.model import (LoraSettings, adapter_parameters, attach_lora, base_fingerprint, default_cache_dir,
@@ -214,10 +216,12 @@ class SharedModel:
     def adapter(self, slot: str = "default") -> Adapter:
         return get_adapter_state(self.model, slot)
 
-    def predict(self, encoded: list, adapter: Adapter | None) -> list[str]:
-        """Greedy answers for encoded examples under `adapter`; None means the base (plus any base delta)."""
+    def predict(self, encoded: list, adapter: Adapter | None, mixer: GatedMix | None = None) -> list[str]:
+        """Greedy answers for encoded examples under `adapter`; None means the base (plus any base delta).
+        With `mixer`, the adapter mixed with its frozen partner by its gate (`core.gated_mix`)."""
         prompts = [e.prompt_ids for e in encoded]
-        key = (prompts_fingerprint(prompts), adapter_fingerprint(adapter), self._base_delta_key)
+        key = (prompts_fingerprint(prompts), adapter_fingerprint(adapter), self._base_delta_key,
+               adapter_fingerprint(mixer.state()) if mixer else "")
         if key not in self._memo:
             if len(self._memo) > 256:
                 self._memo.clear()
@@ -227,7 +231,8 @@ class SharedModel:
                     out = generate(self.model, self.tokenizer, prompts, train.max_new_tokens, train.eval_batch_size)
             else:
                 self.load(adapter)
-                out = generate(self.model, self.tokenizer, prompts, train.max_new_tokens, train.eval_batch_size)
+                with mixer.attached(self.model) if mixer else nullcontext():
+                    out = generate(self.model, self.tokenizer, prompts, train.max_new_tokens, train.eval_batch_size)
             self._memo[key] = out
         return list(self._memo[key])
 
@@ -298,7 +303,7 @@ class ClientWorkbench:
 
     def train(self, adapter: Adapter, round_idx: int, steps: int | None = None, *, penalty=None,
               subset: tuple[str, list[int]] | None = None, trainable: str | None = None,
-              base_update: dict | None = None) -> tuple[Adapter, TrainStats]:
+              base_update: dict | None = None, mixer: GatedMix | None = None) -> tuple[Adapter, TrainStats]:
         """Start from `adapter`, run the round's local steps at the round's learning rate, return the result.
 
         `subset` = (name, example indices) trains on those examples only, from a stream of their own that
@@ -308,6 +313,8 @@ class ClientWorkbench:
         `penalty(live)` gets the live adapter parameters by name and returns a loss term (FedProx).
         `base_update` ({module: dense update}) is added to the frozen base first (FLoRA's merged rounds,
         FedDPA's frozen partner adapter). An adapter of another LoRA rank trains in a slot of that rank.
+        `mixer` mixes the adapter with a frozen partner adapter token by token (`core.gated_mix`), its
+        gate trained alongside unless it is held (`mixer.gate` is then the trained one afterwards).
         """
         train = self.shared.train_settings
         slot = self.shared.slot_of(adapter)
@@ -320,11 +327,12 @@ class ClientWorkbench:
         params = [p for k, p in live.items() if trainable is None or f".{trainable}." in k]
         self.shared.model.set_adapter(slot)
         self._train_calls += 1
+        mixing = mixer.attached(self.shared.model, slot) if mixer else nullcontext([])
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), mixing as gate:
                 torch.manual_seed(self.seed * 1_000_003 + self.client_id * 10_007 + self._train_calls)
                 stats = train_steps(
-                    self.shared.model, params, stream, steps or train.local_steps, lr, train.weight_decay,
+                    self.shared.model, params + gate, stream, steps or train.local_steps, lr, train.weight_decay,
                     regularizer=(lambda: penalty(live)) if penalty else None, grad_accum_steps=train.grad_accum_steps,
                 )
         finally:
@@ -373,13 +381,15 @@ class ClientWorkbench:
         for name, indices, st in state["subsets"]:  # recreated in creation order: their seeds depend on it
             self._subset_stream(name, indices).load_state_dict(st)
 
-    def evaluate(self, adapter: Adapter | None, split: str = "test", *, base_update: dict | None = None) -> dict:
+    def evaluate(self, adapter: Adapter | None, split: str = "test", *, base_update: dict | None = None,
+                 mixer: GatedMix | None = None) -> dict:
         """Per-task ROUGE/exact-match report on `split` ("test": own tasks; "general": every task).
 
-        `base_update` evaluates on base + that dense update (FLoRA's merged model, with adapter None)."""
+        `base_update` evaluates on base + that dense update (FLoRA's merged model, with adapter None);
+        `mixer`, with the adapter mixed with its frozen partner as in training (`core.gated_mix`)."""
         examples, encoded = self.splits[split]
         self.shared.use_base_delta(base_update)
-        return _score(examples, self.shared.predict(encoded, adapter))
+        return _score(examples, self.shared.predict(encoded, adapter, mixer))
 
     def evaluate_weighted(self, adapters: list[Adapter], weights: torch.Tensor, split: str = "test") -> dict:
         """Like `evaluate`, with example i answered under sum_j weights[i, j] * adapter j (FedDPA)."""

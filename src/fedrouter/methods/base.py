@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedrouter.core.aggregate import weighted_average
+from fedrouter.core.gated_mix import GatedMix
 from fedrouter.methods.facts import MethodFacts
 
 Adapter = dict[str, torch.Tensor]
@@ -41,9 +42,11 @@ class Workbench(Protocol):
     Capabilities, each a general one that any method may use:
     - `train(adapter, round_idx, ...)`: the round's local steps from `adapter` (its rank picks the slot), on
       all examples or a named `subset`, updating only the `trainable` matrices ("lora_A" / "lora_B"),
-      with a `penalty(live parameters)` added to the loss, on top of a frozen dense `base_update`;
-    - `evaluate*`: ROUGE on a split with one adapter, one adapter per example (`evaluate_routed`), or a
-      per-example weighted mix of adapters (`evaluate_weighted`);
+      with a `penalty(live parameters)` added to the loss, on top of a frozen dense `base_update`, or
+      mixed token by token with a frozen partner adapter by a gate trained alongside (`mixer`, a
+      `core.gated_mix.GatedMix`);
+    - `evaluate*`: ROUGE on a split with one adapter (or one mixed with its partner by `mixer`), one
+      adapter per example (`evaluate_routed`), or a per-example weighted mix of adapters (`evaluate_weighted`);
     - `embed(texts, embedder)`: frozen embeddings of texts (cached), or with `adapter` active;
     - `loss(adapter)`: mean training loss on the first examples.
     """
@@ -61,11 +64,13 @@ class Workbench(Protocol):
     def lora_scaling(self, rank: int | None = None) -> float: ...
 
     def train(self, adapter: Adapter, round_idx: int, *, subset: tuple[str, list[int]] | None = None,
-              trainable: str | None = None, penalty=None, base_update: dict | None = None): ...
+              trainable: str | None = None, penalty=None, base_update: dict | None = None,
+              mixer: GatedMix | None = None): ...
 
     def loss(self, adapter: Adapter, n_examples: int = 32) -> float: ...
 
-    def evaluate(self, adapter: Adapter | None, split: str = "test", *, base_update: dict | None = None) -> dict: ...
+    def evaluate(self, adapter: Adapter | None, split: str = "test", *, base_update: dict | None = None,
+                 mixer: GatedMix | None = None) -> dict: ...
 
     def evaluate_routed(self, adapters: dict[str, Adapter], assignment: list[str], split: str = "test",
                         mixed: bool = False) -> dict: ...
