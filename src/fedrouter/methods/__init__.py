@@ -33,6 +33,7 @@ METHODS = {
     "hetlora": ("hetlora", "Server", "Client"),
     "fedex": ("fedex", "Server", "Client"),
     "fedlease": ("fedlease", "Server", "Client"),
+    "fedalt": ("fedalt", "Server", "Client"),
     "fedrouter": ("fedrouter", "Server", "Client"),
     "fedrouter-star": ("fedrouter", "StarServer", "Client"),
     "fedrouter-oracle": ("fedrouter", "OracleServer", "Client"),
