@@ -151,6 +151,10 @@ def test_what_each_method_sends(every_method):
     assert results["feddpa"]["bytes_up"] == fedit["bytes_up"]
     assert {"client0-local", "global"} <= set(results["feddpa"]["adapters"])
     assert 0.0 <= results["feddpa"]["feddpa_lambda"]["test"] <= 1.0
+    # FedALT: its individual adapter up, its rest of the world down (to train and to evaluate), as FedIT's
+    # adapter goes; the individual adapters are saved per client
+    assert (results["fedalt"]["bytes_up"], results["fedalt"]["bytes_down"]) == (fedit["bytes_up"], fedit["bytes_down"])
+    assert {f"client{c}-individual" for c in range(3)} == set(results["fedalt"]["adapters"])
 
 
 @pytest.mark.parametrize("method, option, needle", [
@@ -162,6 +166,7 @@ def test_what_each_method_sends(every_method):
     ("flora", "ranks=[4]", "unknown method option(s) ranks"),
     ("feddpa", "mix=1.5", "mix must be in (0, 1)"),
     ("fedlease", "max_clusters=1", "max_clusters >= 2"),
+    ("fedalt", "mixer=1.5", "mixer must be \"learned\" or the individual adapter's fixed weight"),
 ])
 def test_bad_method_option_is_one_line_and_exit_2(tmp_path, tiny_overrides, tiny_model_dir, capsys, method, option, needle):
     key, value = option.split("=", 1)

@@ -39,6 +39,7 @@ def _kill_after_checkpoint(out: Path, overrides: dict, method: str, after_round:
     ("flexlora", {"lora.client_ranks": "[2, 4]", "client_fraction": 0.67, "eval_every": 2}, 2),  # the global update, per-rank factors
     ("hetlora", {"lora.client_ranks": "[4, 16]", "method_options.prune_threshold": 10.0}, 2),  # ranks pruned mid-run
     ("fedex", {"client_fraction": 0.67}, 2),                            # residuals a sampled-out client catches up on
+    ("fedalt", {"eval_every": 1, "client_fraction": 0.67}, 2),          # kept uploads, private mixers, sampling
     ("fedit", {"privacy.mode": '"central"', "privacy.noise_multiplier": 1.0, "privacy.clip": 0.1}, 2),  # DP noise draws
 ])
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_overrides, tiny_model_dir, method, extra, kill_after):
