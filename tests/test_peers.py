@@ -10,6 +10,7 @@ import torch
 
 from fedrouter.core import lowrank
 from fedrouter.core.client_clusters import agglomerative, agglomerative_auto, cosine_distance_matrix
+from fedrouter.core.statefile import dumps, loads
 from fedrouter.errors import FedrouterError
 from fedrouter.methods import fedcluster, feddpa, fedlease, flora, ifca
 from fedrouter.methods.base import ClientContext, Message, MethodSetup
@@ -183,11 +184,11 @@ class FloraBench:
 
 
 def test_flora_client_whose_round_failed_gets_the_modules_again_and_merges_each_once():
-    server = flora.Server(MethodSetup(0, 4, client_ranks=(2, 4)), {}, [0, 1, 2])
-    part = flora.Client(MethodSetup(0, 4))
+    setup = MethodSetup(0, 4, client_ranks=(2, 4))
+    server, part = flora.Server(setup, {}, [0, 1, 2]), flora.Client(setup)
     ctx = {c: ClientContext(c, FloraBench(c)) for c in range(3)}
 
-    def round_(round_idx, lost=(), dropped=()):
+    def round_(server, round_idx, lost=(), dropped=()):
         """`lost`: the message never reached the client (an injected failure, a timeout); `dropped`: it
         trained (and merged) but its reply was not accepted."""
         sent = server.configure_fit(round_idx, [0, 1, 2])
@@ -198,9 +199,12 @@ def test_flora_client_whose_round_failed_gets_the_modules_again_and_merges_each_
     def same(update, expected):
         return set(update) == set(expected) and all(torch.equal(update[m], expected[m]) for m in expected)
 
-    round_(0)
-    round_(1, lost=[1])  # client 1 never merged round 0's module
-    sent = round_(2, dropped=[2])  # client 2 merged modules 0-1, then its reply was dropped
+    round_(server, 0)
+    round_(server, 1, lost=[1])  # client 1 never merged round 0's module
+    # killed and resumed here: what is still unconfirmed comes back from the checkpoint's bytes
+    server, saved = flora.Server(setup, {}, [0, 1, 2]), server
+    server.load_state_dict(loads(dumps(saved.state_dict())))
+    sent = round_(server, 2, dropped=[2])  # client 2 merged modules 0-1, then its reply was dropped
     assert sorted(unpack(sent[1].arrays)) == [0, 1]  # sent again with the module of round 1
     for c in range(3):  # all trained round 2 on the same base, client 1 included
         assert same(ctx[c].workbench.bases[-1], ctx[0].workbench.bases[-1]) and ctx[0].workbench.bases[-1]
