@@ -121,14 +121,14 @@ def test_every_client_merges_each_residual_once_whatever_it_missed():
     round_(2, [0, 1, 2], dropped=[2])  # 2 merged residuals 0-1, then its reply was dropped: sent again, skipped
     before = server.merged_update()
     # each training ran on exactly the residuals of the rounds before it
-    first_two = lowrank.add_updates(*(lowrank.dense_update(server.residuals[t], 1.0) for t in (0, 1)))
+    first_two = lowrank.add_updates(*(lowrank.dense_update(server.residuals.items[t], 1.0) for t in (0, 1)))
     assert ctx[0].workbench.bases[0] is None and _same(ctx[0].workbench.bases[2], first_two)
     assert _same(ctx[1].workbench.bases[-1], first_two)  # 1 caught up on residuals 0 and 1 at once
     evaluation = server.configure_evaluate([0, 1, 2])
     for c, msg in evaluation.items():
         part.evaluate(msg, ctx[c])
         assert _same(ctx[c].workbench.bases[-1], before)  # all three rounds' residuals, none twice
-        assert ctx[c].state["residuals_merged"] == 3
+        assert ctx[c].state["merged_count"] == 3
     # client 2 was sent residuals 0-2 again (its reply was dropped), client 0 only the newest
     assert sorted({k.split("/")[1] for k in evaluation[2].arrays if k.startswith(fedex.RESIDUALS)}) == ["0", "1", "2"]
     assert sorted({k.split("/")[1] for k in evaluation[0].arrays if k.startswith(fedex.RESIDUALS)}) == ["2"]

@@ -10,10 +10,11 @@ import torch
 
 from fedrouter.core import lowrank
 from fedrouter.core.client_clusters import agglomerative, agglomerative_auto, cosine_distance_matrix
+from fedrouter.core.statefile import dumps, loads
 from fedrouter.errors import FedrouterError
 from fedrouter.methods import fedcluster, feddpa, fedlease, flora, ifca
 from fedrouter.methods.base import ClientContext, Message, MethodSetup
-from fedrouter.methods.common import pack, unpack
+from fedrouter.methods.common import merge_new, pack, unpack
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
 
@@ -146,12 +147,73 @@ def test_flora_client_merges_each_stacked_module_once(tiny_shared):
     ctx = ClientContext(0, wb)
     module = lowrank.stack([shared.initial_adapter], [1], [1.0])
     module = {k: (v + 0.01 if ".lora_B." in k else v) for k, v in module.items()}  # B != 0: a real update
-    client = flora.Client(MethodSetup(0, 2))
-    client._merge(Message(pack({0: module})), ctx)
-    client._merge(Message({}), ctx)  # nothing new: nothing added
+    merge_new(ctx, pack({0: module}))
+    merge_new(ctx, {})  # nothing new: nothing added
+    merge_new(ctx, pack({0: module}))  # sent again (its reply was lost): merged already, skipped
     expected = lowrank.dense_update(module, 1.0)
     assert set(ctx.state["merged"]) == set(expected)
     assert all(torch.equal(ctx.state["merged"][m], expected[m]) for m in expected)
+
+
+class FloraBench:
+    """A fake workbench: training adds a client- and round-specific step to the fresh adapter; every training
+    and evaluation records the base update it ran on."""
+
+    n_train = 4
+
+    def __init__(self, client_id):
+        self.client_id, self.bases = client_id, []
+
+    def lora_rank(self):
+        return 2
+
+    def lora_scaling(self, rank=None):
+        return 8 / (rank or 2)
+
+    def initial_adapter(self, rank=None):
+        return _lora(rank or 2, 0)
+
+    def train(self, adapter, round_idx, *, base_update=None, **_):
+        self.bases.append(base_update)
+        step = _lora(lowrank.rank(adapter), 100 + 10 * round_idx + self.client_id)
+        return {k: v + step[k] for k, v in adapter.items()}, SimpleNamespace(loss=1.0, tokens=1, seconds=0.0)
+
+    def evaluate(self, adapter, split="test", *, base_update=None):
+        self.bases.append(base_update)
+        return {}
+
+
+def test_flora_client_whose_round_failed_gets_the_modules_again_and_merges_each_once():
+    setup = MethodSetup(0, 4, client_ranks=(2, 4))
+    server, part = flora.Server(setup, {}, [0, 1, 2]), flora.Client(setup)
+    ctx = {c: ClientContext(c, FloraBench(c)) for c in range(3)}
+
+    def round_(server, round_idx, lost=(), dropped=()):
+        """`lost`: the message never reached the client (an injected failure, a timeout); `dropped`: it
+        trained (and merged) but its reply was not accepted."""
+        sent = server.configure_fit(round_idx, [0, 1, 2])
+        replies = {c: part.fit(msg, ctx[c]) for c, msg in sent.items() if c not in lost}
+        server.aggregate_fit(round_idx, {c: r for c, r in replies.items() if c not in dropped})
+        return sent
+
+    def same(update, expected):
+        return set(update) == set(expected) and all(torch.equal(update[m], expected[m]) for m in expected)
+
+    round_(server, 0)
+    round_(server, 1, lost=[1])  # client 1 never merged round 0's module
+    # killed and resumed here: what is still unconfirmed comes back from the checkpoint's bytes
+    server, saved = flora.Server(setup, {}, [0, 1, 2]), server
+    server.load_state_dict(loads(dumps(saved.state_dict())))
+    sent = round_(server, 2, dropped=[2])  # client 2 merged modules 0-1, then its reply was dropped
+    assert sorted(unpack(sent[1].arrays)) == [0, 1]  # sent again with the module of round 1
+    for c in range(3):  # all trained round 2 on the same base, client 1 included
+        assert same(ctx[c].workbench.bases[-1], ctx[0].workbench.bases[-1]) and ctx[0].workbench.bases[-1]
+    evaluation = server.configure_evaluate([0, 1, 2])
+    assert sorted(unpack(evaluation[2].arrays)) == [1, 2]  # its dropped round's module 1 again, skipped: merged
+    for c, msg in evaluation.items():
+        part.evaluate(msg, ctx[c])
+        assert same(ctx[c].workbench.bases[-1], server.stacked.merged())  # every round's module, none twice
+        assert ctx[c].state["merged_count"] == 3
 
 
 def test_base_delta_is_applied_and_removed_exactly(tiny_shared):

@@ -1,12 +1,14 @@
 """Steps several methods share, written once: the usual training reply and round metrics, packing several
-adapters into one message, a client's rank, sending the run's initial adapter once, and the client of the methods that
-send only part of the adapter (FedSA-LoRA, FFA-LoRA), and checks of what a client's reply carries."""
+adapters into one message, a client's rank, sending the run's initial adapter once, numbered base updates every
+client merges once (FLoRA, FedEx-LoRA), and the client of the methods that send only part of the adapter
+(FedSA-LoRA, FFA-LoRA), and checks of what a client's reply carries."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from fedrouter.core import lowrank
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import Adapter, ClientContext, ClientPart, Message, MethodSetup
 
@@ -94,6 +96,79 @@ def own_adapter(ctx: ClientContext, key: str, msg: Message) -> Adapter:
     """The adapter a client continues from: its own (in state[key]), else the initial one the server sent
     once -- or, for a client that failed the round it came in, the same initialisation it holds anyway."""
     return ctx.state.get(key) or msg.arrays or ctx.workbench.initial_adapter()
+
+
+def merge_into(update: dict[str, torch.Tensor], items: dict[int, Adapter]) -> dict[str, torch.Tensor]:
+    """A new dense update: `update` plus each item's B @ A (its scaling already folded into A), in number
+    order -- one order everywhere, so a client's merged base and the server's sum agree bit for bit."""
+    return lowrank.add_updates(update, *(lowrank.dense_update(item, 1.0) for _, item in sorted(items.items())))
+
+
+class CatchUp:
+    """The server side of "every client adds every numbered item (FLoRA's stacked modules, FedEx-LoRA's
+    residuals) to its frozen base, each exactly once", with clients sampled and failing.
+
+    A client's message carries every item it has not been sent yet (all of them for a client new to the
+    run). What went out in a training message that did not come back accepted (the client failed or timed
+    out, its update was rejected, its round skipped) may never have been merged, so it is sent again: marked
+    sent only when the message is built, it would otherwise never come again and that client's base would
+    drift from the others' for the rest of the run. Items are numbered, so a client that did merge them
+    skips them (`merge_new`). Evaluation messages need no confirmation: an engine stops the run when one
+    fails. Plain data (`state_dict`): a checkpoint holds it."""
+
+    def __init__(self):
+        self.items: dict[int, Adapter] = {}  # number (0, 1, ...) -> item
+        self.sent: dict[int, int] = {}       # client -> items sent to it (the numbers below this)
+        self.pending: dict[int, int] = {}    # client -> its `sent` before the current training message
+
+    def add(self, item: Adapter) -> None:
+        self.items[len(self.items)] = item
+
+    def for_training(self, client_ids: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Each selected client's unsent items (packed); each stays unconfirmed until `confirm`."""
+        self._resend_unconfirmed()
+        self.pending = {cid: self.sent.get(cid, 0) for cid in client_ids}
+        return {cid: self._unsent(cid) for cid in client_ids}
+
+    def confirm(self, client_ids) -> None:
+        """These clients' training replies were accepted: they merged what they were sent."""
+        for cid in client_ids:
+            self.pending.pop(cid, None)
+
+    def for_evaluation(self, client_ids: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        self._resend_unconfirmed()
+        return {cid: self._unsent(cid) for cid in client_ids}
+
+    def merged(self) -> dict[str, torch.Tensor]:
+        """What every client's base has absorbed once it is caught up: all items, as one dense update."""
+        return merge_into({}, self.items)
+
+    def _unsent(self, cid: int) -> dict[str, torch.Tensor]:
+        start = self.sent.get(cid, 0)
+        self.sent[cid] = len(self.items)
+        return pack({t: item for t, item in self.items.items() if t >= start})
+
+    def _resend_unconfirmed(self) -> None:
+        for cid, before in self.pending.items():
+            self.sent[cid] = min(self.sent.get(cid, 0), before)
+        self.pending = {}
+
+    def state_dict(self) -> dict:
+        return {"items": dict(self.items), "sent": dict(self.sent), "pending": dict(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.items, self.sent, self.pending = dict(state["items"]), dict(state["sent"]), dict(state["pending"])
+
+
+def merge_new(ctx: ClientContext, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The client side of `CatchUp`: this client's base update (ctx.state["merged"]) after adding the items
+    in `arrays` it has not merged yet (a resent one it merged before is skipped); None while there is none."""
+    have = ctx.state.get("merged_count", 0)
+    new = {t: item for t, item in unpack(arrays).items() if t >= have}
+    if new:  # a new dict, never one edited in place: the workbench recognises an unchanged update by identity
+        ctx.state["merged"] = merge_into(ctx.state.get("merged", {}), new)
+        ctx.state["merged_count"] = max(new) + 1
+    return ctx.state.get("merged") or None
 
 
 class PartialAdapterClient(ClientPart):

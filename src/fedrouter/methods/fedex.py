@@ -21,9 +21,9 @@ Where this departs from the paper, and why:
 - Weights p_k are the clients' example counts (FedIT's FedAvg), where the paper averages uniformly; the
   residual uses the same p_k, so the aggregation stays exact.
 - Clients may be sampled. A client gets every residual it has not merged when it next trains or
-  evaluates (FLoRA's catch-up here), so every selected client trains on the same base. One that failed or
-  was rejected in a round gets that round's residuals again; residuals are numbered, and a client merges
-  each number once.
+  evaluates (`common.CatchUp`, as FLoRA's stacked modules), so every selected client trains on the same
+  base. One that failed or was rejected in a round gets that round's residuals again; residuals are
+  numbered, and a client merges each number once.
 - No server optimizer or robust aggregation: either breaks the exactness the method exists for.
 
 Traffic: up, the trained adapter (as FedIT); down, the global adapter plus the unmerged residuals' factors,
@@ -47,7 +47,7 @@ import torch
 from fedrouter.core import lowrank
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.base import ClientPart, Message, MethodFacts, ServerPart
-from fedrouter.methods.common import fit_reply, mean_fit_metrics, pack, pack_under, unpack, unpack_under
+from fedrouter.methods.common import CatchUp, fit_reply, mean_fit_metrics, merge_new, pack_under, unpack_under
 
 OPTIONS: dict = {}  # the paper has no knob; the mean must be the plain one for the aggregation to be exact
 
@@ -81,29 +81,15 @@ class Server(ServerPart):
         super().__init__(setup, initial_adapter, client_ids)
         self.global_adapter = dict(initial_adapter)
         self.initial_shapes = {name: tuple(t.shape) for name, t in initial_adapter.items()}
-        self.residuals: dict[int, dict] = {}  # round number (0, 1, ...) -> that round's residual factors
-        self.seen: dict[int, int] = {}        # client -> residuals sent to it (numbers below this)
-        self.pending: dict[int, int] = {}     # client -> its `seen` before this round's training message
+        self.residuals = CatchUp()  # each aggregated round's residual factors, merged by every client once
         self.scaling: float | None = None
 
-    def _download(self, cid: int) -> Message:
-        """The global adapter and the residuals this client has not been sent yet."""
-        start = self.seen.get(cid, 0)
-        self.seen[cid] = len(self.residuals)
-        unseen = pack({t: r for t, r in self.residuals.items() if t >= start})
-        return Message({**pack_under(GLOBAL, self.global_adapter), **pack_under(RESIDUALS, unseen)})
-
-    def _resend_unconfirmed(self) -> None:
-        """A client sent a training message that did not come back accepted (failed, rejected, its round
-        skipped) may not have merged what it was sent: send it again (the client skips numbers it has)."""
-        for cid, before in self.pending.items():
-            self.seen[cid] = min(self.seen.get(cid, 0), before)
-        self.pending = {}
+    def _download(self, unmerged: dict) -> Message:
+        """The global adapter and the residuals a client has not been sent yet."""
+        return Message({**pack_under(GLOBAL, self.global_adapter), **pack_under(RESIDUALS, unmerged)})
 
     def configure_fit(self, round_idx, client_ids):
-        self._resend_unconfirmed()
-        self.pending = {cid: self.seen.get(cid, 0) for cid in client_ids}
-        messages = {cid: self._download(cid) for cid in client_ids}
+        messages = {cid: self._download(unmerged) for cid, unmerged in self.residuals.for_training(client_ids).items()}
         for msg in messages.values():
             msg.config["round"] = round_idx
         return messages
@@ -119,21 +105,20 @@ class Server(ServerPart):
         uploads, weights = [replies[c].arrays for c in ids], [replies[c].config["n_examples"] for c in ids]
         self.scaling = scaling_of(replies)
         averaged = self.average(uploads, weights)
-        self.residuals[len(self.residuals)] = this_round = residual(uploads, weights, self.scaling, averaged)
+        this_round = residual(uploads, weights, self.scaling, averaged)
+        self.residuals.add(this_round)
+        self.residuals.confirm(ids)
         self.global_adapter = averaged
-        for cid in ids:  # these merged what they were sent
-            self.pending.pop(cid, None)
         # how far FedIT's mean of A and B alone would have been from the mean of the clients' models
         norm = math.sqrt(sum(float(d.square().sum()) for d in lowrank.dense_update(this_round, 1.0).values()))
         return {**mean_fit_metrics(replies), "residual_norm": norm}
 
     def configure_evaluate(self, client_ids):
-        self._resend_unconfirmed()
-        return {cid: self._download(cid) for cid in client_ids}
+        return {cid: self._download(unmerged) for cid, unmerged in self.residuals.for_evaluation(client_ids).items()}
 
     def merged_update(self) -> dict[str, torch.Tensor]:
         """What the clients' bases absorbed: the sum of every round's residual (module -> dense delta W)."""
-        return lowrank.add_updates(*(lowrank.dense_update(r, 1.0) for _, r in sorted(self.residuals.items())))
+        return self.residuals.merged()
 
     def tensor_files(self):
         """The model after the last round: base + this update (the residuals and s * B̄ @ Ā), FLoRA's file."""
@@ -142,15 +127,9 @@ class Server(ServerPart):
 
 
 class Client(ClientPart):
-    def _merge(self, msg, ctx) -> tuple[dict, dict]:
+    def _merge(self, msg, ctx) -> tuple[dict, dict | None]:
         """(global adapter, this client's base update) after adding the residuals it has not merged yet."""
-        have = ctx.state.get("residuals_merged", 0)
-        new = {t: r for t, r in unpack(unpack_under(msg.arrays, RESIDUALS)).items() if t >= have}
-        if new:  # a new dict, never one edited in place: the workbench recognises an unchanged update by identity
-            ctx.state["merged"] = lowrank.add_updates(ctx.state.get("merged", {}),
-                                                      *(lowrank.dense_update(r, 1.0) for _, r in sorted(new.items())))
-            ctx.state["residuals_merged"] = max(new) + 1
-        return unpack_under(msg.arrays, GLOBAL), ctx.state.get("merged") or None
+        return unpack_under(msg.arrays, GLOBAL), merge_new(ctx, unpack_under(msg.arrays, RESIDUALS))
 
     def fit(self, msg, ctx):
         adapter, merged = self._merge(msg, ctx)
