@@ -2,8 +2,9 @@
 
 Runs `fedrouter run --rounds 3` for fedrouter, fedit, feddpa and flora in-process and fedrouter on
 `--engine flower` (the default experiment otherwise), and records a digest of each run's results.json
-(but `wall_s`, `timings`, `run_dir`), metrics.jsonl (but the per-round seconds) and every adapter
-(its tensors, bit for bit).
+(but `wall_s`, `timings`, `run_dir`; one digest per key, so that a check names the keys that differ and
+tells a key added to results.json from a number that changed), metrics.jsonl (but the per-round seconds)
+and every adapter (its tensors, bit for bit).
 
 Usage:
   python bench/same_results.py --record bench/same_results.json   # before the change
@@ -51,7 +52,7 @@ def fingerprint(run_dir: Path) -> dict:
             h.update(key.encode())
             h.update(tensors[key].contiguous().numpy().tobytes())
         adapters[name] = h.hexdigest()
-    return {"results": _digest({k: v for k, v in results.items() if k not in TIMING_RESULTS}),
+    return {"results": {k: _digest(v) for k, v in results.items() if k not in TIMING_RESULTS},
             "metrics": _digest(rounds), "adapters": adapters, "rouge1": results["rouge1"]}
 
 
@@ -65,7 +66,7 @@ def run_all(workdir: Path, only: list[str]) -> dict:
         subprocess.run([str(cli), "run", "--quiet", "--rounds", "3", "--out", str(run_dir), *RUNS[name]],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         out[name] = fingerprint(run_dir)
-        print(f"{name}: ROUGE-1 {out[name]['rouge1']:.4f}, results {out[name]['results'][:12]}, "
+        print(f"{name}: ROUGE-1 {out[name]['rouge1']:.4f}, results {_digest(out[name]['results'])[:12]}, "
               f"metrics {out[name]['metrics'][:12]}, {len(out[name]['adapters'])} adapter(s)", flush=True)
     return out
 
@@ -87,9 +88,14 @@ def main() -> int:
     recorded = json.loads(args.check.read_text())
     same = True
     for name, fp in found.items():
-        differs = [k for k in ("results", "metrics", "adapters") if fp[k] != recorded[name][k]]
-        print(f"{name}: {'identical' if not differs else 'DIFFERS in ' + ', '.join(differs)}")
-        same &= not differs
+        before, now = recorded[name]["results"], fp["results"]
+        changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
+        differs = [f"results[{k}]" for k in changed] + [k for k in ("metrics", "adapters") if fp[k] != recorded[name][k]]
+        added, gone = sorted(now.keys() - before.keys()), sorted(before.keys() - now.keys())
+        print(f"{name}: {'identical' if not differs else 'DIFFERS in ' + ', '.join(differs)}"
+              + (f"; results.json keys added: {', '.join(added)}" if added else "")
+              + (f"; keys gone: {', '.join(gone)}" if gone else ""))
+        same &= not differs and not gone
     print("same results: " + ("yes" if same else "NO"))
     return 0 if same else 1
 
