@@ -123,8 +123,7 @@ class Server(ServerPart):
 
     def expected_upload(self, client_id, sent):
         """The client trains and uploads its current rank: A is (r_k, in), B is (out, r_k)."""
-        r = sent.config["rank"]
-        return {name: (r, shape[1]) if ".lora_A." in name else (shape[0], r) for name, shape in self.initial_shapes.items()}
+        return lowrank.shapes_at_rank(self.initial_shapes, sent.config["rank"])
 
     def aggregate_fit(self, round_idx, replies):
         ids = sorted(replies)
