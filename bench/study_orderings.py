@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-BASELINES = ["fedit", "local", "fedcluster", "fedsa", "feddpa"]
+BASELINES = ["fedit", "local", "fedcluster", "fedsa", "feddpa", "hetlora", "flexlora", "fedex", "fedalt"]
 
 
 def per_seed(runs: list[dict], method: str, scenario: str, key: str) -> dict[int, float]:
@@ -51,7 +51,7 @@ def main():
     for scenario in ("single", "dual", "all"):
         for b in BASELINES:
             print(compare(runs, "fedrouter", b, scenario))
-    for b in ["fedit", "local", "fedsa", "fedcluster", "feddpa"]:
+    for b in BASELINES:
         print(compare(runs, "fedrouter", b, "single", key="generalization"))
 
 
