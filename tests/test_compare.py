@@ -56,11 +56,12 @@ def test_upload_per_client_is_averaged_over_seeds_and_tabled(tmp_path):
     fake_cell(tmp_path, "flora", "dual", 0, [0.2, 0.4], 0.5, up={"0": 1_000_000, "1": 3_000_000})
     fake_cell(tmp_path, "flora", "dual", 1, [0.2, 0.4], 0.5, up={"0": 2_000_000, "1": 3_000_000})
     fake_cell(tmp_path, "fedit", "dual", 0, [0.2, 0.4], 0.5)  # a run from before per-client traffic: no row
+    fake_cell(tmp_path, "fedsa", "dual", 0, [0.2, 0.4], 0.5, up={"0": 1_000_000, "1": 1_050_000})  # even: no row
     summary = aggregate(load_cells(tmp_path))
     assert summary["cells"]["flora|dual"]["up_per_client"] == {0: 1_500_000, 1: 3_000_000}
     table = table_markdown(summary)
     assert "| method | scenario | client 0 | client 1 |" in table
-    assert "| flora | dual | 1.500 | 3.000 |" in table and "| fedit | dual | -" not in table
+    assert "| flora | dual | 1.500 | 3.000 |" in table and "| fedit | dual |" not in table and "| fedsa | dual |" not in table
 
 
 def test_method_options_are_per_method():

@@ -6,8 +6,8 @@ summary of one run.
   summary.json  the cells and, per method and scenario, mean and std over seeds
   table.md      the paper's layout: rows = methods, columns = scenarios + average, mean ± std, best in
                 bold; the generalization table (trained on single, tested on every task); fairness
-                (std over clients and worst client); upload per client (clients of different ranks
-                send different amounts); per-task ROUGE-1
+                (std over clients and worst client); upload per client where clients send different
+                amounts (ranks per client); per-task ROUGE-1
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fedrouter.methods import METHODS, NO_FACTS, facts_of
 
 CELLS = "cells"
 SCENARIO_ORDER = ("single", "dual", "all", "dirichlet")
+UNEVEN = 1.1  # a cell's clients send different amounts when the most exceeds the least by more than this
 
 
 def score_text(value) -> str:
@@ -133,14 +134,17 @@ def table_markdown(summary: dict) -> str:
             c = cells.get(f"{m}|{s}")
             parts += [f"{c['client_std']:.3f}", f"{c['worst_client']:.3f}"] if c else ["-", "-"]
         lines.append(f"| {m} | " + " | ".join(parts) + " |")
-    clients = sorted({c for cell in cells.values() for c in cell["up_per_client"]})
-    if clients:
-        lines += ["", "## Upload per client (MB over the run, mean over seeds)", "",
+    # only where clients send different amounts (ranks per client): elsewhere bytes_up / n_clients says it all
+    uneven = {key: c["up_per_client"] for key, c in cells.items()
+              if c["up_per_client"] and max(c["up_per_client"].values()) > UNEVEN * min(c["up_per_client"].values())}
+    clients = sorted({c for up in uneven.values() for c in up})
+    if uneven:
+        lines += ["", "## Upload per client (MB over the run, mean over seeds), where clients send different amounts", "",
                   "| method | scenario | " + " | ".join(f"client {c}" for c in clients) + " |",
                   "|---" * (len(clients) + 2) + "|"]
         for m in methods:
             for s in scenarios:
-                up = cells.get(f"{m}|{s}", {}).get("up_per_client", {})
+                up = uneven.get(f"{m}|{s}")
                 if up:
                     lines.append(f"| {m} | {s} | " + " | ".join(f"{up[c] / 1e6:.3f}" if c in up else "-" for c in clients) + " |")
     for s in scenarios:
