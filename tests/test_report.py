@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedrouter.study.plots import method_colours
 from fedrouter.cli import main
 from fedrouter.study.report import _markdown_to_html
 
@@ -102,3 +103,9 @@ def test_the_silhouette_figure_marks_the_k_the_server_chose_not_the_prototypes_l
     after = {"silhouette": {"global": {"1": 0.2, "2": 0.4, "3": 0.6, "4": 0.6}}, "n_prototypes": 2, "n_global": 2}
     assert server_k(after) == 3
     assert server_k({"silhouette": {"global": None}, "n_prototypes": 5, "n_global": 4}) == 5  # a K the user fixed
+
+
+def test_every_compared_method_gets_its_own_colour():
+    many = [f"m{i}" for i in range(13)]  # more than the default cycle's 10
+    assert len(set(method_colours(many).values())) == 13
+    assert len(set(method_colours(many[:4]).values())) == 4

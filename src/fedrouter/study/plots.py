@@ -25,6 +25,13 @@ from fedrouter.rundir import read_embedding_map, read_metrics  # noqa: E402
 MARKERS = "osD^v<>pPX*h"
 
 
+def method_colours(methods: list[str]) -> dict[str, tuple]:
+    """One colour per method, distinct for up to 20: matplotlib's default cycle repeats after 10, and the
+    study compares more methods than that."""
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -40,6 +47,7 @@ def round_curves(runs_by_method: dict[str, list[Path]], path: Path, title: str) 
     """Per method, the mean over its runs of train loss (and ROUGE-1 where evaluated) per round."""
     has_rouge = any("rouge1" in m for runs in runs_by_method.values() for r in runs for m in _metrics(r))
     fig, axes = plt.subplots(1, 2 if has_rouge else 1, figsize=(11 if has_rouge else 6, 4), squeeze=False)
+    colour = method_colours(list(runs_by_method))
     for method, runs in runs_by_method.items():
         for ax, key in zip(axes[0], ("train_loss", "rouge1")):
             by_round: dict[int, list[float]] = {}
@@ -50,7 +58,7 @@ def round_curves(runs_by_method: dict[str, list[Path]], path: Path, title: str) 
             if by_round:
                 rounds = sorted(by_round)
                 ax.plot(rounds, [statistics.mean(by_round[r]) for r in rounds], marker="o" if key == "rouge1" else None,
-                        markersize=4, label=method)
+                        markersize=4, label=method, color=colour[method])
     axes[0][0].set(xlabel="round", ylabel="training loss (mean over clients and seeds)", title=f"{title}: training loss")
     if has_rouge:
         axes[0][1].set(xlabel="round", ylabel="ROUGE-1 on own tasks", title=f"{title}: ROUGE-1 during training")
@@ -122,6 +130,7 @@ def comparison_bars(summary: dict, path: Path, key: str = "rouge1", ylabel: str 
     methods, scenarios, cells = summary["methods"], summary["scenarios"], summary["cells"]
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(scenarios) * max(1, len(methods)) / 3), 4.2))
+    colour = method_colours(methods)
     for i, m in enumerate(methods):
         xs, ys, errs = [], [], []
         for j, s in enumerate(scenarios):
@@ -130,12 +139,12 @@ def comparison_bars(summary: dict, path: Path, key: str = "rouge1", ylabel: str 
                 xs.append(j + (i - (len(methods) - 1) / 2) * width)
                 ys.append(c[key])
                 errs.append(c[key + "_std"])
-        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=m)
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=m, color=colour[m])
     ax.set_xticks(range(len(scenarios)), scenarios)
     seeds = sorted({seed for c in cells.values() for seed in c["seeds"]})
     ax.set(ylabel=ylabel, title=f"{ylabel} by scenario (mean ± std over seeds {seeds})")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(4, len(methods)))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return _save(fig, path)
 
 
