@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 import torch
 from threadpoolctl import threadpool_info
@@ -12,6 +13,7 @@ from threadpoolctl import threadpool_info
 from fedrouter import threads
 from fedrouter.config import cpu_threads, load_config, tiny_spec
 from fedrouter.core import cluster
+from fedrouter.core.embed import resolve_embedder
 from fedrouter.core.model import TinyBaseSpec
 from fedrouter.study import compare
 from fedrouter.threads import SMALL_MODEL_PARAMS, choose_threads
@@ -30,10 +32,10 @@ def eight_cpus(monkeypatch, tmp_path):
 
 @pytest.fixture
 def torch_threads_restored():
-    before = torch.get_num_threads(), threads._threads
+    before = torch.get_num_threads(), threads._threads, threads._policy
     yield
     torch.set_num_threads(before[0])
-    threads._threads = before[1]
+    threads._threads, threads._policy = before[1], before[2]
 
 
 def test_a_large_model_gets_the_cpus_it_may_use_shared_among_its_siblings(eight_cpus):
@@ -132,3 +134,30 @@ def test_compare_jobs_give_each_job_its_share_of_the_cpus(eight_cpus, monkeypatc
     seen.clear()
     compare.run_cells({"one": configs["cell0"]}, tmp_path / "one", jobs=2, echo=lambda _: None)
     assert seen == {"one": (1, 8)}  # a single cell runs alone, here: the whole machine
+
+
+def test_work_on_another_model_gets_threads_for_that_model_and_then_the_process_own(eight_cpus, torch_threads_restored):
+    threads._threads = None
+    with threads.threads_for(LARGE):  # a process that never chose its threads: left as it is
+        assert threads.chosen_threads() is None
+    threads.set_threads(1, None, processes=2)  # a tiny-base run, one of 2 jobs
+    with threads.threads_for(LARGE):
+        assert torch.get_num_threads() == 4  # the job's share of the 8 CPUs, for a model large enough
+    assert torch.get_num_threads() == 1
+    with threads.threads_for(SMALL_MODEL_PARAMS - 1):
+        assert torch.get_num_threads() == 1
+    threads.set_threads(1, 1)  # the user said one thread: one thread for everything
+    with threads.threads_for(LARGE):
+        assert torch.get_num_threads() == 1
+
+
+def test_the_sentence_encoder_embeds_the_same_at_any_thread_count(torch_threads_restored):
+    encoder = resolve_embedder("minilm")
+    texts = ["summarize : kate will fix the lamp on saturday .", "q1 : where does anna live ? duplicate ?",
+             "[ hugo | job | painter ]"] * 30
+    vectors = {}
+    for n in (1, 2):
+        threads.set_threads(n, n)
+        vectors[n] = encoder.embed(texts)
+    # the embedding cache holds what one thread count computed and serves it to any other
+    assert np.array_equal(vectors[1], vectors[2])

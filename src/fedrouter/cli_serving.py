@@ -126,7 +126,7 @@ def serve(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise FedrouterError(f"--threads must be positive, got {args.threads}")
     api_key = _api_key(args)
-    set_threads(choose_threads(args.threads))  # the model's size is not known here: the CPUs this process may use
+    set_threads(choose_threads(args.threads), args.threads)  # the model's size is not known here: the CPUs this process may use
     return serve(args.run_dir, args.host, args.port, api_key, args.max_batch, args.max_wait_ms, args.max_body_bytes,
                  access_log=args.access_log, model=args.model, cache_dir=args.cache_dir,
                  allow_origins=tuple(args.allow_origins), body_timeout_s=args.body_timeout_s,

@@ -33,7 +33,7 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
     before any work, when there is none or it was written under another config). `processes`: how many
     fedrouter processes (this one included) share the CPUs, as in `compare --jobs`; it sizes torch's threads."""
     start = time.perf_counter()
-    set_threads(config.cpu_threads(cfg, processes))
+    set_threads(config.cpu_threads(cfg, processes), cfg.threads, processes)
     torch.manual_seed(cfg.seed)
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
     # a resume holds the run's lock from before it reads its checkpoint: a second one is refused, naming this pid

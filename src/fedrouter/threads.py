@@ -1,16 +1,22 @@
 """How many threads a process computes with: torch's intra-op pool, and scikit-learn's OpenMP pool
-during clustering, sized once per process for its model and the CPUs it may use (issue 34)."""
+during clustering, sized once per process for its model and the CPUs it may use (issue 34); a block of
+work on another model (a sentence encoder embedding a dataset) sized for that model (`threads_for`)."""
 
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-# Below this many parameters a model's matrix products are too short for threads to pay (the tiny base: 0.4M).
-SMALL_MODEL_PARAMS = 50_000_000
+# Below this many parameters a model's matrix products are too short for threads to pay. Measured on 2 cores
+# (docs/benchmark.md, "How fast"): the tiny base (0.4M) trains no faster with 2 threads idle and 2.5x slower
+# beside 2 busy processes; all-MiniLM-L6-v2 (22.7M) embeds 1.85x faster with 2 threads idle, and as fast as
+# with 1 beside 2 busy processes.
+SMALL_MODEL_PARAMS = 10_000_000
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
 _threads: int | None = None  # what set_threads chose in this process (None: torch's default, untouched)
+_policy: tuple[int | None, int] = (None, 1)  # the explicit threads and sibling processes set_threads chose by
 
 
 def choose_threads(explicit: int | None = None, n_params: int | None = None, processes: int = 1,
@@ -47,14 +53,33 @@ def choose_threads(explicit: int | None = None, n_params: int | None = None, pro
     return max(1, cpus // max(1, processes))
 
 
-def set_threads(threads: int | None) -> None:
-    """torch's CPU threads (None: torch's default), remembered for the clustering pools (`chosen_threads`)."""
-    global _threads
+def set_threads(threads: int | None, explicit: int | None = None, processes: int = 1) -> None:
+    """torch's CPU threads (None: torch's default), remembered for the clustering pools (`chosen_threads`)
+    and, with the `explicit` threads and sibling `processes` they were chosen by, for `threads_for`."""
+    global _threads, _policy
     if threads:
         import torch  # start-up cost: torch (1 s); the command line imports this module
 
         torch.set_num_threads(threads)
-        _threads = threads
+        _threads, _policy = threads, (explicit, processes)
+
+
+@contextmanager
+def threads_for(n_params: int):
+    """Within the block, torch's threads as `choose_threads` picks them for a model of `n_params` under this
+    process's policy (the user's explicit choice still wins); back to the process's own after. Outside a
+    process that chose its threads, nothing changes."""
+    wanted = choose_threads(_policy[0], n_params, _policy[1]) if _threads else None
+    if not wanted or wanted == _threads:
+        yield
+        return
+    import torch  # start-up cost, as above
+
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_threads)
 
 
 def chosen_threads() -> int | None:

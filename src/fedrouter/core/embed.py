@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fedrouter.errors import FedrouterError
+from fedrouter.threads import threads_for
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,15 @@ class _Embedder:
         ids = self._tokenise(tokenizer, texts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         out: np.ndarray | None = None
-        for batch in _length_batches([len(r) for r in ids], self.batch_size):
-            input_ids, mask = _right_pad([ids[i] for i in batch], pad, self._device())
-            with torch.no_grad():
-                vectors = forward(input_ids, mask).float().cpu().numpy()
-            if out is None:
-                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
-            out[batch] = vectors
+        # threads for the encoder's size, not the run's model: a sentence encoder's batches pay for them
+        with threads_for(sum(p.numel() for p in self.model.parameters())):
+            for batch in _length_batches([len(r) for r in ids], self.batch_size):
+                input_ids, mask = _right_pad([ids[i] for i in batch], pad, self._device())
+                with torch.no_grad():
+                    vectors = forward(input_ids, mask).float().cpu().numpy()
+                if out is None:
+                    out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+                out[batch] = vectors
         return out if out is not None else np.zeros((0, self.dim), dtype=np.float32)
 
     def _device(self):

@@ -63,7 +63,7 @@ class NodeRun:
     client part; each client's workbench made once, with its batch-stream position when new."""
 
     def __init__(self, cfg: Config):
-        set_threads(cpu_threads(cfg))  # a simulation's Ray actors get one each through $OMP_NUM_THREADS
+        set_threads(cpu_threads(cfg), cfg.threads)  # a simulation's Ray actors get one each through $OMP_NUM_THREADS
         self.cfg = cfg
         self.world = World(cfg, progress=False)
         self.client = client_part(cfg)
