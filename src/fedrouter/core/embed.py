@@ -14,6 +14,7 @@ not depend on which batch it lands in. `embed_cached` stores results under
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -101,7 +102,7 @@ class _Embedder:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         out: np.ndarray | None = None
         # threads for the encoder's size, not the run's model: a sentence encoder's batches pay for them
-        with threads_for(sum(p.numel() for p in self.model.parameters())):
+        with threads_for(self.n_params):
             for batch in _length_batches([len(r) for r in ids], self.batch_size):
                 input_ids, mask = _right_pad([ids[i] for i in batch], pad, self._device())
                 with torch.no_grad():
@@ -113,6 +114,11 @@ class _Embedder:
 
     def _device(self):
         return next(self.model.parameters()).device
+
+    @functools.cached_property
+    def n_params(self) -> int:
+        """The encoder's size, counted once (serving embeds every request's prompts)."""
+        return sum(p.numel() for p in self.model.parameters())
 
     @property
     def dim(self) -> int:
