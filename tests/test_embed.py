@@ -79,6 +79,30 @@ def test_base_embedder_is_batch_invariant_and_ignores_adapters(base):
         peft_model.unload()
 
 
+def test_a_repeated_text_is_embedded_once(base):
+    model, tok = base
+    emb = BaseModelEmbedder(model, tok, batch_size=2)
+    rows = []
+    real_forward = model.forward
+
+    def counting(*args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return real_forward(*args, **kwargs)
+
+    texts = ["yes", "the cat sat .", "yes", "no", "the cat sat .", "yes"]
+    model.forward = counting
+    try:
+        vectors = emb.embed(texts)
+    finally:
+        del model.forward
+    assert sum(rows) == 3  # "yes", "the cat sat .", "no": each once
+    assert vectors.shape == (6, model.config.hidden_size)
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    np.testing.assert_array_equal(vectors[0], vectors[5])
+    np.testing.assert_array_equal(vectors[1], vectors[4])
+    np.testing.assert_allclose(vectors, np.concatenate([emb.embed([t]) for t in texts]), atol=1e-5)
+
+
 def test_resolve_embedder_errors(tmp_path):
     with pytest.raises(FedrouterError, match="cannot load encoder"):
         resolve_embedder(str(tmp_path / "nowhere"))

@@ -98,6 +98,10 @@ class _Embedder:
         return [row if row else [pad] for row in ids]
 
     def _run(self, tokenizer, texts: list[str], forward) -> np.ndarray:
+        distinct = list(dict.fromkeys(texts))
+        if len(distinct) < len(texts):  # a repeated text (a label answer, a template with no content) runs once
+            where = {text: i for i, text in enumerate(distinct)}
+            return self._run(tokenizer, distinct, forward)[[where[text] for text in texts]]
         ids = self._tokenise(tokenizer, texts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         out: np.ndarray | None = None
