@@ -2,6 +2,8 @@
 processes (k = the CPUs this process may use), in one invocation; prints both wall times and their ratio.
 A fair share of the cores predicts at most (k + 1) / k x; oversubscribed threads make it many times that.
 
+Each run writes its log to a pipe (not a terminal), and the longest gap between two of its lines is printed.
+
 Usage: FEDROUTER_CACHE=... python bench/contention.py [--busy K] [--timeout S] [--set KEY=VALUE ...]
   --set threads=2   the same with torch's threads as before issue 34 (one per core, whatever else runs)
 The run's threads are its own choice: OMP_NUM_THREADS and MKL_NUM_THREADS are removed from its environment.
@@ -15,28 +17,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from default_run import timed_run  # bench/ is on the path when a script in it runs
+
 BUSY_LOOP = "while True: pass"
-
-
-def timed_run(cache: Path, out: Path, settings: list[str], timeout: float) -> float | None:
-    """Wall seconds of one warm `fedrouter run`, or None when it ran past `timeout` (then it is stopped)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env["FEDROUTER_CACHE"] = str(cache)
-    extra = [arg for setting in settings for arg in ("--set", setting)]
-    start = time.perf_counter()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("fedrouter")), "run", "--quiet", "--out", str(out), *extra],
-                            env=env, stdout=subprocess.DEVNULL)
-    try:
-        if proc.wait(timeout=timeout) != 0:
-            sys.exit(f"contention: fedrouter run exited {proc.returncode}")
-    except subprocess.TimeoutExpired:
-        proc.kill()  # by its own handle (its pid), never by name
-        proc.wait()
-        return None
-    return time.perf_counter() - start
 
 
 def rouge(out: Path) -> str:
@@ -54,12 +39,15 @@ def main():
     try:
         cache = tmp / "cache"
         shutil.copytree(Path(os.environ.get("FEDROUTER_CACHE", Path.home() / ".cache/fedrouter")), cache)
-        timed_run(cache, tmp / "warm-up", args.set, args.timeout)  # fills the embedding cache: both runs warm
-        alone = timed_run(cache, tmp / "alone", args.set, args.timeout)
-        print(f"alone: {alone:.1f} s ({rouge(tmp / 'alone')})", flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        timed_run(cache, tmp / "warm-up", args.set, args.timeout, env)  # fills the embedding cache: both runs warm
+        alone, alone_gap = timed_run(cache, tmp / "alone", args.set, args.timeout, env)
+        if alone is None:
+            sys.exit(f"contention: the run alone did not finish within {args.timeout:.0f} s")
+        print(f"alone: {alone:.1f} s ({rouge(tmp / 'alone')}), longest gap between log lines {alone_gap:.1f} s", flush=True)
         busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]
         try:
-            loaded = timed_run(cache, tmp / "loaded", args.set, args.timeout)
+            loaded, loaded_gap = timed_run(cache, tmp / "loaded", args.set, args.timeout, env)
         finally:
             for proc in busy:
                 proc.kill()
@@ -68,7 +56,8 @@ def main():
             print(f"beside {args.busy} busy processes: not finished after {args.timeout:.0f} s "
                   f"(> {args.timeout / alone:.1f}x alone)")
             return
-        print(f"beside {args.busy} busy processes: {loaded:.1f} s ({rouge(tmp / 'loaded')})")
+        print(f"beside {args.busy} busy processes: {loaded:.1f} s ({rouge(tmp / 'loaded')}), "
+              f"longest gap between log lines {loaded_gap:.1f} s")
         print(f"ratio loaded / alone: {loaded / alone:.2f}x (a fair share of the cores: {(args.busy + 1) / args.busy:.2f}x)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
