@@ -14,7 +14,7 @@ def _run(tmp_path, overrides, method):
     out = tmp_path / method
     args = ["run", "--out", str(out), "--quiet", "--method", method]
     for k, v in {**overrides, "method_options.n_global": 2, "method_options.n_local": 2}.items():
-        if method == "fedit" and k.startswith("method_options"):
+        if method != "fedrouter" and k.startswith("method_options"):
             continue
         args += ["--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}"]
     assert main(args) == 0
@@ -58,6 +58,42 @@ def test_predict_without_router_uses_the_global_adapter(tmp_path, tiny_overrides
     run_dir = _run(tmp_path, tiny_overrides, "fedit")
     assert main(["predict", str(run_dir), "--prompt", PROMPTS[0]]) == 0
     assert "[global]" in capsys.readouterr().out
+
+
+def test_predict_answers_a_merged_update_run_with_its_base_plus_that_update(tmp_path, tiny_overrides, tiny_model_dir, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fedrouter.core.generate import generate
+    from fedrouter.core.model import load_base
+    from fedrouter.core.train import encode_examples
+    from fedrouter.serving.finished_run import load_run
+
+    run_dir = _run(tmp_path, tiny_overrides, "flora")
+    update = load_file(run_dir / "merged_update.safetensors")
+    assert update and all(bool(d.abs().max() > 0) for d in update.values())
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(run_dir), "--prompt", PROMPTS[0], "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["adapter"] == "global"
+
+    # independently: the plain base with the update added, no peft at all
+    cfg = load_run(run_dir)[0]
+    base, tokenizer = load_base(str(tiny_model_dir))
+    with torch.no_grad():
+        for name, delta in update.items():
+            weight = base.get_submodule(name.removeprefix("base_model.model.")).weight
+            weight.copy_(weight + delta)
+    prompt = encode_examples(tokenizer, [{"instruction": PROMPTS[0], "output": "", "task": ""}], cfg.prompt_template,
+                             cfg.max_seq_len)[0].prompt_ids
+    assert generate(base, tokenizer, [prompt], cfg.max_new_tokens) == [row["answer"]]
+
+    name = next(iter(update))  # a damaged update: one line, exit 2
+    save_file({**update, name: torch.zeros(3, 3)}, str(run_dir / "merged_update.safetensors"))
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), "--prompt", PROMPTS[0]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "merged update" in err[0] and "(3, 3)" in err[0]
 
 
 def test_predict_refuses_unfinished_runs_and_no_prompts(tmp_path, capsys):

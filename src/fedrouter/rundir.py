@@ -329,6 +329,25 @@ def require_finished(run_dir: Path) -> None:
         raise FedrouterError(f"{run_dir} is not a finished run directory (no {RESULTS})")
 
 
+MERGED_UPDATE = "merged_update.safetensors"  # FLoRA, FlexLoRA, FedEx-LoRA: the model they leave is base + it
+
+
+def read_merged_update(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The run's merged update (module name -> dense delta W), or None when it has none; every tensor checked
+    to be a finite float matrix."""
+    path = Path(run_dir) / MERGED_UPDATE
+    if not path.exists():
+        return None
+    try:
+        tensors = load(atomic.read_regular(path))
+    except (OSError, SafetensorError) as exc:
+        raise FedrouterError(f"{path} is unreadable or corrupt ({type(exc).__name__})") from None
+    bad = [n for n, t in tensors.items() if t.ndim != 2 or not t.is_floating_point() or not bool(torch.isfinite(t).all())]
+    if not tensors or bad:
+        raise FedrouterError(f"{path}: " + (f"{bad[0]!r} is not a finite float matrix" if bad else "it holds no tensors"))
+    return tensors
+
+
 def read_router(run_dir: Path) -> dict | None:
     """The run's router -- {"centroids": float32 array (k, d), "adapters": k names, "embedder": str,
     "whiten": float32 array (d, d) or None} -- or None when the run has none; every part checked (one

@@ -6,7 +6,8 @@ the run directory names), checks it against the fingerprint the run recorded of 
 refused), then every adapter the run saved and its router (FedRouter: centroids, cluster -> adapter map,
 embedder, and the discriminant router's whitening map). `route_prompts` sends each prompt to an adapter by
 FedRouter's one routing function (the nearest centroid, after whitening when the router has the map); a run without a router (FedIT)
-answers with its single `global` adapter. `encode_prompts` builds prompt token ids as the run's evaluation
+answers with its single `global` adapter, and one that leaves a merged update (FLoRA, FlexLoRA, FedEx-LoRA)
+with its base plus that update. `encode_prompts` builds prompt token ids as the run's evaluation
 does. Every file of the run directory is read through `rundir`, which checks it first: a damaged or
 tampered run directory is one clear error.
 """
@@ -18,12 +19,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from peft import PeftModel
 
 from fedrouter import rundir
-from fedrouter.config import hardware, load_saved, tiny_spec
+from fedrouter.config import hardware, load_saved, lora_settings, tiny_spec
 from fedrouter.core.embed import resolve_embedder
-from fedrouter.core.model import TINY, base_fingerprint, fingerprint_mismatch, load_base
+from fedrouter.core.model import TINY, attach_lora, base_fingerprint, fingerprint_mismatch, load_base
 from fedrouter.core.train import encode_examples
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.fedrouter.router import linear_scores, route
@@ -53,15 +55,15 @@ def load_run(run_dir: Path, model: str | None = None, cache_dir: Path | None = N
     cfg = load_saved(run_dir)
     name = base_model_name(cfg, model)
     recorded = rundir.read_base(run_dir)
-    router = rundir.read_router(run_dir)
+    router, update = rundir.read_router(run_dir), None
     if router is not None:
         names = router["adapters"]
     elif (run_dir / rundir.ADAPTERS / "global").is_dir():
         names = ["global"]
         rundir.require_adapter(run_dir, "global")
-    else:
-        raise FedrouterError(f"{run_dir} has neither a router nor a global adapter (method {cfg.method} keeps "
-                             "client-private adapters only)")
+    elif (update := rundir.read_merged_update(run_dir)) is None:
+        raise FedrouterError(f"{run_dir} has no router, no global adapter and no merged update: method {cfg.method} "
+                             "keeps client-private adapters only")
     base, tokenizer = load_base(name, cache_dir, tiny_spec(cfg), progress=False, hardware=hardware(cfg))
     if recorded is None:
         log.warning("%s records no fingerprint of its base model (made before they were recorded): cannot check "
@@ -71,6 +73,10 @@ def load_run(run_dir: Path, model: str | None = None, cache_dir: Path | None = N
         if problem:
             raise FedrouterError(f"base model {name!r} is not the one this run's adapters were trained on "
                                  f"({recorded.get('model')!r}): {problem}")
+    if update is not None:
+        model = with_merged_update(base, update, lora_settings(cfg))
+        model.eval()
+        return cfg, model, tokenizer, router
     unique = list(dict.fromkeys(names))
     try:
         model = PeftModel.from_pretrained(base, rundir.require_adapter(run_dir, unique[0]), adapter_name=unique[0])
@@ -80,6 +86,24 @@ def load_run(run_dir: Path, model: str | None = None, cache_dir: Path | None = N
         raise FedrouterError(f"cannot load the run's adapters: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     model.eval()
     return cfg, model, tokenizer, router
+
+
+def with_merged_update(base, update: dict[str, torch.Tensor], lora):
+    """The base plus a run's merged update (the model FLoRA, FlexLoRA and FedEx-LoRA leave), summed in float32
+    as their clients sum it, wrapped with a `global` adapter that adds nothing (peft starts B at zero): such a
+    run then answers as a run with a global adapter does."""
+    model = attach_lora(base, lora, adapter_name="global")
+    with torch.no_grad():
+        for name, delta in update.items():
+            try:
+                weight = model.get_submodule(name).base_layer.weight
+            except AttributeError:
+                raise FedrouterError(f"the run's merged update names {name!r}, which is not a LoRA module of the base") from None
+            if tuple(delta.shape) != tuple(weight.shape) or not weight.is_floating_point():
+                raise FedrouterError(f"the run's merged update for {name!r} has shape {tuple(delta.shape)}, the base's "
+                                     f"weight {tuple(weight.shape)} ({weight.dtype})")
+            weight.copy_(weight.float() + delta.to(weight.device, torch.float32))
+    return model
 
 
 def router_embedder(router: dict | None, model, tokenizer):
