@@ -25,6 +25,22 @@ def test_dense_update_is_scaled_b_times_a():
     assert torch.allclose(upd[M1], expected)
 
 
+def test_product_norms_are_the_dense_products_norms_and_safe_at_zero():
+    a = {k: t.clone().requires_grad_(True) for k, t in adapter(3, 1, d_in=7, d_out=4).items()}
+    norms = lowrank.product_norms(a)
+    for m, delta in lowrank.dense_update(a, 1.0).items():
+        torch.testing.assert_close(norms[m], torch.linalg.matrix_norm(delta), rtol=1e-12, atol=0)
+    sum(norms.values()).backward()  # the gradient of the dense form, too
+    dense = {k: t.detach().clone().requires_grad_(True) for k, t in a.items()}
+    sum(torch.linalg.matrix_norm(d) for d in lowrank.dense_update(dense, 1.0).values()).backward()
+    for k in a:
+        torch.testing.assert_close(a[k].grad, dense[k].grad, rtol=1e-10, atol=1e-12)
+    zero = {k: (torch.zeros_like(t) if k.endswith(lowrank.B_SUFFIX) else t).requires_grad_(True) for k, t in adapter(2, 2).items()}
+    total = sum(lowrank.product_norms(zero).values())  # a fresh LoRA: B = 0
+    total.backward()
+    assert float(total) == 0.0 and all(torch.isfinite(t.grad).all() and t.grad.abs().sum() == 0 for t in zero.values())
+
+
 def test_stack_with_mixed_ranks_equals_weighted_sum_of_products():
     ranks, weights = [2, 4, 8], [3.0, 1.0, 4.0]
     adapters = [adapter(r, i) for i, r in enumerate(ranks)]

@@ -30,6 +30,25 @@ def dense_update(adapter: Adapter, scaling: float) -> dict[str, torch.Tensor]:
     return {m: scaling * (adapter[m + B_SUFFIX].double() @ adapter[m + A_SUFFIX].double()) for m in modules(adapter)}
 
 
+def product_norms(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """{module: ||B @ A||_F} through the r x r Gram matrices, ||B A||_F^2 = sum((B^T B) * (A A^T)): never the
+    out x in product, gigabytes per adapter on a real model. Differentiable, with a zero gradient where the
+    product is zero (the square root's is infinite there)."""
+    out = {}
+    for m in modules(adapter):
+        b, a = adapter[m + B_SUFFIX], adapter[m + A_SUFFIX]
+        squared = ((b.T @ b) * (a @ a.T)).sum()
+        positive = squared > 0
+        out[m] = torch.where(positive, squared, torch.ones_like(squared)).sqrt() * positive
+    return out
+
+
+def scaled(adapter: Adapter, factor: float) -> Adapter:
+    """Every matrix of `adapter` times `factor` (both factors: the product times factor ** 2), computed in
+    float64, kept in each matrix's dtype."""
+    return {name: (t.double() * factor).to(t.dtype) for name, t in adapter.items()}
+
+
 def add_updates(*updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Module-wise sum of dense updates (modules missing from one update count as zero)."""
     out: dict[str, torch.Tensor] = {}

@@ -46,11 +46,6 @@ from fedrouter.methods.common import client_rank, fit_reply, mean_fit_metrics
 OPTIONS: dict = {}
 
 
-def scaled(adapter: Adapter, factor: float) -> Adapter:
-    """Every matrix of `adapter` times `factor`, computed in float64, kept in each matrix's dtype."""
-    return {name: (t.double() * factor).to(t.dtype) for name, t in adapter.items()}
-
-
 def revive(adapter: Adapter, initial: Adapter) -> Adapter:
     """`adapter` with each rank direction that is zero in both A (its row) and B (its column) given the
     initial adapter's row of A: B's column stays zero, so B @ A is unchanged, but the direction trains."""
@@ -133,9 +128,9 @@ class Client(ClientPart):
         r = msg.config["rank"] or wb.lora_rank()
         initial = wb.initial_adapter(rank=r)
         root = math.sqrt(wb.lora_scaling(r))
-        start = revive(scaled(msg.arrays, 1 / root), initial) if msg.arrays else initial
+        start = revive(lowrank.scaled(msg.arrays, 1 / root), initial) if msg.arrays else initial
         adapter, stats = wb.train(start, msg.config["round"])
-        return fit_reply(scaled(adapter, root), stats, wb.n_train)
+        return fit_reply(lowrank.scaled(adapter, root), stats, wb.n_train)
 
     def evaluate(self, msg, ctx):
         update = lowrank.dense_update(msg.arrays, 1.0) if msg.arrays else None

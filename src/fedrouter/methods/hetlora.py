@@ -58,14 +58,9 @@ def pruned_rank(r: int, decay: float) -> int:
     return max(1, min(r - 1, math.floor(decay * r)))
 
 
-def rescaled(adapter: Adapter, factor: float) -> Adapter:
-    """Both factors times `factor`: the product times factor ** 2."""
-    return {k: t * factor for k, t in adapter.items()}
-
-
 def product_norm(adapter: Adapter) -> float:
     """||B A||_F over all modules at once."""
-    return lowrank.frobenius(lowrank.dense_update(adapter, 1.0))
+    return float(sum(n ** 2 for n in lowrank.product_norms({k: t.double() for k, t in adapter.items()}).values()) ** 0.5)
 
 
 def should_prune(adapter: Adapter, keep: int, threshold: float) -> bool:
@@ -87,9 +82,8 @@ def sparsity_weighted(uploads: list[Adapter], global_rank: int, average) -> tupl
 
 def tail_penalty(live: dict, keep: int):
     """sum over modules of ||B[:, keep:] A[keep:]||_F on the live parameters: pushes the tail a prune would cut
-    towards zero (differentiable; zero gradient at a zero product)."""
-    r = lowrank.rank(live)
-    return sum(delta.norm() for delta in lowrank.dense_update(lowrank.rank_slice(live, keep, r), 1.0).values())
+    towards zero (differentiable; zero gradient at a zero product; r x r work per module at every step)."""
+    return sum(lowrank.product_norms(lowrank.rank_slice(live, keep, lowrank.rank(live))).values())
 
 
 class Server(ServerPart):
@@ -114,7 +108,7 @@ class Server(ServerPart):
         at R != lora.r: the client starts from its own seeded copy of the same initialisation)."""
         if self.global_adapter is None:
             return {}
-        return rescaled(lowrank.rank_slice(self.global_adapter, 0, r), math.sqrt(r / self.global_rank))
+        return lowrank.scaled(lowrank.rank_slice(self.global_adapter, 0, r), math.sqrt(r / self.global_rank))
 
     def configure_fit(self, round_idx, client_ids):
         return {cid: Message(self._truncation(self.ranks[cid]),
@@ -137,7 +131,7 @@ class Server(ServerPart):
             pruned += kept < r
             self.ranks[cid] = kept
             # back at the global scaling, the pruned tail left out (it counts as zero after padding)
-            uploads.append(rescaled(lowrank.rank_slice(replies[cid].arrays, 0, kept), math.sqrt(self.global_rank / r)))
+            uploads.append(lowrank.scaled(lowrank.rank_slice(replies[cid].arrays, 0, kept), math.sqrt(self.global_rank / r)))
         merged, weights = sparsity_weighted(uploads, self.global_rank, self.average)
         self.global_adapter = {k: t.to(uploads[0][k].dtype) for k, t in merged.items()}
         self.weights = dict(zip(ids, weights))
@@ -168,7 +162,7 @@ class Client(ClientPart):
     def fit(self, msg, ctx):
         wb = ctx.workbench
         r, big = msg.config["rank"], msg.config["global_rank"]
-        start = msg.arrays or rescaled(lowrank.rank_slice(wb.initial_adapter(rank=big), 0, r), math.sqrt(r / big))
+        start = msg.arrays or lowrank.scaled(lowrank.rank_slice(wb.initial_adapter(rank=big), 0, r), math.sqrt(r / big))
         keep = pruned_rank(r, self.options["decay"])
         reg = self.options["prune_reg"]
         penalty = (lambda live: reg * tail_penalty(live, keep)) if reg > 0 and keep < r else None
