@@ -131,11 +131,6 @@ def pad_rank(adapter: Adapter, r: int) -> Adapter:
     return out
 
 
-def frobenius(update: dict[str, torch.Tensor]) -> float:
-    """The Frobenius norm of a dense update taken over all its modules at once."""
-    return float(sum(float((delta.double() ** 2).sum()) for delta in update.values()) ** 0.5)
-
-
 def stack(adapters: list[Adapter], weights: list[float], scalings: list[float]) -> Adapter:
     """FLoRA's stacking: one adapter of rank sum(r_k) whose B @ A equals sum_k p_k * s_k * B_k @ A_k.
 
