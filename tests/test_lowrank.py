@@ -38,7 +38,7 @@ def test_product_norms_are_the_dense_products_norms_and_safe_at_zero():
     zero = {k: (torch.zeros_like(t) if k.endswith(lowrank.B_SUFFIX) else t).requires_grad_(True) for k, t in adapter(2, 2).items()}
     total = sum(lowrank.product_norms(zero).values())  # a fresh LoRA: B = 0
     total.backward()
-    assert float(total) == 0.0 and all(torch.isfinite(t.grad).all() and t.grad.abs().sum() == 0 for t in zero.values())
+    assert float(total.detach()) == 0.0 and all(torch.isfinite(t.grad).all() and t.grad.abs().sum() == 0 for t in zero.values())
 
 
 def test_stack_with_mixed_ranks_equals_weighted_sum_of_products():

@@ -31,14 +31,10 @@ LENGTH_BINS, LENGTH_WIDTH = np.arange(9.0), 0.75
 SHARE_BINS, SHARE_WIDTH = np.linspace(0.0, 1.0, 5), 0.2
 
 
-def words(text: str) -> list[str]:
-    return WORD.findall(text.lower())
-
-
 def template_texts(texts: list[str]) -> list[str]:
     """Each text with its words held by fewer than TEMPLATE_SHARE of `texts` masked (a run of them as one MASK)."""
     share = thresholds.TEMPLATE_SHARE
-    tokens = [words(t) for t in texts]
+    tokens = [WORD.findall(t.lower()) for t in texts]
     held = Counter(w for ts in tokens for w in set(ts))
     keep = {w for w, n in held.items() if n >= share * len(texts)}
     out = []
@@ -114,11 +110,8 @@ def task_features(examples: list[dict], embed) -> Features:
     """`examples` ({instruction, output}) as `Features`; `embed` maps texts to an (n, d) array."""
     if not examples:
         raise FedrouterError("nothing to cluster: this client has no training examples")
-    instructions = [e["instruction"] for e in examples]
-    answers = [e["output"] for e in examples]
-    n = len(examples)
-    # one call for the three views: a text in two of them (a template with no content word is its instruction)
-    # is embedded once, and a cold run embeds 40 % fewer texts on the embedded benchmark
+    instructions, answers, n = [e["instruction"] for e in examples], [e["output"] for e in examples], len(examples)
+    # one call: a text in two views (a template with no content word is its instruction) is embedded once
     vectors = points(embed(instructions + template_texts(instructions) + answers), "embeddings")
     if len(vectors) != 3 * n:
         raise FedrouterError(f"the embedder returned {len(vectors)} vectors for {3 * n} texts ({n} examples x 3 views)")
