@@ -329,6 +329,14 @@ def require_finished(run_dir: Path) -> None:
         raise FedrouterError(f"{run_dir} is not a finished run directory (no {RESULTS})")
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of the run directory (a regular file: `atomic.read_regular`), or one line saying it is not."""
+    try:
+        return load(atomic.read_regular(path))
+    except (OSError, SafetensorError) as exc:
+        raise FedrouterError(f"{path} is unreadable or corrupt ({type(exc).__name__})") from None
+
+
 MERGED_UPDATE = "merged_update.safetensors"  # FLoRA, FlexLoRA, FedEx-LoRA: the model they leave is base + it
 
 
@@ -338,10 +346,7 @@ def read_merged_update(run_dir: Path) -> dict[str, torch.Tensor] | None:
     path = Path(run_dir) / MERGED_UPDATE
     if not path.exists():
         return None
-    try:
-        tensors = load(atomic.read_regular(path))
-    except (OSError, SafetensorError) as exc:
-        raise FedrouterError(f"{path} is unreadable or corrupt ({type(exc).__name__})") from None
+    tensors = _read_tensors(path)
     bad = [n for n, t in tensors.items() if t.ndim != 2 or not t.is_floating_point() or not bool(torch.isfinite(t).all())]
     if not tensors or bad:
         raise FedrouterError(f"{path}: " + (f"{bad[0]!r} is not a finite float matrix" if bad else "it holds no tensors"))
@@ -359,11 +364,10 @@ def read_router(run_dir: Path) -> dict | None:
     if not isinstance(router, dict) or not isinstance(router.get("adapters"), list) or not isinstance(router.get("embedder"), str):
         raise FedrouterError(f"{folder / 'router.json'} is not a router (it needs a list 'adapters' and a string 'embedder')")
     names = [plain_name(n, "the router's adapter") for n in router["adapters"]]
-    try:
-        tensors = load(atomic.read_regular(folder / "centroids.safetensors"))
-        centroids, whiten = tensors["centroids"], tensors.get("whiten")
-    except (OSError, SafetensorError, KeyError) as exc:
-        raise FedrouterError(f"{folder / 'centroids.safetensors'} is unreadable or corrupt ({type(exc).__name__})") from None
+    tensors = _read_tensors(folder / "centroids.safetensors")
+    if "centroids" not in tensors:
+        raise FedrouterError(f"{folder / 'centroids.safetensors'} is unreadable or corrupt (KeyError)")
+    centroids, whiten = tensors["centroids"], tensors.get("whiten")
     if centroids.ndim != 2 or not centroids.is_floating_point() or not bool(torch.isfinite(centroids).all()):
         raise FedrouterError(f"{folder / 'centroids.safetensors'}: centroids must be a finite (clusters x dimensions) matrix")
     if len(names) != centroids.shape[0]:

@@ -233,6 +233,17 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
 
+def lora_base_weight(model, module: str) -> torch.Tensor:
+    """The frozen base weight under LoRA-wrapped `module`: what a dense update (FLoRA's merge) is added to."""
+    return model.get_submodule(module).base_layer.weight
+
+
+def add_update(weight: torch.Tensor, original: torch.Tensor, update: torch.Tensor) -> None:
+    """`weight` = `original` + `update`, summed in float32 and stored in the weight's dtype (bf16: rounded once):
+    one rule for the clients that train on a merged base and for serving what they leave."""
+    weight.copy_(original.float() + update.to(original.device, torch.float32))
+
+
 def attach_lora(model, lora: LoraSettings, adapter_name: str = "default"):
     """Wrap `model` in a peft LoRA model with one adapter; the base weights stay frozen."""
     from peft import LoraConfig, get_peft_model  # start-up cost: peft (2.7 s after torch)

@@ -20,8 +20,8 @@ from fedrouter.core.embed import BaseModelEmbedder, embed_cached, resolve_embedd
 from fedrouter.core.gated_mix import GatedMix
 from fedrouter.core.generate import generate
 from fedrouter.core.metrics import score_predictions
-from fedrouter.core.model import (LoraSettings, adapter_parameters, attach_lora, base_fingerprint, default_cache_dir,
-                                   get_adapter_state, set_adapter_state)
+from fedrouter.core.model import (LoraSettings, adapter_parameters, add_update, attach_lora, base_fingerprint,
+                                   default_cache_dir, get_adapter_state, lora_base_weight, set_adapter_state)
 from fedrouter.core.train import TrainStats, batch_stream, collate, encode_examples, round_lr, train_steps
 
 Adapter = dict[str, torch.Tensor]
@@ -135,20 +135,15 @@ class SharedModel:
             return
         with torch.no_grad():
             for name, original in self._base_originals.items():
-                self._base_weight(name).copy_(original)
+                lora_base_weight(self.model, name).copy_(original)
             for name, update in (delta or {}).items():
-                weight = self._base_weight(name)
+                weight = lora_base_weight(self.model, name)
                 if name not in self._base_originals:
                     self._base_originals[name] = weight.detach().clone()
                 if update.shape != weight.shape:
                     raise ValueError(f"base update for {name}: shape {tuple(update.shape)} != {tuple(weight.shape)}")
-                # summed in float32 from the kept original, then stored in the base's dtype (bf16: rounded once)
-                original = self._base_originals[name]
-                weight.copy_(original.float() + update.to(original.device, torch.float32))
+                add_update(weight, self._base_originals[name], update)  # from the kept original, not the last sum
         self._base_delta_key, self._base_delta_obj = key, delta
-
-    def _base_weight(self, module: str) -> torch.Tensor:
-        return self.model.get_submodule(module).base_layer.weight
 
     def predict_mixed(self, encoded: list, adapters: dict[str, Adapter], assignment: list[str]) -> list[str]:
         """Greedy answers where row i uses adapters[assignment[i]], all rows in the same generate calls.

@@ -25,7 +25,8 @@ from peft import PeftModel
 from fedrouter import rundir
 from fedrouter.config import hardware, load_saved, lora_settings, tiny_spec
 from fedrouter.core.embed import resolve_embedder
-from fedrouter.core.model import TINY, attach_lora, base_fingerprint, fingerprint_mismatch, load_base
+from fedrouter.core.model import (TINY, add_update, attach_lora, base_fingerprint, fingerprint_mismatch, load_base,
+                                   lora_base_weight)
 from fedrouter.core.train import encode_examples
 from fedrouter.errors import FedrouterError
 from fedrouter.methods.fedrouter.router import linear_scores, route
@@ -89,20 +90,20 @@ def load_run(run_dir: Path, model: str | None = None, cache_dir: Path | None = N
 
 
 def with_merged_update(base, update: dict[str, torch.Tensor], lora):
-    """The base plus a run's merged update (the model FLoRA, FlexLoRA and FedEx-LoRA leave), summed in float32
-    as their clients sum it, wrapped with a `global` adapter that adds nothing (peft starts B at zero): such a
-    run then answers as a run with a global adapter does."""
+    """The base plus a run's merged update (the model FLoRA, FlexLoRA and FedEx-LoRA leave), added as their
+    clients add it (`add_update`), wrapped with a `global` adapter that adds nothing (peft starts B at zero):
+    such a run then answers as a run with a global adapter does."""
     model = attach_lora(base, lora, adapter_name="global")
     with torch.no_grad():
         for name, delta in update.items():
             try:
-                weight = model.get_submodule(name).base_layer.weight
+                weight = lora_base_weight(model, name)
             except AttributeError:
                 raise FedrouterError(f"the run's merged update names {name!r}, which is not a LoRA module of the base") from None
             if tuple(delta.shape) != tuple(weight.shape) or not weight.is_floating_point():
                 raise FedrouterError(f"the run's merged update for {name!r} has shape {tuple(delta.shape)}, the base's "
                                      f"weight {tuple(weight.shape)} ({weight.dtype})")
-            weight.copy_(weight.float() + delta.to(weight.device, torch.float32))
+            add_update(weight, weight, delta)
     return model
 
 

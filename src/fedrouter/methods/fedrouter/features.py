@@ -112,9 +112,9 @@ def task_features(examples: list[dict], embed) -> Features:
         raise FedrouterError("nothing to cluster: this client has no training examples")
     instructions, answers, n = [e["instruction"] for e in examples], [e["output"] for e in examples], len(examples)
     # one call: a text in two views (a template with no content word is its instruction) is embedded once
-    vectors = points(embed(instructions + template_texts(instructions) + answers), "embeddings")
-    if len(vectors) != 3 * n:
-        raise FedrouterError(f"the embedder returned {len(vectors)} vectors for {3 * n} texts ({n} examples x 3 views)")
-    views = [_unit(vectors[i * n: (i + 1) * n]) for i in range(3)]
+    units = _unit(embed(instructions + template_texts(instructions) + answers))
+    if len(units) != 3 * n:
+        raise FedrouterError(f"the embedder returned {len(units)} vectors for {3 * n} texts ({n} examples x 3 views)")
+    views = [units[i * n: (i + 1) * n] for i in range(3)]
     x = np.hstack([*views, answer_form(instructions, answers)]).astype(np.float32)
     return Features(x, template_view(instructions), views[0].shape[1])
