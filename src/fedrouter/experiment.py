@@ -48,7 +48,7 @@ def run_experiment(cfg: Config, out_dir: Path | None = None, progress: bool = Tr
             shared = build_shared(cfg, progress)  # the server's model: its initial adapter and the PEFT files it saves
             produce = lambda: run_simulation(cfg, run_dir, progress, shared, saved)  # noqa: E731
         else:
-            world = World(cfg, progress)
+            world = World(cfg, progress, warm_ahead=True)
             contexts = world.contexts()
             server = server_part(cfg, world.shared, sorted(contexts))
             clients = InProcessClients(client_part(cfg), contexts, progress, cfg.inject_failures, cfg.seed,

@@ -40,17 +40,23 @@ def choose_threads(explicit: int | None = None, n_params: int | None = None, pro
         return int(env)
     if n_params is not None and n_params < SMALL_MODEL_PARAMS:
         return 1
-    try:  # the CPUs this process may run on (taskset, a batch scheduler's cpuset); not on macOS
+    return max(1, usable_cpus(cpu_max) // max(1, processes))
+
+
+def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
+    """The CPUs this process may run on (taskset, a batch scheduler's cpuset; all on macOS), capped by a
+    container's CPU quota (docker --cpus, Kubernetes limits): more threads than it allows only wait."""
+    try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    try:  # a container's CPU quota (docker --cpus, Kubernetes limits): more threads than it allows only wait
+    try:
         quota, period = cpu_max.read_text().split()[:2]
         if quota != "max":
             cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
     except (OSError, ValueError):
         pass  # no cgroup v2 here, or a file we cannot read: the affinity alone
-    return max(1, cpus // max(1, processes))
+    return cpus
 
 
 def set_threads(threads: int | None, explicit: int | None = None, processes: int = 1) -> None:

@@ -6,15 +6,28 @@ run agrees on the data split, the initial adapter and the options.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+
 from fedrouter import config
 from fedrouter.config import Config
-from fedrouter.core.data import FederatedData, build_federated_data
-from fedrouter.core.model import default_cache_dir, load_base
+from fedrouter.core.data import ClientData, FederatedData, build_federated_data
+from fedrouter.core.embed import BASE, embed_cached, resolve_embedder
+from fedrouter.core.model import TINY, default_cache_dir, load_base, tiny_base_built
 from fedrouter.core.workbench import ClientWorkbench, SharedModel
+from fedrouter.errors import FedrouterError
 from fedrouter.methods import load_method
-from fedrouter.methods.base import ClientContext, MethodSetup
+from fedrouter.methods.base import ClientContext, ClientPart, MethodSetup
 from fedrouter.methods.privacy import private_parts
 from fedrouter.progress import phase
+from fedrouter.threads import chosen_threads, set_threads, usable_cpus
+
+log = logging.getLogger(__name__)
 
 
 def build_data(cfg: Config) -> FederatedData:
@@ -59,12 +72,15 @@ class World:
     """Data and shared model of a run, and client workbenches made from them on demand (each client's
     data encoded once; the all-task test set encoded once for all)."""
 
-    def __init__(self, cfg: Config, progress: bool = True, data: FederatedData | None = None):
+    def __init__(self, cfg: Config, progress: bool = True, data: FederatedData | None = None, warm_ahead: bool = False):
+        """`warm_ahead`: while a tiny base builds, clients' `warm_cache` runs in a second process (a run alone
+        on its machine: the build holds one core)."""
         self.cfg = cfg
         if data is None:
             phase(f"building the data ({cfg.data}, {cfg.n_clients} clients)", progress)
         self.data = data or build_data(cfg)  # bad data fails here, before the model is loaded
-        self.shared = build_shared(cfg, progress)
+        with _warming(cfg, progress) if warm_ahead and data is None else contextlib.nullcontext():
+            self.shared = build_shared(cfg, progress)
         self._general = self.shared.encode(self.data.general_test)
         self._clients = {c.client_id: c for c in self.data.clients}
 
@@ -77,3 +93,74 @@ class World:
     def contexts(self) -> dict[int, ClientContext]:
         """Every client's context (its workbench, an empty private state)."""
         return {cid: ClientContext(cid, self.workbench(cid)) for cid in sorted(self._clients)}
+
+
+class EmbedOnlyWorkbench:
+    """What a client part may use without the base model: its examples, and their embeddings by an encoder
+    (`embed(texts, spec)`, cached on disk). Training and generation are not here."""
+
+    def __init__(self, data: ClientData, general: list[dict], embed):
+        self.client_id, self.tasks, self.n_train = data.client_id, data.tasks, len(data.train)
+        self._splits = {"train": data.train, "test": data.test, "general": general}
+        self._embed = embed
+
+    def examples(self, split: str) -> list[dict]:
+        return self._splits[split]
+
+    def embed(self, texts: list[str], embedder: str = BASE, *, adapter=None) -> np.ndarray:
+        return self._embed(texts, embedder)
+
+
+def encoder_embedding(cfg: Config):
+    """(texts, spec) -> embeddings by the encoder `spec` names, cached where the run caches them; "base" is
+    refused (its model is not loaded here)."""
+    embedders, cache = {}, config.cache_dir(cfg) or default_cache_dir()
+
+    def embed(texts: list[str], spec: str) -> np.ndarray:
+        if spec == BASE:
+            raise FedrouterError("embedder 'base' needs the base model, which is not loaded here")
+        if spec not in embedders:
+            embedders[spec] = resolve_embedder(spec)
+        return embed_cached(embedders[spec], texts, cache)
+
+    return embed
+
+
+def warm_caches(cfg: Config) -> None:
+    """Every client's `warm_cache`, on one thread (the base model's build holds the other cores)."""
+    set_threads(1, explicit=1)
+    data, client = build_data(cfg), load_method(cfg.method)[1](method_setup(cfg))
+    embed = encoder_embedding(cfg)
+    for c in data.clients:
+        client.warm_cache(ClientContext(c.client_id, EmbedOnlyWorkbench(c, data.general_test, embed)))
+
+
+@contextlib.contextmanager
+def _warming(cfg: Config, progress: bool):
+    """Within the block, `warm_caches(cfg)` in a second process (yielded; None when not started) when the
+    block builds the tiny base, the method has something to warm and the build's threads leave a CPU free.
+    Waits for it at the end (it only fills caches: its failure costs time, and the run then computes the
+    same itself); stops it by its pid when the block fails."""
+    if cfg.model != TINY or tiny_base_built(config.tiny_spec(cfg), config.cache_dir(cfg)) or \
+            load_method(cfg.method)[1].warm_cache is ClientPart.warm_cache or (chosen_threads() or usable_cpus()) >= usable_cpus():
+        yield None
+        return
+    phase("embedding the clients' data in a second process while the base model builds", progress)
+    child = subprocess.Popen([sys.executable, "-m", "fedrouter.world"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True)
+    try:
+        with contextlib.suppress(OSError):  # a child that died at once: the run computes it all itself
+            child.stdin.write(cfg.model_dump_json())
+            child.stdin.close()
+        yield child
+        if child.poll() is None:
+            phase("waiting for the second process's embeddings", progress)
+        log.debug("cache warming exited %s", child.wait())
+    finally:
+        if child.poll() is None:  # the block failed (or was interrupted): the child is no longer wanted
+            child.kill()
+            child.wait()
+
+
+if __name__ == "__main__":  # the second process of `_warming`: the run's config on stdin
+    warm_caches(Config.model_validate_json(sys.stdin.read()))

@@ -158,12 +158,21 @@ def build_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) ->
     )
 
 
+def tiny_base_dir(spec: TinyBaseSpec | None = None, cache_dir: Path | None = None) -> Path:
+    """Where the tiny base for `spec` lives in the model cache, built or not."""
+    return Path(cache_dir or default_cache_dir()) / f"tiny-{(spec or TinyBaseSpec()).cache_key()}"
+
+
+def tiny_base_built(spec: TinyBaseSpec | None = None, cache_dir: Path | None = None) -> bool:
+    return (tiny_base_dir(spec, cache_dir) / "config.json").exists()
+
+
 def ensure_tiny_base(spec: TinyBaseSpec | None = None, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """Path of the cached tiny base for `spec`, building it first if absent (atomically: temp dir + rename)."""
     spec = spec or TinyBaseSpec()
     cache_dir = Path(cache_dir or default_cache_dir())
-    target = cache_dir / f"tiny-{spec.cache_key()}"
-    if (target / "config.json").exists():
+    target = tiny_base_dir(spec, cache_dir)
+    if tiny_base_built(spec, cache_dir):
         return target
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

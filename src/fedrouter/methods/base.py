@@ -221,6 +221,11 @@ class ClientPart:
     def setup(self, msg: Message, ctx: ClientContext) -> Message:
         return Message()
 
+    def warm_cache(self, ctx: ClientContext) -> None:
+        """Compute now what this client will later compute without the base model, through a workbench
+        that can only give examples and embed them with an encoder (cached on disk): a cold run does it in a
+        second process while the base model builds. Nothing by default."""
+
     def fit(self, msg: Message, ctx: ClientContext) -> Message:
         raise NotImplementedError
 

@@ -16,44 +16,25 @@ from pathlib import Path
 import numpy as np
 
 from fedrouter.atomic import write_text
-from fedrouter.core.data import ClientData
-from fedrouter.core.embed import BASE, embed_cached, resolve_embedder
-from fedrouter.core.model import default_cache_dir
+from fedrouter.core.embed import BASE, resolve_embedder
 from fedrouter.engines.inprocess import InProcessTransport
 from fedrouter.engines.loop import RoundLoop
 from fedrouter.errors import FedrouterError
 from fedrouter.methods import load_method
 from fedrouter.methods.base import ClientContext
 from fedrouter.methods.fedrouter import Server
-from fedrouter.methods.fedrouter.client import route_counts
+from fedrouter.methods.fedrouter.scoring import confusion
 from fedrouter.study.tables import score_text
-from fedrouter.world import build_data, build_shared, method_setup
-
-
-class EmbedOnlyWorkbench:
-    """What FedRouter's setup and routing need of a client: its examples and embeddings (cached on disk) --
-    training and generation are not here."""
-
-    def __init__(self, data: ClientData, general: list[dict], embed):
-        self.client_id, self.tasks, self.n_train = data.client_id, data.tasks, len(data.train)
-        self._splits = {"train": data.train, "test": data.test, "general": general}
-        self._embed = embed
-
-    def examples(self, split: str) -> list[dict]:
-        return self._splits[split]
-
-    def embed(self, texts: list[str], embedder: str = "base", *, adapter=None) -> np.ndarray:
-        return self._embed(texts)
+from fedrouter.world import EmbedOnlyWorkbench, build_data, build_shared, encoder_embedding, method_setup
 
 
 def embedding_function(cfg, spec: str):
-    """(texts -> embeddings, the embedder's name) as FedRouter's clients embed (the base model only for "base")."""
+    """((texts, spec) -> embeddings, the embedder's name) as FedRouter's clients embed (the base model only for
+    "base")."""
     if spec == BASE:
         shared = build_shared(cfg, progress=False)
-        return (lambda texts: shared.embed(texts, spec)), shared.embedder(spec).name
-    embedder = resolve_embedder(spec)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return (lambda texts: embed_cached(embedder, texts, cache)), embedder.name
+        return (lambda texts, _spec: shared.embed(texts, spec)), shared.embedder(spec).name
+    return encoder_embedding(cfg), resolve_embedder(spec).name
 
 
 def cluster_data(cfg) -> dict:
@@ -70,7 +51,8 @@ def cluster_data(cfg) -> dict:
     RoundLoop(server, InProcessTransport(client, contexts, progress=False), sorted(contexts), cfg.rounds, seed=cfg.seed,
               progress=False).setup()
     messages = server.configure_evaluate(sorted(contexts))
-    routes = {split: {cid: {"route_counts": route_counts(ctx.workbench.examples(split), client.route(messages[cid], ctx, split))}
+    routes = {split: {cid: {"route_counts": confusion([e["task"] for e in ctx.workbench.examples(split)],
+                                                      client.route(messages[cid], ctx, split))}
                       for cid, ctx in contexts.items()} for split in ("test", "general")}
     truth = {cid: {"tasks": [e.get("task") for e in ctx.workbench.examples("train")],
                    "clusters": client.clusters_of_examples(messages[cid], ctx).tolist()} for cid, ctx in contexts.items()}

@@ -3,8 +3,6 @@ adapters in turn, routing its inputs. Nothing label-derived leaves it (fedrouter
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import torch
 
@@ -15,6 +13,7 @@ from fedrouter.methods.common import pack_under, unpack_under
 from fedrouter.methods.fedrouter.features import Features, task_features
 from fedrouter.methods.fedrouter.local import split, summaries
 from fedrouter.methods.fedrouter.router import cluster_moments, route
+from fedrouter.methods.fedrouter.scoring import confusion
 from fedrouter.methods.fedrouter.server import Phase, job_reference
 from fedrouter.methods.fedrouter.server_step import nearest_held
 
@@ -25,6 +24,13 @@ class Client(ClientPart):
 
     def features(self, ctx) -> Features:  # (the embeddings are cached on disk)
         return task_features(ctx.workbench.examples("train"), lambda texts: ctx.workbench.embed(texts, self.options["embedder"]))
+
+    def instructions(self, ctx, split_name: str) -> np.ndarray:  # what the router routes by
+        return ctx.workbench.embed([e["instruction"] for e in ctx.workbench.examples(split_name)], self.options["embedder"])
+
+    def warm_cache(self, ctx) -> None:
+        if self.options["embedder"] != "base":  # the base model is not there yet
+            self.features(ctx), self.instructions(ctx, "test"), self.instructions(ctx, "general")
 
     def setup(self, msg, ctx):
         features = self.features(ctx)
@@ -87,8 +93,7 @@ class Client(ClientPart):
         local = split_name != "general" and msg.config.get("router", "local") == "local"
         if not all(isinstance(arrays.get(k), torch.Tensor) for k in ("router_weights", "router_bias", "router_owner")):
             raise FedrouterError("the server's evaluation message carries no router (router_weights, router_bias, router_owner)")
-        x = ctx.workbench.embed([e["instruction"] for e in examples], self.options["embedder"])
-        routes = route(x, arrays["router_weights"].double().numpy(), arrays["router_bias"].double().numpy(),
+        routes = route(self.instructions(ctx, split_name), arrays["router_weights"].double().numpy(), arrays["router_bias"].double().numpy(),
                        arrays["router_owner"].round().long().numpy(), msg.config["allowed"] if local else None)
         oracle = msg.config.get("task_cluster")
         if oracle:  # oracle: the true task picks the adapter (the embedding where the task is unseen)
@@ -100,7 +105,7 @@ class Client(ClientPart):
         routes = self.route(msg, ctx, split_name)
         adapters = {str(g): unpack_under(msg.arrays, f"g{g}") for g in sorted(set(routes.tolist()))}
         report = ctx.workbench.evaluate_routed(adapters, [str(g) for g in routes], split_name, self.options["mixed_batch"])
-        report["route_counts"] = route_counts(ctx.workbench.examples(split_name), routes)
+        report["route_counts"] = confusion([e["task"] for e in ctx.workbench.examples(split_name)], routes)
         return Message(config=report)
 
     @staticmethod
@@ -122,10 +127,3 @@ class Client(ClientPart):
         return {"vectors": self.features(ctx).instruction, "tasks": [e.get("task") for e in train],
                 "clusters": [mapping[l] if mapping else -1 for l in ctx.state["labels"]]}
 
-
-def route_counts(examples: list[dict], routes) -> dict[str, dict[str, int]]:
-    """{true task: {cluster: inputs routed there}} (for the report; the task is never used to route)."""
-    counts: dict[str, Counter] = {}
-    for e, g in zip(examples, routes):
-        counts.setdefault(e["task"], Counter())[str(int(g))] += 1
-    return {t: dict(c) for t, c in counts.items()}
