@@ -4,7 +4,9 @@ Runs `fedrouter run --rounds 3` for fedrouter, fedit, feddpa and flora in-proces
 `--engine flower` (the default experiment otherwise), and records a digest of each run's results.json
 (but `wall_s`, `timings`, `run_dir`; one digest per key, so that a check names the keys that differ and
 tells a key added to results.json from a number that changed), metrics.jsonl (but the per-round seconds)
-and every adapter (its tensors, bit for bit).
+and every adapter (its tensors, bit for bit). Each invocation runs on its own empty model cache (the tiny base
+built once, the embeddings computed as a first run computes them): an encoder's vectors differ in their last
+bits with the threads that computed them, and a digest must not depend on what a cache happened to hold.
 
 Usage:
   python bench/same_results.py --record bench/same_results.json   # before the change
@@ -59,7 +61,8 @@ def fingerprint(run_dir: Path) -> dict:
 def run_all(workdir: Path, only: list[str]) -> dict:
     cli = Path(sys.executable).with_name("fedrouter")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(workdir / "flwr-home")}
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(workdir / "flwr-home"),
+           "FEDROUTER_CACHE": str(workdir / "cache")}
     out = {}
     for name in only:
         run_dir = workdir / name

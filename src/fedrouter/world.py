@@ -127,7 +127,10 @@ def encoder_embedding(cfg: Config):
 
 
 def warm_caches(cfg: Config) -> None:
-    """Every client's `warm_cache`, on one thread (the base model's build holds the other cores)."""
+    """Every client's `warm_cache`, on one thread: the base model's build holds another core, and a second
+    thread here would slow both (a cold default run took 167 s against 141 s). An encoder's vectors can differ
+    in their last bits with its threads (silhouettes in the 10th decimal), so a cache filled here may differ
+    so from one a run fills on two; every later run reads the same cache."""
     set_threads(1, explicit=1)
     data, client = build_data(cfg), load_method(cfg.method)[1](method_setup(cfg))
     embed = encoder_embedding(cfg)
