@@ -26,7 +26,11 @@ MIN_SPLIT_SHARE = 0.25
 
 # server_step.py: prototypes whose counts a chi-square test of homogeneity cannot tell apart at this level
 # are parts of one task; a cluster nearest to under MIN_SHARE of a client's examples is not one of its.
-# router.py: the identity's weight in the pooled covariance (0.01-0.6 route alike). Kept from earlier work.
+# router.py: the identity's weight in the pooled covariance (0.01-0.6 route alike).
+# Swept at 2b8cfee: TEMPLATE_SHARE 0.015 / 0.06 (held out 0.865 vs 0.885: at 0.015 dolly8 `all` is one
+# cluster), MIN_SPLIT_SHARE 0.15 / 0.35 (0.884 vs 0.885), COOCCURRENCE_P 0.001 / 0.05 (every fold 0.01): kept.
+# MIN_SHARE 0.1 won every fold (0.8875 vs 0.885) and is not taken: it leaves a client with 11+ equal tasks
+# one cluster (under k_max), a cost the suite (at most 8 tasks a client) cannot show.
 COOCCURRENCE_P = 0.01
 MIN_SHARE = 0.05
 SHRINKAGE = 0.1
