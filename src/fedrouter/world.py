@@ -111,19 +111,22 @@ class EmbedOnlyWorkbench:
         return self._embed(texts, embedder)
 
 
-def encoder_embedding(cfg: Config):
-    """(texts, spec) -> embeddings by the encoder `spec` names, cached where the run caches them; "base" is
-    refused (its model is not loaded here)."""
-    embedders, cache = {}, config.cache_dir(cfg) or default_cache_dir()
+class EncoderEmbedding:
+    """(texts, spec) -> embeddings by the encoder `spec` names, each encoder loaded once, cached where the run
+    caches them; "base" is refused (its model is not loaded here)."""
 
-    def embed(texts: list[str], spec: str) -> np.ndarray:
+    def __init__(self, cfg: Config):
+        self._embedders, self._cache = {}, config.cache_dir(cfg) or default_cache_dir()
+
+    def embedder(self, spec: str):
         if spec == BASE:
             raise FedrouterError("embedder 'base' needs the base model, which is not loaded here")
-        if spec not in embedders:
-            embedders[spec] = resolve_embedder(spec)
-        return embed_cached(embedders[spec], texts, cache)
+        if spec not in self._embedders:
+            self._embedders[spec] = resolve_embedder(spec)
+        return self._embedders[spec]
 
-    return embed
+    def __call__(self, texts: list[str], spec: str) -> np.ndarray:
+        return embed_cached(self.embedder(spec), texts, self._cache)
 
 
 def warm_caches(cfg: Config) -> None:
@@ -133,7 +136,7 @@ def warm_caches(cfg: Config) -> None:
     so from one a run fills on two; every later run reads the same cache."""
     set_threads(1, explicit=1)
     data, client = build_data(cfg), load_method(cfg.method)[1](method_setup(cfg))
-    embed = encoder_embedding(cfg)
+    embed = EncoderEmbedding(cfg)
     for c in data.clients:
         client.warm_cache(ClientContext(c.client_id, EmbedOnlyWorkbench(c, data.general_test, embed)))
 
@@ -144,8 +147,9 @@ def _warming(cfg: Config, progress: bool):
     block builds the tiny base, the method has something to warm and the build's threads leave a CPU free.
     Waits for it at the end (it only fills caches: its failure costs time, and the run then computes the
     same itself); stops it by its pid when the block fails."""
+    cpus = usable_cpus()
     if cfg.model != TINY or tiny_base_built(config.tiny_spec(cfg), config.cache_dir(cfg)) or \
-            load_method(cfg.method)[1].warm_cache is ClientPart.warm_cache or (chosen_threads() or usable_cpus()) >= usable_cpus():
+            load_method(cfg.method)[1].warm_cache is ClientPart.warm_cache or (chosen_threads() or cpus) >= cpus:
         yield None
         return
     phase("embedding the clients' data in a second process while the base model builds", progress)

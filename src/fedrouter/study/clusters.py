@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrouter.atomic import write_text
-from fedrouter.core.embed import BASE, resolve_embedder
+from fedrouter.core.embed import BASE
 from fedrouter.engines.inprocess import InProcessTransport
 from fedrouter.engines.loop import RoundLoop
 from fedrouter.errors import FedrouterError
@@ -25,7 +25,7 @@ from fedrouter.methods.base import ClientContext
 from fedrouter.methods.fedrouter import Server
 from fedrouter.methods.fedrouter.scoring import confusion
 from fedrouter.study.tables import score_text
-from fedrouter.world import EmbedOnlyWorkbench, build_data, build_shared, encoder_embedding, method_setup
+from fedrouter.world import EmbedOnlyWorkbench, EncoderEmbedding, build_data, build_shared, method_setup
 
 
 def embedding_function(cfg, spec: str):
@@ -34,7 +34,8 @@ def embedding_function(cfg, spec: str):
     if spec == BASE:
         shared = build_shared(cfg, progress=False)
         return (lambda texts, _spec: shared.embed(texts, spec)), shared.embedder(spec).name
-    return encoder_embedding(cfg), resolve_embedder(spec).name
+    embed = EncoderEmbedding(cfg)
+    return embed, embed.embedder(spec).name
 
 
 def cluster_data(cfg) -> dict:
