@@ -4,8 +4,10 @@ Runs `fedrouter clusters` (the method's own setup, defaults unless --set) on eve
 synthetic-hard, flan8 and the three of ../shared/data/realmix (cls4, gen6, dolly8), plus any --mixture
 folder -- in each scenario (all, dual, single) and seed, and prints per run K, clustering accuracy (one-to-one
 matching), ARI, purity (many-to-one: a split task costs nothing), router accuracy on the clients' own tests
-and on all tasks, and seconds; then per mixture the supervised ceiling (a logistic regression trained on the
-true tasks over the same features, 3-fold; the most any unsupervised method could reach), and the targets.
+and on all tasks, and seconds -- at 8 clients, or at each --clients count (the same data in fewer, larger
+clients or more, smaller ones: a check nothing was tuned on); then per mixture the supervised ceiling (a
+logistic regression trained on the true tasks over the same features, 3-fold; the most any unsupervised
+method could reach), and the targets.
 
 --sweep "NAME=v1,v2;OTHER=w1" re-runs everything at the defaults and then for each other value of each named
 threshold (methods/fedrouter/thresholds.py, one changed at a time), and prints per threshold the
@@ -13,8 +15,8 @@ leave-one-mixture-out choice: for each mixture, the value with the best mean acc
 and that mixture's accuracy at it (the held-out figure).
 
 Usage: FEDROUTER_CACHE=/tmp/frcache python bench/task_discovery.py [--mixtures cls4,gen6] [--scenarios all]
-       [--seeds 0] [--mixture NAME=FOLDER] [--set method_options.n_global=6] [--sweep "ANSWER_GAP=6,24;NULL_MARGIN=1.5"]
-       [--no-ceiling] [--json OUT]
+       [--seeds 0] [--clients 4,8,16] [--mixture NAME=FOLDER] [--set method_options.n_global=6]
+       [--sweep "ANSWER_GAP=6,24;NULL_MARGIN=1.5"] [--no-ceiling] [--json OUT]
 Figures go to docs/benchmark.md ("How accurate the task discovery is").
 """
 
@@ -50,8 +52,8 @@ TARGETS = {"synthetic": (4, 1.0), "synthetic-hard": (6, 0.95), "flan8": (8, 0.98
            "dolly8": ((4, 12), 0.55)}
 
 
-def overrides(mixture: str, scenario: str, seed: int, sets: dict) -> dict:
-    out = {"data": MIXTURES[mixture], "scenario": scenario, "seed": seed, **sets}
+def overrides(mixture: str, scenario: str, seed: int, sets: dict, clients: int = 8) -> dict:
+    out = {"data": MIXTURES[mixture], "scenario": scenario, "seed": seed, "n_clients": clients, **sets}
     if not out["data"].startswith("synthetic"):
         out["task_field"] = "task"
     if os.environ.get("FEDROUTER_CACHE"):
@@ -59,13 +61,13 @@ def overrides(mixture: str, scenario: str, seed: int, sets: dict) -> dict:
     return out
 
 
-def one(mixture: str, scenario: str, seed: int, sets: dict) -> dict:
-    r = cluster_data(load_config(None, overrides(mixture, scenario, seed, sets)))
-    row = {"mixture": mixture, "scenario": scenario, "seed": seed, "K": r["n_global"], "accuracy": r["accuracy"],
+def one(mixture: str, scenario: str, seed: int, sets: dict, clients: int) -> dict:
+    r = cluster_data(load_config(None, overrides(mixture, scenario, seed, sets, clients)))
+    row = {"mixture": mixture, "scenario": scenario, "seed": seed, "clients": clients, "K": r["n_global"], "accuracy": r["accuracy"],
            "ari": r["ari"], "purity": r["purity"], "router_own": r["router_accuracy"]["own_test"],
            "router_all": r["router_accuracy"]["generalization"], "seconds": r["wall_s"],
            "n_local": list(r["n_local"].values())}
-    print(f"{mixture:<15} {scenario:<7} seed {seed}  K {row['K']:>2}  accuracy {row['accuracy']:.3f}  ARI {row['ari']:.3f}  "
+    print(f"{mixture:<15} {scenario:<7} seed {seed}  clients {clients:>2}  K {row['K']:>2}  accuracy {row['accuracy']:.3f}  ARI {row['ari']:.3f}  "
           f"purity {row['purity']:.3f}  router own {row['router_own']:.3f} all {row['router_all']:.3f}  "
           f"n_local {','.join(map(str, row['n_local']))}  {row['seconds']:.0f} s", flush=True)
     return row
@@ -91,19 +93,19 @@ def ceiling(mixture: str) -> dict:
 def summary(rows: list[dict]) -> None:
     by = defaultdict(list)
     for r in rows:
-        by[(r["mixture"], r["scenario"])].append(r)
+        by[(r["mixture"], r["scenario"], r["clients"])].append(r)
     print("summary (mean over seeds):")
-    for (mixture, scenario), rs in by.items():
+    for (mixture, scenario, clients), rs in by.items():
         acc = float(np.mean([r["accuracy"] for r in rs]))
         ks = [r["K"] for r in rs]
-        line = f"  {mixture:<15} {scenario:<7} K {ks}  accuracy {acc:.3f}  purity {np.mean([r['purity'] for r in rs]):.3f}"
+        line = f"  {mixture:<15} {scenario:<7} clients {clients:>2}  K {ks}  accuracy {acc:.3f}  purity {np.mean([r['purity'] for r in rs]):.3f}"
         target = TARGETS.get(mixture)
         if target and scenario == "all":
             want, least = target
             k_ok = all((want[0] <= k <= want[1]) if isinstance(want, tuple) else k == want for k in ks)
             line += f"   target K {want}, accuracy >= {least}: {'PASS' if k_ok and acc >= least else 'MISS'}"
         elif target:
-            base = [r["accuracy"] for r in by.get((mixture, "all"), [])]
+            base = [r["accuracy"] for r in by.get((mixture, "all", clients), [])]
             if base:
                 line += f"   no worse than all ({np.mean(base):.3f}): {'PASS' if acc >= np.mean(base) - 1e-9 else 'MISS'}"
         print(line)
@@ -126,6 +128,8 @@ def main():
     ap.add_argument("--mixture", action="append", default=[], metavar="NAME=FOLDER", help="another mixture (repeatable)")
     ap.add_argument("--scenarios", default="all,dual,single")
     ap.add_argument("--seeds", default="0", help="comma-separated")
+    ap.add_argument("--clients", default="8", help="comma-separated client counts: the same data in fewer, larger clients "
+                    "or more, smaller ones (nothing was tuned on the count; the issue's targets are at 8)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="a config key for every run")
     ap.add_argument("--sweep", default=None, metavar="NAME=v1,v2", help="a threshold and the values to try")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the supervised ceilings")
@@ -141,6 +145,7 @@ def main():
         ap.error(f"unknown mixture(s) {unknown}; known: {sorted(MIXTURES)}")
     names = [m for m in dict.fromkeys(names) if MIXTURES[m].startswith("synthetic") or (Path(MIXTURES[m]) / "train.jsonl").exists()]
     scenarios, seeds, sets = args.scenarios.split(","), [int(s) for s in args.seeds.split(",")], parse_sets(args.sets)
+    client_counts = [int(c) for c in args.clients.split(",")]
     settings = [(None, None)]  # the defaults, then one threshold changed at a time
     for item in filter(None, (args.sweep or "").split(";")):
         name, _, text = item.partition("=")
@@ -154,7 +159,8 @@ def main():
             if name:
                 setattr(thresholds, name, value)
                 print(f"--- {name} = {value}", flush=True)
-            part = [dict(one(m, sc, s, sets), setting=name, value=value) for m in names for sc in scenarios for s in seeds]
+            part = [dict(one(m, sc, s, sets, c), setting=name, value=value)
+                    for m in names for c in client_counts for sc in scenarios for s in seeds]
             if name:
                 setattr(thresholds, name, default)
             means = {m: float(np.mean([r["accuracy"] for r in part if r["mixture"] == m])) for m in names}
