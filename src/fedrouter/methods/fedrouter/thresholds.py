@@ -11,8 +11,8 @@ TEMPLATE_SHARE = 0.03
 EDGE_WORDS = 24
 
 # local.py and server_step.py: K = 1 scores NULL_MARGIN x the best silhouette on a structureless Gaussian of
-# the same spread (not offered below NULL_MIN_POINTS points, where random points score high too). Swept 1.0 /
-# 1.25 / 1.5: every held-out mixture chose 1.0 (a split need only beat noise), held-out mean accuracy over
+# the same spread (not offered below NULL_MIN_POINTS points, where random points score high too). Swept 0.8 /
+# 0.9 / 1.0 / 1.25 / 1.5: every held-out mixture chose 1.0 (a split need only beat noise), held out over
 # scenarios 1.25 -> 1.0: flan8 0.984 -> 1.000, dolly8 0.226 -> 0.393, gen6 0.946 -> 0.937, others equal. A
 # sub-cluster of at least TEMPLATE_PARTS x MIN_PART examples is cut into up to TEMPLATE_PARTS template parts;
 # two stay apart while their answers lie more than ANSWER_GAP times what sampling gives apart (swept 6 / 12
